@@ -1,0 +1,184 @@
+"""What a CPU's facts mean for the software mitigations a guest kernel may rely on. Pure functions, no I/O.
+
+For each CPU (a catalog model or a live host) pvmit decides:
+  (a) whether retpoline is an effective Spectre v2 mitigation in the kernel there,
+  (b) whether the short BHB-clearing sequence is effective against BHI there,
+  (c) which IA32_SPEC_CTRL controls exist there to make up for an ineffective one,
+  (d) which spectre_v2 mode, with which BHI mitigation, a current Linux guest kernel picks when shown that CPU
+      (see `pvmit.linux_model`).
+Every answer carries a one-line reason citing the facts it used. A fact that is unknown is assumed in the direction
+that protects the guest (a mitigation is assumed ineffective, a control absent), and the answer says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from pvmit.catalog.facts import CpuFacts, Fact
+from pvmit.x86.bits import MitigationCtrl, SpecCtrl
+
+
+class Mitigation(Enum):
+    """The software mitigations a guest can report, one per MITIGATION_CTRL bit (RFC v3)."""
+
+    RETPOLINE = "retpoline"
+    BHB_SHORT = "bhb-short"
+
+    @property
+    def request_bit(self) -> MitigationCtrl:
+        return _REQUEST_BIT[self]
+
+    @property
+    def control(self) -> SpecCtrl:
+        """The IA32_SPEC_CTRL bit that makes up for this mitigation where it is ineffective (RFC v3 vmx_set_msr)."""
+        return _CONTROL[self]
+
+    @property
+    def title(self) -> str:
+        return {Mitigation.RETPOLINE: "retpoline", Mitigation.BHB_SHORT: "short BHB-clearing sequence"}[self]
+
+
+_REQUEST_BIT = {
+    Mitigation.RETPOLINE: MitigationCtrl.RETPOLINE_S_USED,
+    Mitigation.BHB_SHORT: MitigationCtrl.BHB_CLEAR_SEQ_S_USED,
+}
+_CONTROL = {Mitigation.RETPOLINE: SpecCtrl.RRSBA_DIS_S, Mitigation.BHB_SHORT: SpecCtrl.BHI_DIS_S}
+
+
+def mitigations_from_bits(value: int) -> frozenset[Mitigation]:
+    """The mitigations named by request bits (MITIGATION_CTRL layout); other bits are ignored."""
+    return frozenset(m for m in Mitigation if value & m.request_bit)
+
+
+def mitigations_to_bits(ms: frozenset[Mitigation] | set[Mitigation]) -> int:
+    return sum(int(m.request_bit) for m in ms)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A yes/no answer with its one-line reason; `assumed` lists unknown facts that were taken conservatively."""
+
+    answer: bool
+    reason: str
+    assumed: tuple[str, ...] = ()
+
+    @property
+    def conservative(self) -> bool:
+        return bool(self.assumed)
+
+    def to_json(self) -> dict[str, object]:
+        return {"answer": self.answer, "reason": self.reason, "assumed": list(self.assumed)}
+
+
+def _assumed(*facts: Fact) -> tuple[str, ...]:
+    return tuple(f"{f.register}.{f.bit}" for f in facts if not f.known)
+
+
+def retpoline_effective(cpu: CpuFacts) -> Finding:
+    """(a) Is retpoline an effective Spectre v2 mitigation for the kernel on this CPU?
+
+    Retpoline turns indirect branches into RETs whose prediction comes from the RSB. It fails where RET can fall
+    back to the BTB when the RSB underflows: RSBA (Skylake-generation parts) and RRSBA (eIBRS parts; Xen's
+    retpoline_calculations: "All eIBRS-capable processors suffer RSBA ... when eIBRS is active, RSBA becomes RRSBA").
+    """
+    if cpu.vendor != "intel":
+        return Finding(
+            True,
+            f"{cpu.vendor.upper()} CPUs have no RSBA/RRSBA behaviour (IA32_ARCH_CAPABILITIES is Intel-only); "
+            "RET speculation (Retbleed, SRSO) is a separate mitigation",
+        )
+    rrsba = cpu.fact("arch_capabilities", "RRSBA")
+    rsba = cpu.fact("arch_capabilities", "RSBA")
+    eibrs = cpu.fact("arch_capabilities", "IBRS_ALL")
+    if rrsba.value:
+        return Finding(False, f"RET may predict from the BTB on RSB underflow: {rrsba.cite()}")
+    if rsba.value:
+        return Finding(False, f"RET may predict from the BTB on RSB underflow (Retbleed): {rsba.cite()}")
+    if eibrs.value is None:
+        return Finding(False, f"assumed ineffective: {eibrs.cite()}, {rrsba.cite()}", _assumed(eibrs, rrsba, rsba))
+    if eibrs.value:
+        # On eIBRS parts RSBA shows up as RRSBA (Xen retpoline_calculations), so RRSBA alone decides.
+        if rrsba.value is None:
+            return Finding(False, f"assumed ineffective: {rrsba.cite()}; eIBRS parts have RRSBA behaviour unless "
+                                  f"shown otherwise ({eibrs.cite()})", _assumed(rrsba))
+        return Finding(True, f"eIBRS part without RRSBA behaviour: {rrsba.cite()}, {eibrs.cite()}")
+    if rsba.value is None:
+        return Finding(False, f"assumed ineffective: {rsba.cite()} on a part without eIBRS", _assumed(rsba))
+    return Finding(True, f"no RSB-underflow fallback to the BTB: {rsba.cite()}, {eibrs.cite()}")
+
+
+def bhb_short_effective(cpu: CpuFacts) -> Finding:
+    """(b) Is the short BHB-clearing sequence (Linux clear_bhb_loop, 5x5) effective against BHI on this CPU?
+
+    Linux entry_64.S: the loop "should be used on parts prior to Alder Lake"; the RFC v3 cover letter: effective on
+    pre-SPR parts but not on SPR and later. The parts with the longer history are those that enumerate BHI_CTRL,
+    which is also how Linux picks the long (12/7) loop. BHI_NO parts are not affected.
+    """
+    if cpu.vendor != "intel":
+        return Finding(True, f"{cpu.vendor.upper()} is on Linux's NO_BHI list (common.c): not affected by BHI")
+    bhi_no = cpu.fact("arch_capabilities", "BHI_NO")
+    bhi_ctrl = cpu.fact("cpuid_7_2_edx", "BHI_CTRL")
+    if bhi_no.value:
+        return Finding(True, f"not affected by cross-mode BHI: {bhi_no.cite()}")
+    if bhi_ctrl.value:
+        return Finding(False, f"branch history longer than the 5x5 loop clears (Alder Lake and newer): "
+                              f"{bhi_ctrl.cite()}")
+    if bhi_ctrl.value is None:
+        return Finding(False, f"assumed ineffective: {bhi_ctrl.cite()}", _assumed(bhi_ctrl))
+    return Finding(True, f"pre-Alder Lake branch history, which the 5x5 loop clears: {bhi_ctrl.cite()}")
+
+
+def control_available(cpu: CpuFacts, control: SpecCtrl) -> Finding:
+    """(c) Does this CPU have the IA32_SPEC_CTRL control? RRSBA_DIS_S needs RRSBA_CTRL, BHI_DIS_S needs BHI_CTRL."""
+    enum_bit = {SpecCtrl.RRSBA_DIS_S: "RRSBA_CTRL", SpecCtrl.BHI_DIS_S: "BHI_CTRL"}.get(control)
+    if enum_bit is None:
+        raise ValueError(f"pvmit does not force {control!r}")
+    if cpu.vendor != "intel":
+        return Finding(False, f"{control.name} is an Intel control; {cpu.vendor.upper()} CPUs do not have it")
+    f = cpu.fact("cpuid_7_2_edx", enum_bit)
+    if f.value is None:
+        return Finding(False, f"assumed absent: {f.cite()}", _assumed(f))
+    return Finding(bool(f.value), f"{control.name} {'exists' if f.value else 'does not exist'}: {f.cite()}")
+
+
+@dataclass(frozen=True)
+class Need:
+    """What one reported mitigation needs on one CPU."""
+
+    mitigation: Mitigation
+    effective: Finding
+    control: SpecCtrl
+    available: Finding
+
+    @property
+    def must_force(self) -> bool:
+        return not self.effective.answer
+
+    @property
+    def can_force(self) -> bool:
+        return self.available.answer
+
+    @property
+    def assumed(self) -> tuple[str, ...]:
+        return self.effective.assumed + self.available.assumed
+
+
+def need(cpu: CpuFacts, m: Mitigation) -> Need:
+    """Whether `m` is effective on `cpu` and, if not, whether its compensating control exists there."""
+    eff = retpoline_effective(cpu) if m is Mitigation.RETPOLINE else bhb_short_effective(cpu)
+    avail = control_available(cpu, m.control)
+    if m is Mitigation.RETPOLINE and not eff.answer and cpu.fact("arch_capabilities", "RSBA").value:
+        rrsba = cpu.fact("arch_capabilities", "RRSBA")
+        if not rrsba.value:
+            avail = Finding(False, "RSBA (pre-eIBRS) has no IA32_SPEC_CTRL disable; RRSBA_DIS_S covers RRSBA only")
+    return Need(m, eff, m.control, avail)
+
+
+def cpu_summary(cpu: CpuFacts) -> dict[str, object]:
+    """(a)-(c) for one CPU, as JSON-ready data."""
+    return {
+        "retpoline_effective": retpoline_effective(cpu).to_json(),
+        "bhb_short_effective": bhb_short_effective(cpu).to_json(),
+        "controls": {c.name: control_available(cpu, c).to_json() for c in (SpecCtrl.RRSBA_DIS_S, SpecCtrl.BHI_DIS_S)},
+    }

@@ -1,0 +1,89 @@
+"""Linux's spectre_v2 modes and BHI mitigations, the strings it prints for them in sysfs, and parsing those strings.
+
+Standard library only: the guest agent (`pvmit.agent`) runs this inside small guests.
+Strings follow arch/x86/kernel/cpu/bugs.c (spectre_v2_strings[], spectre_bhi_state()); older kernels print
+"Enhanced IBRS" where current ones print "Enhanced / Automatic IBRS", and the parser accepts both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class V2Mode(Enum):
+    """enum spectre_v2_mitigation (bugs.c)."""
+
+    NONE = "none"
+    RETPOLINE = "retpoline"
+    LFENCE = "lfence"
+    EIBRS = "eibrs"
+    EIBRS_LFENCE = "eibrs,lfence"
+    EIBRS_RETPOLINE = "eibrs,retpoline"
+    IBRS = "ibrs"
+
+    @property
+    def uses_retpoline(self) -> bool:
+        """Retpoline thunks in the kernel: exactly the modes in which the RFC's guest sets RETPOLINE_S_USED."""
+        return self in (V2Mode.RETPOLINE, V2Mode.EIBRS_RETPOLINE)
+
+
+class Bhi(Enum):
+    """The BHI part of the spectre_v2 line (bugs.c spectre_bhi_state())."""
+
+    NOT_AFFECTED = "Not affected"
+    BHI_DIS_S = "BHI_DIS_S"
+    SW_LOOP = "SW loop, KVM: SW loop"
+    RETPOLINE = "Retpoline"
+    VMEXIT_ONLY = "Vulnerable, KVM: SW loop"
+    VULNERABLE = "Vulnerable"
+    SYSCALL_HARDENING = "Syscall hardening, KVM: SW loop"  # 6.9-era kernels
+    NOT_REPORTED = "not reported"  # kernels before the 2024 BHI mitigation print no BHI field (and run no loop)
+    UNKNOWN = "unknown"
+
+    @property
+    def uses_short_loop(self) -> bool:
+        """The kernel runs clear_bhb_loop on syscall entry: the RFC's guest sets BHB_CLEAR_SEQ_S_USED."""
+        return self is Bhi.SW_LOOP
+
+
+MODE_STRINGS: dict[V2Mode, str] = {
+    V2Mode.NONE: "Vulnerable",
+    V2Mode.RETPOLINE: "Mitigation: Retpolines",
+    V2Mode.LFENCE: "Mitigation: LFENCE",
+    V2Mode.EIBRS: "Mitigation: Enhanced / Automatic IBRS",
+    V2Mode.EIBRS_LFENCE: "Mitigation: Enhanced / Automatic IBRS + LFENCE",
+    V2Mode.EIBRS_RETPOLINE: "Mitigation: Enhanced / Automatic IBRS + Retpolines",
+    V2Mode.IBRS: "Mitigation: IBRS",
+}
+"""bugs.c spectre_v2_strings[] (current mainline)."""
+
+_OLD_EIBRS = "Mitigation: Enhanced IBRS"  # kernels before AutoIBRS support (v6.3)
+
+
+@dataclass(frozen=True)
+class SysfsSpectreV2:
+    """What a spectre_v2 sysfs line says about the two choices pvmit cares about."""
+
+    mode: V2Mode | None
+    bhi: Bhi
+    line: str
+
+
+def parse_spectre_v2(line: str) -> SysfsSpectreV2:
+    """Parse /sys/devices/system/cpu/vulnerabilities/spectre_v2. Unknown text gives mode None / Bhi.UNKNOWN."""
+    line = line.strip()
+    head, *fields = [p.strip() for p in line.split(";")]
+    head = head.replace(_OLD_EIBRS, MODE_STRINGS[V2Mode.EIBRS])
+    mode = None
+    # Longest first so that "... IBRS + Retpolines" is not read as plain "... IBRS".
+    for m, s in sorted(MODE_STRINGS.items(), key=lambda kv: -len(kv[1])):
+        if head == s or (m is V2Mode.NONE and head.startswith("Vulnerable")):
+            mode = m
+            break
+    bhi = Bhi.NOT_REPORTED
+    for f in fields:
+        if f.startswith("BHI:"):
+            text = f[len("BHI:"):].strip()
+            bhi = next((b for b in Bhi if b.value == text), Bhi.UNKNOWN)
+    return SysfsSpectreV2(mode, bhi, line)
