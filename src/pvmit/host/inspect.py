@@ -1,0 +1,211 @@
+"""`pvmit host`: what this machine is, what it can force for guests, and what would be ineffective here.
+
+Everything is read for real (CPUID executed, MSRs through the msr driver, sysfs, /dev/kvm). Whatever cannot be
+read is reported as unknown with the reason; decisions then treat it conservatively (see `pvmit.derive`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pvmit.catalog.facts import VENDOR_STRINGS, CpuFacts, RegisterFacts
+from pvmit.catalog.loader import Catalog, CpuModel
+from pvmit.derive import Mitigation, control_available, cpu_summary, need
+from pvmit.host.cpuid import (
+    CpuidSource,
+    brand_string,
+    family_model_stepping,
+    hypervisor_signature,
+    open_cpuid,
+    vendor_string,
+)
+from pvmit.host.msr import MsrUnreadable, read_msr
+from pvmit.host.sysfs import VULN_DIR, read_vulnerabilities
+from pvmit.x86 import bits, decode
+from pvmit.x86.registers import (
+    AMD_80000008_EBX,
+    AMD_80000021_EAX,
+    ARCH_CAPABILITIES,
+    CPUID_7_0_EDX,
+    CPUID_7_2_EDX,
+    KVM_FEATURES,
+    MSR_IA32_ARCH_CAPABILITIES,
+    Register,
+)
+
+SCHEMA = "pvmit.host/1"
+
+
+@dataclass
+class HostReport:
+    """Everything `pvmit host` found, ready to print or to serialise as JSON."""
+
+    identity: dict[str, Any]
+    facts: CpuFacts | None
+    unknowns: list[dict[str, str]] = field(default_factory=list)
+    vulnerabilities: dict[str, str] | None = None
+    kvm: dict[str, Any] | None = None
+    nearest: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"schema": SCHEMA, "identity": self.identity}
+        doc["facts"] = self.facts.to_json() if self.facts else None
+        if self.facts:
+            doc["derived"] = cpu_summary(self.facts)
+            doc["can_force"] = [
+                c.name for c in (bits.SpecCtrl.RRSBA_DIS_S, bits.SpecCtrl.BHI_DIS_S)
+                if control_available(self.facts, c).answer
+            ]
+            doc["ineffective_here"] = [
+                {"mitigation": m.value, "reason": n.effective.reason, "compensation": n.control.name,
+                 "compensation_available": n.can_force}
+                for m in Mitigation if (n := need(self.facts, m)).must_force
+            ]
+        else:
+            doc["derived"] = None
+            doc["can_force"] = []
+            doc["ineffective_here"] = []
+        doc["nearest_model"] = self.nearest
+        doc["vulnerabilities"] = self.vulnerabilities
+        doc["kvm"] = self.kvm
+        doc["unknowns"] = self.unknowns
+        return doc
+
+
+def _cpuid_register(cpuid: CpuidSource, reg: Register, present: bool, method: str) -> RegisterFacts:
+    if not present:
+        return RegisterFacts.exact(reg, 0, f"{method}: leaf {reg.index:#x} subleaf {reg.subleaf} not present")
+    a, b, c, d = cpuid(reg.index, reg.subleaf)
+    value = {"eax": a, "ebx": b, "ecx": c, "edx": d}[reg.out]
+    return RegisterFacts.exact(reg, value, method)
+
+
+def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[dict[str, Any], CpuFacts]:
+    """Identity and speculation registers of this CPU, as CPUID and the msr driver report them."""
+    vstr = vendor_string(cpuid)
+    max_leaf = cpuid(0)[0]
+    eax1 = cpuid(1)[0]
+    family, model, stepping = family_model_stepping(eax1)
+    max_ext = cpuid(0x80000000)[0]
+    hv = hypervisor_signature(cpuid)
+    identity = {
+        "vendor_string": vstr,
+        "vendor": VENDOR_STRINGS.get(vstr),
+        "family": family,
+        "model": model,
+        "stepping": stepping,
+        "signature": f"{eax1:#010x}",
+        "brand": brand_string(cpuid),
+        "hypervisor": {"signature": hv[1], "max_leaf": f"{hv[0]:#x}"} if hv else None,
+        "cpuid_method": cpuid.method,
+    }
+    method = f"{cpuid.method} on this host"
+    max_sub7 = cpuid(7, 0)[0] if max_leaf >= 7 else 0
+    regs = {
+        CPUID_7_0_EDX.key: _cpuid_register(cpuid, CPUID_7_0_EDX, max_leaf >= 7, method),
+        CPUID_7_2_EDX.key: _cpuid_register(cpuid, CPUID_7_2_EDX, max_leaf >= 7 and max_sub7 >= 2, method),
+        AMD_80000008_EBX.key: _cpuid_register(cpuid, AMD_80000008_EBX, max_ext >= 0x80000008, method),
+        AMD_80000021_EAX.key: _cpuid_register(cpuid, AMD_80000021_EAX, max_ext >= 0x80000021, method),
+    }
+    if not regs[CPUID_7_0_EDX.key].value & bits.Cpuid7_0Edx.ARCH_CAPABILITIES:
+        regs[ARCH_CAPABILITIES.key] = RegisterFacts.exact(
+            ARCH_CAPABILITIES, 0, "CPUID.(7,0).EDX.ARCH_CAPABILITIES=0: the MSR does not exist on this CPU")
+    else:
+        try:
+            regs[ARCH_CAPABILITIES.key] = RegisterFacts.exact(
+                ARCH_CAPABILITIES, read_msr(MSR_IA32_ARCH_CAPABILITIES), "RDMSR 0x10a via /dev/cpu/0/msr")
+        except MsrUnreadable as e:
+            unknowns.append({"what": "IA32_ARCH_CAPABILITIES", "reason": str(e)})
+            regs[ARCH_CAPABILITIES.key] = RegisterFacts.unknown(ARCH_CAPABILITIES, str(e))
+    vendor = VENDOR_STRINGS.get(vstr)
+    if vendor is None:
+        unknowns.append({"what": "vendor", "reason": f"unrecognised CPUID vendor {vstr!r}; decisions treat it as Intel"})
+    facts = CpuFacts(vendor or "intel", family, model, stepping, regs, method)
+    return identity, facts
+
+
+def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
+    """What /dev/kvm offers guests here; None (with the reason in `unknowns`) when it cannot be used."""
+    from pvmit.kvm.errors import KvmError, KvmUnavailable
+    from pvmit.kvm.system import Kvm
+
+    try:
+        kvm = Kvm()
+    except KvmUnavailable as e:
+        unknowns.append({"what": "kvm", "reason": str(e)})
+        return None
+    with kvm:
+        out: dict[str, Any] = {"device": "/dev/kvm", "api_version": kvm.api_version(),
+                               "capabilities": kvm.capabilities()}
+        out["needed_capabilities_present"] = all(
+            out["capabilities"][c] for c in ("KVM_CAP_X86_USER_SPACE_MSR", "KVM_CAP_X86_MSR_FILTER"))
+        out["force_spec_ctrl"] = (
+            "KVM_CAP_FORCE_SPEC_CTRL was never merged (RFC v3 only; its number 236 is KVM_CAP_PRE_FAULT_MEMORY "
+            "upstream): pvmit forces IA32_SPEC_CTRL bits from userspace through the MSR filter")
+        try:
+            entries = kvm.supported_cpuid()
+            supported: dict[str, Any] = {}
+            for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, KVM_FEATURES):
+                e = next((e for e in entries if e.function == reg.index and e.index == reg.subleaf), None)
+                supported[reg.key] = decode(reg, e.out(reg.out)).to_json() if e else None
+            out["supported_cpuid"] = supported
+        except KvmError as e:
+            out["supported_cpuid"] = None
+            unknowns.append({"what": "KVM_GET_SUPPORTED_CPUID", "reason": str(e)})
+        try:
+            features = kvm.msr_feature_index_list()
+            out["feature_msrs"] = [f"{i:#x}" for i in features]
+            if MSR_IA32_ARCH_CAPABILITIES in features:
+                value = kvm.feature_msrs([MSR_IA32_ARCH_CAPABILITIES])[MSR_IA32_ARCH_CAPABILITIES]
+                out["arch_capabilities_offered"] = decode(ARCH_CAPABILITIES, value).to_json()
+            else:
+                out["arch_capabilities_offered"] = None
+        except KvmError as e:
+            out["feature_msrs"] = None
+            out["arch_capabilities_offered"] = None
+            unknowns.append({"what": "KVM feature MSRs", "reason": str(e)})
+    return out
+
+
+def nearest_model(catalog: Catalog, facts: CpuFacts) -> dict[str, Any] | None:
+    """The catalog model this CPU is, or is closest to, with how close the match is."""
+    same_vendor = [m for m in catalog if m.vendor == facts.vendor]
+    if not same_vendor:
+        return None
+
+    def score(m: CpuModel) -> tuple[int, int, int, int]:
+        fam = m.family == facts.family
+        mod = fam and facts.model in m.models
+        step = mod and (not m.steppings or facts.stepping in m.steppings)
+        distance = -min(abs(x - facts.model) for x in m.models) if fam else -0x1000
+        return (int(fam), int(mod), int(step), distance)
+
+    best = max(same_vendor, key=score)
+    fam, mod, step, _ = score(best)
+    match = "exact" if step else "model" if mod else "family" if fam else "vendor"
+    return {"id": best.id, "name": best.name, "match": match,
+            "reason": f"{facts.vendor} family {facts.family:#x} model {facts.model:#x} stepping {facts.stepping}"
+                      f" vs {best.id}: family {best.family:#x} model(s) "
+                      f"{', '.join(f'{x:#x}' for x in best.models)} steppings {list(best.steppings) or 'any'}"}
+
+
+def inspect_host(catalog: Catalog, *, with_kvm: bool = True) -> HostReport:
+    """Read everything `pvmit host` reports. Never raises for an unreadable source; it is recorded instead."""
+    unknowns: list[dict[str, str]] = []
+    cpuid, problems = open_cpuid()
+    for p in problems:
+        unknowns.append({"what": "cpuid method", "reason": p})
+    if cpuid is None:
+        identity: dict[str, Any] = {"vendor": None}
+        facts = None
+    else:
+        identity, facts = read_cpu_facts(cpuid, unknowns)
+    try:
+        vulns: dict[str, str] | None = read_vulnerabilities()
+    except OSError as e:
+        vulns = None
+        unknowns.append({"what": "vulnerabilities", "reason": f"{VULN_DIR}: {e.strerror or e}"})
+    kvm = kvm_report(unknowns) if with_kvm else None
+    nearest = nearest_model(catalog, facts) if facts else None
+    return HostReport(identity, facts, unknowns, vulns, kvm, nearest)
