@@ -1,0 +1,3 @@
+from pvmit.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `pvmit` command line: thin commands over the library, human text on stdout, --json for machines."""

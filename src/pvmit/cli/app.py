@@ -1,0 +1,76 @@
+"""The root of the `pvmit` command: global options, sub-command groups and error handling.
+
+Exit status: 0 success; 1 a check failed or the job could not be done; 2 bad input (usage, files, names).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pvmit import __version__
+from pvmit.catalog.loader import Catalog, load_catalog
+from pvmit.errors import PvmitError
+
+json_option = click.option("--json", "json_out", is_flag=True, help="Write one JSON document on stdout.")
+
+
+class State:
+    """Options every command shares, set by the root group."""
+
+    def __init__(self, catalogs: list[Path]) -> None:
+        self.catalogs = catalogs
+        self._catalog: Catalog | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = load_catalog(self.catalogs)
+        return self._catalog
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--catalog", "catalogs", multiple=True, metavar="PATH", type=click.Path(path_type=Path),
+              help="An operator's catalog file (TOML) added to the built-in one; repeatable.")
+@click.version_option(__version__, prog_name="pvmit")
+@click.pass_context
+def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
+    """pvmit: guests report the software Spectre mitigations they rely on; the hypervisor forces the
+    IA32_SPEC_CTRL controls that make up for them on the host they run on now."""
+    ctx.obj = State(list(catalogs))
+
+
+def _register() -> None:
+    from pvmit.cli import catalog_cmd, host_cmd
+
+    cli.add_command(catalog_cmd.catalog)
+    cli.add_command(catalog_cmd.decode_cmd)
+    cli.add_command(host_cmd.host)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: pvmit's errors become one line on stderr and an exit status."""
+    try:
+        rv = cli.main(args=argv, prog_name="pvmit", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("pvmit: aborted", file=sys.stderr)
+        sys.exit(130)
+    except PvmitError as e:
+        print(f"pvmit: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

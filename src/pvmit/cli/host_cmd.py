@@ -1,0 +1,83 @@
+"""`pvmit host`: inspect this machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+
+from pvmit.cli.app import State, json_option, pass_state
+from pvmit.cli.output import emit_json, esc, out, yes_no
+from pvmit.host.inspect import inspect_host
+from pvmit.x86.registers import CPU_FACT_REGISTERS
+
+
+@click.command("host")
+@json_option
+@click.option("--no-kvm", is_flag=True, help="Do not open /dev/kvm.")
+@pass_state
+def host(st: State, json_out: bool, no_kvm: bool) -> None:
+    """Inspect this host: CPU identity and speculation bits, the kernel's view, what KVM offers, and what this
+    host can force for guests. Anything unreadable is reported as unknown with the reason."""
+    report = inspect_host(st.catalog, with_kvm=not no_kvm)
+    doc = report.to_json()
+    if json_out:
+        emit_json(doc)
+        return
+    _print(doc)
+
+
+def _print(doc: dict[str, Any]) -> None:
+    ident = doc["identity"]
+    if ident.get("vendor_string"):
+        hv = ident.get("hypervisor")
+        out.print("[bold]Host CPU[/]  " + esc(
+            f"{ident['brand'] or ident['vendor_string']}: {ident['vendor_string']} family {ident['family']:#x} "
+            f"model {ident['model']:#x} stepping {ident['stepping']}"
+            + (f"  (running under a hypervisor: {hv['signature']})" if hv else "")))
+        out.print(esc(f"  CPUID read with: {ident['cpuid_method']}"))
+    nm = doc.get("nearest_model")
+    if nm:
+        out.print("[bold]Nearest catalog model[/]  " + esc(f"{nm['id']} ({nm['name']}), {nm['match']} match"))
+    facts = doc.get("facts")
+    if facts:
+        t = Table(title="Speculation registers")
+        for col in ("register", "value", "named bits", "source / why unknown"):
+            t.add_column(col)
+        for reg in CPU_FACT_REGISTERS:
+            r = facts["registers"][reg.key]
+            if r["all_known"]:
+                t.add_row(reg.name, r["value"], " ".join(r["set"]) or "-", esc(r["sources"].get("*", "")))
+            else:
+                t.add_row(reg.name, "unknown", "-", esc(r["unknown_reason"] or ""))
+        out.print(t)
+        d = doc["derived"]
+        t = Table(title="What this host means for guests")
+        for col in ("question", "answer", "reason"):
+            t.add_column(col)
+        t.add_row("retpoline effective here", yes_no(d["retpoline_effective"]["answer"]),
+                  esc(d["retpoline_effective"]["reason"]))
+        t.add_row("short BHB sequence effective here", yes_no(d["bhb_short_effective"]["answer"]),
+                  esc(d["bhb_short_effective"]["reason"]))
+        for name, f in d["controls"].items():
+            t.add_row(f"can force {name} for guests", yes_no(f["answer"]), esc(f["reason"]))
+        out.print(t)
+    vulns = doc.get("vulnerabilities")
+    if vulns:
+        out.print("[bold]This kernel's view[/] (/sys/devices/system/cpu/vulnerabilities)")
+        for k in ("spectre_v2", "retbleed", "spec_rstack_overflow"):
+            if k in vulns:
+                out.print(esc(f"  {k}: {vulns[k]}"))
+    kvm = doc.get("kvm")
+    if kvm:
+        caps = kvm["capabilities"]
+        out.print("[bold]KVM[/]  " + esc(f"{kvm['device']} API {kvm['api_version']}; ")
+                  + ", ".join(f"{k.removeprefix('KVM_CAP_')}={'yes' if v else 'no'}" for k, v in caps.items()))
+        ac = kvm.get("arch_capabilities_offered")
+        if ac:
+            out.print(esc(f"  IA32_ARCH_CAPABILITIES KVM offers guests: {ac['hex']} = {' '.join(ac['bits'])}"
+                          + (f" unknown({ac['unknown']:#x})" if ac["unknown"] else "")))
+        out.print(esc(f"  {kvm['force_spec_ctrl']}"))
+    for u in doc["unknowns"]:
+        out.print("[yellow]unknown[/] " + esc(f"{u['what']}: {u['reason']}"))

@@ -1,0 +1,30 @@
+"""Shared output helpers: one JSON document on stdout for --json, rich text otherwise, messages on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape as esc  # data text must never be read as rich markup
+
+# Pipes get a fixed, generous width instead of rich's 80 columns, so tables do not wrap in logs.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 132)
+
+
+__all__ = ["emit_json", "err", "esc", "out", "warn", "yes_no"]
+
+
+def emit_json(doc: Any) -> None:
+    """Write one JSON document (sorted keys are not used: key order is part of the documented shape)."""
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]pvmit: warning:[/] {message}")
+
+
+def yes_no(flag: bool | None) -> str:
+    return {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}[flag]
