@@ -7,7 +7,7 @@ guest programs) and assembles it here at run time; there are no hand-written byt
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from pvmit.errors import PvmitError
@@ -28,7 +28,7 @@ def _statements(source: str) -> list[str]:
 
 def assemble(source: str, address: int = 0, *, name: str = "<asm>", bits: int = 64) -> bytes:
     """Assemble Intel-syntax `source` as if loaded at `address`. Comments start with ';' or '#'."""
-    import keystone  # imported here: assembling is only needed when machine code is built
+    import keystone  # type: ignore[import-untyped]  # imported here: assembling is only needed when machine code is built
 
     mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[bits]
     ks = keystone.Ks(keystone.KS_ARCH_X86, mode)
@@ -46,10 +46,10 @@ def assemble(source: str, address: int = 0, *, name: str = "<asm>", bits: int = 
 
 def symbols(source: str) -> list[str]:
     """Labels defined in `source` (a line 'name:'), in order."""
-    return [m.group(1) for m in re.finditer(r"^\s*([A-Za-z_.][\w.]*):", source, re.M)]
+    return [m.group(1) for m in re.finditer(r"^\s*([A-Za-z_.][\w.]*):", source, re.MULTILINE)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_source(package: str, filename: str) -> str:
     """Read an assembly source file shipped inside a pvmit package."""
     return (resources.files(package) / filename).read_text(encoding="utf-8")

@@ -7,8 +7,9 @@ same code whichever way the facts arrived.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 from pvmit.x86.registers import CPU_FACT_REGISTERS, REGISTERS, Register
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -231,28 +232,27 @@ def load_catalog(extra: Iterable[str | Path] = (), *, builtin: bool = True) -> C
     """The built-in catalog (unless builtin=False) plus operator files; ids and lookup names must stay unique."""
     files = builtin_files() if builtin else []
     for p in extra:
-        path = Path(p)
         try:
-            files.append((str(path), path.read_text(encoding="utf-8")))
+            files.append((str(p), Path(p).read_text(encoding="utf-8")))
         except OSError as e:
-            raise CatalogError(f"{path}: cannot read catalog file: {e.strerror or e}") from None
+            raise CatalogError(f"{p}: cannot read catalog file: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise CatalogError(f"{path}: not UTF-8 text: {e}") from None
-    parsed = [(path, *_parse_file(path, text)) for path, text in files]
+            raise CatalogError(f"{p}: not UTF-8 text: {e}") from None
+    parsed = [(name, *_parse_file(name, text)) for name, text in files]
     sources: dict[str, SourceIn] = {}
-    for path, file_sources, _ in parsed:
+    for name, file_sources, _ in parsed:
         for key, s in file_sources.items():
             if key in sources and sources[key] != s:
-                raise CatalogError(f"{path}: source {key!r} is already defined differently in another file")
+                raise CatalogError(f"{name}: source {key!r} is already defined differently in another file")
             sources[key] = s
     models: list[CpuModel] = []
     seen: dict[str, str] = {}
-    for path, _, entries in parsed:
+    for name, _, entries in parsed:
         for label, entry in entries:
-            model = _build_model(path, label, entry, sources)
+            model = _build_model(name, label, entry, sources)
             for n in set(map(_norm, model.lookup_names())):
                 if n in seen:
-                    raise CatalogError(f"{path}: {label}: field id/name/qemu/aliases: {n!r} already names {seen[n]}")
-                seen[n] = f"{model.id} ({path})"
+                    raise CatalogError(f"{name}: {label}: field id/name/qemu/aliases: {n!r} already names {seen[n]}")
+                seen[n] = f"{model.id} ({name})"
             models.append(model)
     return Catalog(tuple(models), sources)

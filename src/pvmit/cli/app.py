@@ -37,7 +37,7 @@ pass_state = click.make_pass_decorator(State)
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--catalog", "catalogs", multiple=True, metavar="PATH", type=click.Path(path_type=Path),
               help="An operator's catalog file (TOML) added to the built-in one; repeatable.")
-@click.version_option(__version__, prog_name="pvmit")
+@click.version_option(__version__, prog_name="pvmit", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
     """pvmit: guests report the software Spectre mitigations they rely on; the hypervisor forces the

@@ -10,12 +10,20 @@ from rich.table import Table
 from pvmit.catalog.loader import CpuModel, load_catalog
 from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, esc, out, yes_no
-from pvmit.derive import Mitigation, bhb_short_effective, control_available, cpu_summary, need, retpoline_effective
+from pvmit.derive import (
+    Mitigation,
+    bhb_short_effective,
+    control_available,
+    cpu_summary,
+    need,
+    retpoline_effective,
+)
 from pvmit.errors import InputError
 from pvmit.linux.model import Cmdline, predict
 from pvmit.x86 import decode, register
 from pvmit.x86.bits import SpecCtrl
 from pvmit.x86.registers import CPU_FACT_REGISTERS
+
 
 @click.group()
 def catalog() -> None:
@@ -72,8 +80,8 @@ def _show_text(m: CpuModel, cmdline: Cmdline) -> None:
     d.add_row("retpoline effective", yes_no(r.answer), esc(r.reason))
     d.add_row("short BHB sequence effective", yes_no(b.answer), esc(b.reason))
     for c in (SpecCtrl.RRSBA_DIS_S, SpecCtrl.BHI_DIS_S):
-        f = control_available(m.facts, c)
-        d.add_row(f"{c.name} available", yes_no(f.answer), esc(f.reason))
+        avail = control_available(m.facts, c)
+        d.add_row(f"{c.name} available", yes_no(avail.answer), esc(avail.reason))
     p = predict(m.facts, cmdline)
     d.add_row(esc(f"Linux guest picks{' (' + str(cmdline) + ')' if str(cmdline) else ''}"),
               esc(f"{p.sysfs_mode}; {p.sysfs_bhi}"), esc(p.reason))

@@ -11,7 +11,8 @@ import ctypes
 import mmap
 import os
 import struct
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from pvmit.asm import assemble, package_source
 
@@ -59,7 +60,7 @@ class DevCpuid:
 
 def open_cpuid() -> tuple[CpuidSource | None, list[str]]:
     """The first CPUID method that works here, and why the others did not."""
-    problems = []
+    problems: list[str] = []
     try:
         return InstructionCpuid(), problems
     except Exception as e:  # noqa: BLE001 - any failure means: try the next method, and report why

@@ -120,7 +120,8 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
             regs[ARCH_CAPABILITIES.key] = RegisterFacts.unknown(ARCH_CAPABILITIES, str(e))
     vendor = VENDOR_STRINGS.get(vstr)
     if vendor is None:
-        unknowns.append({"what": "vendor", "reason": f"unrecognised CPUID vendor {vstr!r}; decisions treat it as Intel"})
+        unknowns.append({"what": "vendor",
+                         "reason": f"unrecognised CPUID vendor {vstr!r}; decisions treat it as Intel"})
     facts = CpuFacts(vendor or "intel", family, model, stepping, regs, method)
     return identity, facts
 
@@ -147,8 +148,8 @@ def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
             entries = kvm.supported_cpuid()
             supported: dict[str, Any] = {}
             for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, KVM_FEATURES):
-                e = next((e for e in entries if e.function == reg.index and e.index == reg.subleaf), None)
-                supported[reg.key] = decode(reg, e.out(reg.out)).to_json() if e else None
+                ent = next((x for x in entries if x.function == reg.index and x.index == reg.subleaf), None)
+                supported[reg.key] = decode(reg, ent.out(reg.out)).to_json() if ent else None
             out["supported_cpuid"] = supported
         except KvmError as e:
             out["supported_cpuid"] = None

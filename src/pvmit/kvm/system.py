@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes as C
 import errno
 import fcntl
 import os
@@ -150,4 +149,4 @@ def kvm_available(path: str = KVM_DEVICE) -> tuple[bool, str]:
     return True, f"{path} usable (API {abi.KVM_API_VERSION})"
 
 
-__all__ = ["CpuidEntry", "Kvm", "KVM_DEVICE", "ioctl", "kvm_available"]
+__all__ = ["KVM_DEVICE", "CpuidEntry", "Kvm", "ioctl", "kvm_available"]

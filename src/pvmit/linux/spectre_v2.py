@@ -58,7 +58,14 @@ MODE_STRINGS: dict[V2Mode, str] = {
 }
 """bugs.c spectre_v2_strings[] (current mainline)."""
 
-_OLD_EIBRS = "Mitigation: Enhanced IBRS"  # kernels before AutoIBRS support (v6.3)
+_OLD_HEADS = {
+    "Mitigation: Enhanced IBRS": V2Mode.EIBRS,  # before AutoIBRS support (v6.3)
+    "Mitigation: Enhanced IBRS + LFENCE": V2Mode.EIBRS_LFENCE,
+    "Mitigation: Enhanced IBRS + Retpolines": V2Mode.EIBRS_RETPOLINE,
+    "Mitigation: Full generic retpoline": V2Mode.RETPOLINE,  # before v5.17
+    "Mitigation: Full AMD retpoline": V2Mode.LFENCE,
+    "Vulnerable: LFENCE": V2Mode.LFENCE,  # since 2025 (bugs.c d1cc1bae)
+}
 
 
 @dataclass(frozen=True)
@@ -74,13 +81,13 @@ def parse_spectre_v2(line: str) -> SysfsSpectreV2:
     """Parse /sys/devices/system/cpu/vulnerabilities/spectre_v2. Unknown text gives mode None / Bhi.UNKNOWN."""
     line = line.strip()
     head, *fields = [p.strip() for p in line.split(";")]
-    head = head.replace(_OLD_EIBRS, MODE_STRINGS[V2Mode.EIBRS])
-    mode = None
-    # Longest first so that "... IBRS + Retpolines" is not read as plain "... IBRS".
-    for m, s in sorted(MODE_STRINGS.items(), key=lambda kv: -len(kv[1])):
-        if head == s or (m is V2Mode.NONE and head.startswith("Vulnerable")):
-            mode = m
-            break
+    if ", " in head:  # kernels before v5.x separated every field with ", "
+        head, *more = [p.strip() for p in head.split(", ")]
+        fields = more + fields
+    known = {s: m for m, s in MODE_STRINGS.items()} | _OLD_HEADS
+    mode = known.get(head)
+    if mode is None and head.startswith("Vulnerable"):
+        mode = V2Mode.NONE
     bhi = Bhi.NOT_REPORTED
     for f in fields:
         if f.startswith("BHI:"):

@@ -1,0 +1,39 @@
+"""Shared fixtures: the built-in catalog, a CLI runner that uses the real entry point, environment probes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pvmit.catalog.loader import Catalog, load_catalog
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return load_catalog()
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, timeout: float = 120) -> Result:
+    """Run `python -m pvmit ARGS` in a subprocess: the same entry point users get."""
+    p = subprocess.run([sys.executable, "-m", "pvmit", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "COLUMNS": "200"})
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

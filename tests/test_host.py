@@ -1,0 +1,70 @@
+"""`pvmit host` on this machine, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pvmit.host.cpuid import DevCpuid, InstructionCpuid, family_model_stepping, vendor_string
+from pvmit.host.msr import MsrUnreadable, read_msr
+
+
+def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("host", "--json")
+    assert r.code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "pvmit.host/1"
+    assert set(doc) >= {"identity", "facts", "derived", "can_force", "ineffective_here", "nearest_model",
+                        "vulnerabilities", "kvm", "unknowns"}
+    ident = doc["identity"]
+    assert ident["vendor_string"] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+    assert ident["family"] > 0 and ident["signature"] != "0x00000000" and ident["cpuid_method"]
+    regs = doc["facts"]["registers"]
+    assert set(regs) == {"arch_capabilities", "cpuid_7_0_edx", "cpuid_7_2_edx", "cpuid_80000008_ebx",
+                         "cpuid_80000021_eax"}
+    for r_ in regs.values():  # each is either read in full or unknown with a reason
+        assert r_["all_known"] or r_["unknown_reason"]
+    for key in ("retpoline_effective", "bhb_short_effective"):
+        assert isinstance(doc["derived"][key]["answer"], bool) and doc["derived"][key]["reason"]
+    assert all(isinstance(u["reason"], str) and u["reason"] for u in doc["unknowns"])
+    if os.path.exists("/dev/kvm"):
+        assert doc["kvm"]["api_version"] == 12
+        assert "KVM_CAP_X86_MSR_FILTER" in doc["kvm"]["capabilities"]
+
+
+def test_host_text(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("host", "--no-kvm")
+    assert r.code == 0 and "Host CPU" in r.stdout and "can force BHI_DIS_S" in r.stdout
+
+
+def test_cpuid_instruction_agrees_with_the_kernel() -> None:
+    ins = InstructionCpuid()
+    vendor = vendor_string(ins)
+    assert vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+    if not os.path.exists("/dev/cpu/0/cpuid"):
+        pytest.skip("/dev/cpu/0/cpuid missing (cpuid module not loaded): nothing to compare with")
+    dev = DevCpuid(0)
+    assert vendor_string(dev) == vendor
+    # leaf 1 EAX (signature) is the same on every CPU of a machine; leaf 0 entirely
+    assert ins(0) == dev(0) and ins(1)[0] == dev(1)[0]
+
+
+def test_family_model_stepping_decoding() -> None:
+    assert family_model_stepping(0x00A00F11) == (0x19, 0x01, 1)  # AMD Milan
+    assert family_model_stepping(0x00050657) == (6, 0x55, 7)  # Cascade Lake
+    assert family_model_stepping(0x000806F8) == (6, 0x8F, 8)  # Sapphire Rapids
+
+
+def test_msr_read_errors_are_explained() -> None:
+    if os.path.exists("/dev/cpu/0/msr"):
+        try:
+            read_msr(0x10)
+        except MsrUnreadable:
+            pass
+        with pytest.raises(MsrUnreadable, match="not implemented|refused|permission"):
+            read_msr(0xDEAD0000)
+    else:
+        with pytest.raises(MsrUnreadable, match="msr module is not loaded"):
+            read_msr(0x10A)
