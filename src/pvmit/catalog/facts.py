@@ -86,6 +86,50 @@ class CpuFacts:
     def fact(self, key: str, bit: str) -> Fact:
         return self.reg(key).fact(bit)
 
+    @classmethod
+    def from_json(cls, doc: object) -> CpuFacts:
+        """Read facts back from `to_json` output (also the `facts` of `pvmit host --json`). ValueError names
+        the field that is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("CPU facts: expected a JSON object")
+
+        def num(v: object, what: str, bits: int) -> int:
+            if isinstance(v, str):
+                try:
+                    v = int(v, 0)
+                except ValueError:
+                    raise ValueError(f"CPU facts: {what} {v!r} is not a number") from None
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << bits:
+                raise ValueError(f"CPU facts: {what} must be an unsigned {bits}-bit number, not {v!r}")
+            return v
+
+        vendor = doc.get("vendor")
+        if vendor not in VENDOR_IDS:
+            raise ValueError(f"CPU facts: vendor {vendor!r} is not one of {', '.join(VENDOR_IDS)}")
+        regs_in = doc.get("registers", {})
+        if not isinstance(regs_in, dict):
+            raise ValueError("CPU facts: registers must be an object")
+        registers: dict[str, RegisterFacts] = {}
+        for key, r in regs_in.items():
+            reg = REGISTERS.get(key)
+            if reg is None or reg not in CPU_FACT_REGISTERS:
+                raise ValueError(f"CPU facts: unknown register {key!r}")
+            if not isinstance(r, dict):
+                raise ValueError(f"CPU facts: registers.{key} must be an object")
+            value = num(r.get("value", 0), f"registers.{key}.value", reg.width)
+            known = num(r.get("known_mask", 0), f"registers.{key}.known_mask", reg.width)
+            if value & ~known:
+                raise ValueError(f"CPU facts: registers.{key}: value has bits outside known_mask")
+            sources = r.get("sources") or {}
+            if not isinstance(sources, dict) or not all(isinstance(s, str) for s in sources.values()):
+                raise ValueError(f"CPU facts: registers.{key}.sources must map bit names to strings")
+            registers[key] = RegisterFacts(reg, value, known, dict(sources),
+                                           str(r.get("unknown_reason") or "no source gives this bit"))
+        stepping = doc.get("stepping")
+        return cls(vendor, num(doc.get("family"), "family", 12), num(doc.get("model"), "model", 8),
+                   None if stepping is None else num(stepping, "stepping", 8), registers,
+                   str(doc.get("identity_source", "")))
+
     def to_json(self) -> dict[str, object]:
         return {
             "vendor": self.vendor,

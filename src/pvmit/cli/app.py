@@ -46,9 +46,10 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import catalog_cmd, host_cmd
+    from pvmit.cli import catalog_cmd, host_cmd, policy_cmd
 
     cli.add_command(catalog_cmd.catalog)
+    cli.add_command(policy_cmd.policy)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
 

@@ -1,0 +1,153 @@
+"""A versioned snapshot of everything the protocol holds for a VM, and restoring it on another host.
+
+Restoring re-runs the policy against the new host and answers Accepted (with what is now forced, and what changed
+from before) or Refused (with the reasons): a guest is never left less protected than it was without it being said.
+The snapshot is plain JSON-ready data; the migration stream carries it as one section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pvmit.catalog.facts import CpuFacts
+from pvmit.derive import Mitigation, mitigations_from_bits
+from pvmit.errors import InputError
+from pvmit.interface.core import VmInterface
+from pvmit.interface.forms import InterfaceConfig
+from pvmit.interface.policy import Decision, OperatorSettings, can_honour, decide
+from pvmit.x86.bits import SpecCtrl
+
+SCHEMA = "pvmit.interface-state/1"
+
+
+def snapshot(vm: VmInterface) -> dict[str, Any]:
+    """Everything needed to recreate `vm` elsewhere: config, personality, settings, per-vCPU registers and the
+    controls that were forced on the source (so the destination can say what it changes)."""
+    return {
+        "schema": SCHEMA,
+        "config": vm.config.to_json(),
+        "personality": vm.personality.to_json(),
+        "settings": vm.settings.to_json(),
+        "vcpus": [
+            {"ctrl": v.ctrl, "reported": v.reported, "spec_ctrl": v.spec.guest,
+             "forced_mask": v.spec.mask, "forced_value": v.spec.forced}
+            for v in vm.vcpus
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class Change:
+    """How one vCPU's forced controls differ between the source and this host."""
+
+    vcpu: int
+    added: tuple[str, ...]
+    released: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"vcpu": self.vcpu, "added": list(self.added), "released": list(self.released)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to 'can this host take the VM': accepted with decisions and changes, or refused with reasons."""
+
+    accepted: bool
+    reasons: tuple[str, ...]
+    decisions: tuple[Decision, ...]
+    changes: tuple[Change, ...]
+    warnings: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"accepted": self.accepted, "reasons": list(self.reasons),
+                "decisions": [d.to_json() for d in self.decisions], "changes": [c.to_json() for c in self.changes],
+                "warnings": list(self.warnings)}
+
+
+def _parse(state: dict[str, Any]) -> tuple[InterfaceConfig, CpuFacts, OperatorSettings, list[dict[str, int]]]:
+    if not isinstance(state, dict):
+        raise InputError("interface state: not a JSON object")
+    if state.get("schema") != SCHEMA:
+        raise InputError(f"interface state: schema {state.get('schema')!r} is not {SCHEMA!r}")
+    try:
+        config = InterfaceConfig.from_json(state["config"])
+        personality = CpuFacts.from_json(state["personality"])
+        settings = OperatorSettings.from_json(state["settings"])
+        vcpus = state["vcpus"]
+        if not isinstance(vcpus, list) or not vcpus:
+            raise ValueError("vcpus must be a non-empty list")
+        parsed = []
+        for i, v in enumerate(vcpus):
+            row = {k: v[k] for k in ("ctrl", "reported", "spec_ctrl", "forced_mask", "forced_value")}
+            for k, x in row.items():
+                if k == "reported":
+                    if not isinstance(x, bool):
+                        raise ValueError(f"vcpus[{i}].reported must be true or false")
+                elif not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < 1 << 64:
+                    raise ValueError(f"vcpus[{i}].{k} must be a 64-bit unsigned integer")
+            if row["ctrl"] & ~config.supported:
+                raise ValueError(f"vcpus[{i}].ctrl {row['ctrl']:#x} has bits the VM was never offered")
+            parsed.append(row)
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise InputError(f"interface state: {what}") from None
+    return config, personality, settings, parsed
+
+
+def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Verdict:
+    """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
+
+    Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
+    promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later). `settings` are the
+    destination operator's settings for this VM; by default the ones that travel with it.
+    """
+    config, personality, carried, vcpus = _parse(state)
+    settings = settings or carried
+    reasons: list[str] = []
+    warnings: list[str] = []
+    decisions: list[Decision] = []
+    changes: list[Change] = []
+    for m in Mitigation:
+        if config.supported & m.request_bit:
+            ok, why = can_honour(host, m)
+            if not ok:
+                reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
+                               f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    for i, v in enumerate(vcpus):
+        reliance = mitigations_from_bits(v["ctrl"]) if v["reported"] else None
+        d = decide(host, reliance, personality, settings)
+        decisions.append(d)
+        for e in d.exposures:
+            (warnings if e.override else reasons).append(f"vCPU {i}: {e.reason}")
+        warnings.extend(f"vCPU {i}: {w}" for w in d.warnings)
+        before_on = v["forced_mask"] & v["forced_value"]
+        after_on = d.mask & d.value
+        added = tuple(str(b.name) for b in SpecCtrl if b & after_on & ~before_on)
+        released = tuple(str(b.name) for b in SpecCtrl if b & before_on & ~after_on)
+        if added or released:
+            changes.append(Change(i, added, released))
+        for name in released:
+            rel = next((x for x in Mitigation if x.control.name == name), None)
+            why = next((n for n in d.notes if rel and n.startswith(rel.title)), "not needed here")
+            warnings.append(f"vCPU {i}: {name} is no longer forced: {why}")
+    return Verdict(not reasons, tuple(dict.fromkeys(reasons)), tuple(decisions), tuple(changes),
+                   tuple(dict.fromkeys(warnings)))
+
+
+def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> tuple[
+        Verdict, VmInterface | None]:
+    """Recreate the VM's interface on `host` if `check` accepts it; (verdict, None) when refused."""
+    verdict = check(state, host, settings)
+    if not verdict.accepted:
+        return verdict, None
+    config, personality, carried, vcpus = _parse(state)
+    vm = VmInterface(config, host, personality, settings or carried, len(vcpus))
+    for i, v in enumerate(vcpus):
+        target = vm.vcpus[i]
+        if v["spec_ctrl"] & ~target.spec.writable:
+            raise InputError(f"interface state: vcpus[{i}].spec_ctrl {v['spec_ctrl']:#x} has bits the guest's "
+                             "personality does not enumerate")
+        target.ctrl, target.reported, target.spec.guest = v["ctrl"], bool(v["reported"]), v["spec_ctrl"]
+    vm.set_host(host)  # decide every vCPU with its restored report, before the guest runs again
+    return verdict, vm

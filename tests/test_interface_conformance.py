@@ -1,0 +1,137 @@
+"""Conformance of the three wire forms: every case of the RFC's KVM selftest (virtual_mitigation_msr_test.c),
+reset values, #GP on reserved and unenumerated bits, read-back, and the enumeration each form shows."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pvmit.catalog.loader import Catalog
+from pvmit.interface import Form, InterfaceConfig, VmInterface
+from pvmit.interface.forms import (
+    MSR_KVM_PVMIT_MITIGATION,
+    NEUTRAL_SIGNATURE,
+    kvm_feature_leaf_bits,
+    neutral_leaves,
+)
+from pvmit.x86.bits import ArchCapabilities
+from pvmit.x86.registers import MSR_VIRTUAL_ENUMERATION, MSR_VIRTUAL_MITIGATION_CTRL, MSR_VIRTUAL_MITIGATION_ENUM
+
+FORMS = list(Form)
+
+
+def make(catalog: Catalog, form: Form, supported: int = 3, host: str = "sapphirerapids",
+         personality: str = "icelake-sp") -> VmInterface:
+    return VmInterface(InterfaceConfig(form, supported), catalog.get(host).facts, catalog.get(personality).facts)
+
+
+def ctrl_index(form: Form) -> int:
+    return MSR_KVM_PVMIT_MITIGATION if form is Form.KVM else MSR_VIRTUAL_MITIGATION_CTRL
+
+
+def read_ctrl(vm: VmInterface) -> int | None:
+    v = vm.rdmsr(0, ctrl_index(vm.config.form))
+    return None if v is None else v & 0xFFFF_FFFF if vm.config.form is Form.KVM else v
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("supported", [0, 1, 2, 3])
+def test_selftest_walk_all_64_bits_of_ctrl(catalog: Catalog, form: Form, supported: int) -> None:
+    """Case 1 of the selftest: setting bit i succeeds and reads back iff bit i is enumerated; otherwise #GP and
+    the old value stays; a final write of 0 succeeds. (The kvm form also accepts its read-only high half when it
+    equals the supported bits, so that a read-modify-write works.)"""
+    vm = make(catalog, form, supported)
+    idx = ctrl_index(form)
+    assert read_ctrl(vm) == 0  # reset value
+    for i in range(64):
+        before = read_ctrl(vm)
+        ok = vm.wrmsr(0, idx, 1 << i)
+        if i < 32 and supported & (1 << i):
+            assert ok and read_ctrl(vm) == 1 << i, i
+        elif form is Form.KVM and i >= 32 and 1 << (i - 32) == supported:
+            assert ok and read_ctrl(vm) == 0, i
+        else:
+            assert not ok and vm.last_fault, i
+            assert read_ctrl(vm) == before, i
+    assert vm.wrmsr(0, idx, 0) and read_ctrl(vm) == 0
+
+
+@pytest.mark.parametrize("supported", [0, 1, 2, 3])
+def test_intel_read_only_registers(catalog: Catalog, supported: int) -> None:
+    vm = make(catalog, Form.INTEL, supported)
+    assert vm.rdmsr(0, MSR_VIRTUAL_ENUMERATION) == 1
+    assert vm.rdmsr(0, MSR_VIRTUAL_MITIGATION_ENUM) == supported
+    for index in (MSR_VIRTUAL_ENUMERATION, MSR_VIRTUAL_MITIGATION_ENUM):
+        before = vm.rdmsr(0, index)
+        for value in (0, 1, 3, 1 << 63):
+            assert not vm.wrmsr(0, index, value) and "read-only" in vm.last_fault
+            assert vm.rdmsr(0, index) == before
+    caps = vm.rdmsr(0, 0x10A)
+    assert caps is not None and caps & ArchCapabilities.VIRTUAL_ENUM
+    assert not vm.wrmsr(0, 0x10A, caps)
+
+
+@pytest.mark.parametrize("form", [Form.KVM, Form.NEUTRAL])
+def test_selftest_without_enumeration_every_intel_msr_faults(catalog: Catalog, form: Form) -> None:
+    """Case 2 of the selftest: without ARCH_CAPABILITIES bit 63, reads of all three MSRs raise #GP."""
+    vm = make(catalog, form)
+    caps = vm.rdmsr(0, 0x10A)
+    assert caps is not None and not caps & ArchCapabilities.VIRTUAL_ENUM
+    intel_only = [MSR_VIRTUAL_ENUMERATION, MSR_VIRTUAL_MITIGATION_ENUM]
+    if form is Form.KVM:
+        intel_only.append(MSR_VIRTUAL_MITIGATION_CTRL)
+    for index in intel_only:
+        assert vm.rdmsr(0, index) is None and "does not exist" in vm.last_fault
+        assert not vm.wrmsr(0, index, 0)
+
+
+@pytest.mark.parametrize("form", [Form.INTEL, Form.NEUTRAL])
+def test_kvm_msr_does_not_exist_in_other_forms(catalog: Catalog, form: Form) -> None:
+    vm = make(catalog, form)
+    assert vm.rdmsr(0, MSR_KVM_PVMIT_MITIGATION) is None
+    assert not vm.wrmsr(0, MSR_KVM_PVMIT_MITIGATION, 0)
+
+
+def test_kvm_form_high_half_is_read_only_and_read_modify_write_works(catalog: Catalog) -> None:
+    vm = make(catalog, Form.KVM, supported=3)
+    assert vm.rdmsr(0, MSR_KVM_PVMIT_MITIGATION) == 3 << 32
+    assert vm.wrmsr(0, MSR_KVM_PVMIT_MITIGATION, (3 << 32) | 2)  # RMW of the value read
+    assert vm.rdmsr(0, MSR_KVM_PVMIT_MITIGATION) == (3 << 32) | 2
+    assert not vm.wrmsr(0, MSR_KVM_PVMIT_MITIGATION, (1 << 32) | 1) and "read-only" in vm.last_fault
+    assert vm.rdmsr(0, MSR_KVM_PVMIT_MITIGATION) == (3 << 32) | 2
+    assert vm.wrmsr(0, MSR_KVM_PVMIT_MITIGATION, 0)
+
+
+def test_enumeration_each_form_shows(catalog: Catalog) -> None:
+    intel, kvm, neutral = (InterfaceConfig(f, 3) for f in FORMS)
+    assert kvm_feature_leaf_bits(kvm) == 1 << 30 and kvm_feature_leaf_bits(intel) == 0
+    sig, info = neutral_leaves(neutral)
+    assert (sig.leaf, sig.eax) == (0x40000100, 0x40000101)
+    assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == NEUTRAL_SIGNATURE
+    assert (info.leaf, info.eax, info.ebx, info.ecx, info.edx) == (0x40000101, 1, 0x50000002, 3, 0)
+
+
+def test_intel_form_is_offered_to_amd_guests_by_emulating_arch_capabilities(catalog: Catalog) -> None:
+    rome = catalog.get("EPYC-Rome").facts
+    vm = VmInterface(InterfaceConfig(Form.INTEL, 3), catalog.get("epyc-milan").facts, rome)
+    assert vm.rdmsr(0, 0x10A) == ArchCapabilities.VIRTUAL_ENUM  # emulated: bit 63 and nothing else
+    assert vm.rdmsr(0, MSR_VIRTUAL_ENUMERATION) == 1
+    plain = VmInterface(InterfaceConfig(Form.NEUTRAL, 3), catalog.get("epyc-milan").facts, rome)
+    assert plain.rdmsr(0, 0x10A) is None  # an AMD personality has no IA32_ARCH_CAPABILITIES otherwise
+
+
+def test_values_outside_64_bits_fault(catalog: Catalog) -> None:
+    vm = make(catalog, Form.INTEL)
+    assert not vm.wrmsr(0, MSR_VIRTUAL_MITIGATION_CTRL, 1 << 64) and "64-bit" in vm.last_fault
+    assert not vm.wrmsr(0, MSR_VIRTUAL_MITIGATION_CTRL, -1)
+    assert vm.rdmsr(0, 0x1234) is None and "not handled" in vm.last_fault
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="only bits 0 and 1"):
+        InterfaceConfig(Form.INTEL, 4)
+    with pytest.raises(ValueError, match="0x100-aligned"):
+        InterfaceConfig(Form.NEUTRAL, 3, neutral_base=0x40000180)
+    cfg = InterfaceConfig(Form.KVM, 2)
+    assert InterfaceConfig.from_json(cfg.to_json()) == cfg
