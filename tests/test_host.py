@@ -7,8 +7,10 @@ import os
 
 import pytest
 
+from pvmit.catalog.facts import CpuFacts, RegisterFacts
 from pvmit.host.cpuid import DevCpuid, InstructionCpuid, family_model_stepping, vendor_string
 from pvmit.host.msr import MsrUnreadable, read_msr
+from pvmit.x86.registers import REGISTERS
 
 
 def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
@@ -36,7 +38,7 @@ def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
 
 def test_host_text(cli) -> None:  # type: ignore[no-untyped-def]
     r = cli("host", "--no-kvm")
-    assert r.code == 0 and "Host CPU" in r.stdout and "can force BHI_DIS_S" in r.stdout
+    assert r.code == 0 and "Host CPU" in r.stdout and "BHI_DIS_S available here" in r.stdout
 
 
 def test_cpuid_instruction_agrees_with_the_kernel() -> None:
@@ -68,3 +70,35 @@ def test_msr_read_errors_are_explained() -> None:
     else:
         with pytest.raises(MsrUnreadable, match="msr module is not loaded"):
             read_msr(0x10A)
+
+
+def _reading(**regs: int) -> CpuFacts:
+    from pvmit.catalog.facts import CpuFacts
+
+    return CpuFacts("intel", 6, 0x8F, 8, {k: RegisterFacts.exact(REGISTERS[k], v, "test reading")
+                                          for k, v in regs.items()})
+
+
+def test_reconcile_does_not_trust_unsafe_zeros(catalog) -> None:  # type: ignore[no-untyped-def]
+    from pvmit.derive import bhb_short_effective, control_available, retpoline_effective
+    from pvmit.host.inspect import reconcile
+    from pvmit.x86.bits import ArchCapabilities as AC
+    from pvmit.x86.bits import SpecCtrl
+
+    # an SPR whose microcode enumerates neither RRSBA nor BHI_CTRL
+    spr = _reading(arch_capabilities=int(AC.IBRS_ALL), cpuid_7_2_edx=0)
+    raw_says = retpoline_effective(spr).answer, bhb_short_effective(spr).answer
+    assert raw_says == (True, True), "the raw reading alone would call both safe"
+    fixed, notes = reconcile(spr, catalog.get("sapphirerapids"), under_hypervisor=False)
+    assert not retpoline_effective(fixed).answer and "catalog sapphirerapids" in retpoline_effective(fixed).reason
+    assert not bhb_short_effective(fixed).answer and bhb_short_effective(fixed).assumed
+    assert not control_available(fixed, SpecCtrl.BHI_DIS_S).answer  # this microcode really lacks it
+    assert [n.split(":")[0].split(" ")[0] for n in notes] == [
+        "IA32_ARCH_CAPABILITIES.RRSBA", "CPUID.(7,2).EDX.RRSBA_CTRL", "CPUID.(7,2).EDX.BHI_CTRL"]
+    # with no catalog model: RRSBA unknown on an eIBRS part; controls hidden by a hypervisor become unknown
+    alone, _ = reconcile(spr, None, under_hypervisor=True)
+    assert alone.fact("arch_capabilities", "RRSBA").value is None
+    assert alone.fact("cpuid_7_2_edx", "BHI_CTRL").value is None
+    # ones are trusted, and AMD readings are left alone
+    good = _reading(arch_capabilities=int(AC.IBRS_ALL | AC.RRSBA), cpuid_7_2_edx=0x14)
+    assert reconcile(good, None, under_hypervisor=True)[0] == good

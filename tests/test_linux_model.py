@@ -45,6 +45,41 @@ def test_eibrs_request_without_eibrs_falls_back_to_auto(catalog: Catalog) -> Non
     assert p.mode is V2Mode.RETPOLINE and "falls back" in p.reason
 
 
+def test_fallbacks_to_auto_keep_the_retbleed_switch(catalog: Catalog) -> None:
+    skx = catalog.get("skylake-sp").facts
+    p = predict(skx, Cmdline.parse("spectre_v2=eibrs"))  # no eIBRS: AUTO, and AUTO on Skylake means IBRS
+    assert (p.mode, p.bhi) == (V2Mode.IBRS, Bhi.SW_LOOP) and "falls back" in p.reason
+
+
+def test_ibrs_requested_on_an_eibrs_part_is_kept(catalog: Catalog) -> None:
+    p = predict(catalog.get("cascadelake-sp").facts, Cmdline.parse("spectre_v2=ibrs"))
+    assert p.mode is V2Mode.IBRS and "kept" in p.reason
+    amd = predict(catalog.get("epyc-milan").facts, Cmdline.parse("spectre_v2=ibrs"))
+    assert amd.mode is V2Mode.RETPOLINE and "Intel" in amd.reason
+
+
+def test_lfence_needs_a_serializing_lfence(catalog: Catalog) -> None:
+    rome = predict(catalog.get("epyc-rome").facts, Cmdline.parse("spectre_v2=retpoline,lfence"))
+    assert rome.mode is V2Mode.RETPOLINE and "serializing LFENCE" in rome.reason
+    milan = predict(catalog.get("epyc-milan").facts, Cmdline.parse("spectre_v2=retpoline,lfence"))
+    assert milan.mode is V2Mode.LFENCE and milan.relies_on == frozenset()
+    assert predict(catalog.get("haswell-ep").facts, Cmdline.parse("spectre_v2=retpoline,lfence")).mode is V2Mode.LFENCE
+
+
+def test_bhi_state_follows_spectre_bhi_state_order(catalog: Catalog) -> None:
+    icx = catalog.get("icelake-sp").facts
+    # spectre_bhi=off in retpoline mode with RRSBA disabled still prints "BHI: Retpoline"
+    p = predict(icx, Cmdline.parse("spectre_v2=retpoline spectre_bhi=off"))
+    assert p.bhi is Bhi.RETPOLINE
+    off = predict(icx, Cmdline.parse("spectre_v2=off"))
+    assert (off.mode, off.bhi) == (V2Mode.NONE, Bhi.VULNERABLE)
+
+
+def test_unknown_facts_are_named_as_not_shown(catalog: Catalog) -> None:
+    p = predict(catalog.get("meteorlake").facts)
+    assert "unknown, so not shown: arch_capabilities.RRSBA" in p.reason
+
+
 def test_retbleed_parts_get_ibrs_unless_retbleed_off(catalog: Catalog) -> None:
     skx = catalog.get("skylake-sp").facts
     assert predict(skx).mode is V2Mode.IBRS

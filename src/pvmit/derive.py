@@ -5,15 +5,17 @@ For each CPU (a catalog model or a live host) pvmit decides:
   (b) whether the short BHB-clearing sequence is effective against BHI there,
   (c) which IA32_SPEC_CTRL controls exist there to make up for an ineffective one,
   (d) which spectre_v2 mode, with which BHI mitigation, a current Linux guest kernel picks when shown that CPU
-      (see `pvmit.linux_model`).
-Every answer carries a one-line reason citing the facts it used. A fact that is unknown is assumed in the direction
-that protects the guest (a mitigation is assumed ineffective, a control absent), and the answer says so.
+      (see `pvmit.linux.model`).
+Every answer carries a one-line reason citing the facts it used. A fact that is unknown, or only inferred and
+pointing the unsafe way, is assumed in the direction that protects the guest (a mitigation is assumed ineffective,
+a control absent), and the answer says so.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from pvmit.catalog.facts import CpuFacts, Fact
 from pvmit.x86.bits import MitigationCtrl, SpecCtrl
@@ -71,6 +73,13 @@ class Finding:
         return {"answer": self.answer, "reason": self.reason, "assumed": list(self.assumed)}
 
 
+def _sure(f: Fact, protects: bool) -> Fact:
+    """`f`, or `f` made unknown when it is inferred and points away from `protects` (see Fact.sure)."""
+    if f.sure(protects) is None and f.known:
+        return Fact(f.register, f.bit, None, f"only inferred ({f.source}), not relied on in this direction")
+    return f
+
+
 def _assumed(*facts: Fact) -> tuple[str, ...]:
     return tuple(f"{f.register}.{f.bit}" for f in facts if not f.known)
 
@@ -85,12 +94,15 @@ def retpoline_effective(cpu: CpuFacts) -> Finding:
     if cpu.vendor != "intel":
         return Finding(
             True,
-            f"{cpu.vendor.upper()} CPUs have no RSBA/RRSBA behaviour (IA32_ARCH_CAPABILITIES is Intel-only); "
-            "RET speculation (Retbleed, SRSO) is a separate mitigation",
+            f"no RSBA/RRSBA on {cpu.vendor.upper()} (Intel behaviours, enumerated in the Intel-only "
+            "IA32_ARCH_CAPABILITIES); RET speculation there (Branch Type Confusion on Zen 1/2, SRSO) is handled by "
+            "Linux's separate retbleed/SRSO mitigations, which this interface does not cover",
         )
-    rrsba = cpu.fact("arch_capabilities", "RRSBA")
-    rsba = cpu.fact("arch_capabilities", "RSBA")
+    rrsba = _sure(cpu.fact("arch_capabilities", "RRSBA"), protects=True)
+    rsba = _sure(cpu.fact("arch_capabilities", "RSBA"), protects=True)
     eibrs = cpu.fact("arch_capabilities", "IBRS_ALL")
+    if eibrs.inferred:
+        eibrs = Fact(eibrs.register, eibrs.bit, None, f"only inferred ({eibrs.source})")
     if rrsba.value:
         return Finding(False, f"RET may predict from the BTB on RSB underflow: {rrsba.cite()}")
     if rsba.value:
@@ -117,8 +129,8 @@ def bhb_short_effective(cpu: CpuFacts) -> Finding:
     """
     if cpu.vendor != "intel":
         return Finding(True, f"{cpu.vendor.upper()} is on Linux's NO_BHI list (common.c): not affected by BHI")
-    bhi_no = cpu.fact("arch_capabilities", "BHI_NO")
-    bhi_ctrl = cpu.fact("cpuid_7_2_edx", "BHI_CTRL")
+    bhi_no = _sure(cpu.fact("arch_capabilities", "BHI_NO"), protects=False)
+    bhi_ctrl = _sure(cpu.fact("cpuid_7_2_edx", "BHI_CTRL"), protects=True)
     if bhi_no.value:
         return Finding(True, f"not affected by cross-mode BHI: {bhi_no.cite()}")
     if bhi_ctrl.value:
@@ -136,7 +148,7 @@ def control_available(cpu: CpuFacts, control: SpecCtrl) -> Finding:
         raise ValueError(f"pvmit does not force {control!r}")
     if cpu.vendor != "intel":
         return Finding(False, f"{control.name} is an Intel control; {cpu.vendor.upper()} CPUs do not have it")
-    f = cpu.fact("cpuid_7_2_edx", enum_bit)
+    f = _sure(cpu.fact("cpuid_7_2_edx", enum_bit), protects=False)
     if f.value is None:
         return Finding(False, f"assumed absent: {f.cite()}", _assumed(f))
     return Finding(bool(f.value), f"{control.name} {'exists' if f.value else 'does not exist'}: {f.cite()}")
@@ -175,7 +187,7 @@ def need(cpu: CpuFacts, m: Mitigation) -> Need:
     return Need(m, eff, m.control, avail)
 
 
-def cpu_summary(cpu: CpuFacts) -> dict[str, object]:
+def cpu_summary(cpu: CpuFacts) -> dict[str, Any]:
     """(a)-(c) for one CPU, as JSON-ready data."""
     return {
         "retpoline_effective": retpoline_effective(cpu).to_json(),

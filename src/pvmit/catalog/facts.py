@@ -27,15 +27,24 @@ class Fact:
     bit: str
     value: bool | None
     source: str
+    inferred: bool = False  # the source states a rule for a class of parts, applied here to this one
 
     @property
     def known(self) -> bool:
         return self.value is not None
 
+    def sure(self, protects: bool) -> bool | None:
+        """The value for a decision in which `protects` is the guest-protecting answer: an inferred fact counts
+        only when it points that way; otherwise it is treated as unknown."""
+        if self.inferred and self.value is not protects:
+            return None
+        return self.value
+
     def cite(self) -> str:
         """A short phrase for reasons: 'ARCH_CAPABILITIES.RRSBA=1 [source]'."""
         shown = {True: "1", False: "0", None: "unknown"}[self.value]
-        return f"{REGISTERS[self.register].name}.{self.bit}={shown} [{self.source}]"
+        return f"{REGISTERS[self.register].name}.{self.bit}={shown}{' (inferred)' if self.inferred else ''} " \
+               f"[{self.source}]"
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class RegisterFacts:
     known: int = 0
     sources: Mapping[str, str] = field(default_factory=dict)
     unknown_reason: str = "no source gives this bit"
+    inferred: int = 0  # known bits whose source is a rule for a class of parts rather than about this part
 
     def __post_init__(self) -> None:
         if self.value & ~self.known:
@@ -57,7 +67,7 @@ class RegisterFacts:
         if not self.known & mask:
             return Fact(self.register.key, bit, None, self.unknown_reason)
         source = self.sources.get(bit) or self.sources.get("*", "unspecified")
-        return Fact(self.register.key, bit, bool(self.value & mask), source)
+        return Fact(self.register.key, bit, bool(self.value & mask), source, bool(self.inferred & mask))
 
     @classmethod
     def exact(cls, register: Register, value: int, source: str) -> RegisterFacts:
@@ -123,8 +133,10 @@ class CpuFacts:
             sources = r.get("sources") or {}
             if not isinstance(sources, dict) or not all(isinstance(s, str) for s in sources.values()):
                 raise ValueError(f"CPU facts: registers.{key}.sources must map bit names to strings")
+            inferred = num(r.get("inferred_mask", 0), f"registers.{key}.inferred_mask", reg.width)
             registers[key] = RegisterFacts(reg, value, known, dict(sources),
-                                           str(r.get("unknown_reason") or "no source gives this bit"))
+                                           str(r.get("unknown_reason") or "no source gives this bit"),
+                                           inferred & known)
         stepping = doc.get("stepping")
         return cls(vendor, num(doc.get("family"), "family", 12), num(doc.get("model"), "model", 8),
                    None if stepping is None else num(stepping, "stepping", 8), registers,
@@ -144,16 +156,18 @@ class CpuFacts:
 
 
 def register_facts_json(rf: RegisterFacts) -> dict[str, object]:
-    """Stable JSON for one register's facts: value and known mask, named set/clear bits, sources."""
-    set_bits = [n for n in rf.register.bit_names() if rf.known & rf.register.bit(n) and rf.value & rf.register.bit(n)]
-    clear_bits = [
-        n for n in rf.register.bit_names() if rf.known & rf.register.bit(n) and not rf.value & rf.register.bit(n)
-    ]
+    """Stable JSON for one register's facts. Numbers are hex strings (64-bit values do not survive JSON doubles)."""
+    names = rf.register.bit_names()
+    named = sum(rf.register.bit(n) for n in names)
+    known_set = [n for n in names if rf.known & rf.register.bit(n) and rf.value & rf.register.bit(n)]
+    known_clear = [n for n in names if rf.known & rf.register.bit(n) and not rf.value & rf.register.bit(n)]
     return {
         "value": f"{rf.value:#x}",
         "known_mask": f"{rf.known:#x}",
-        "set": set_bits,
-        "clear": clear_bits,
+        "set": known_set,
+        "clear": known_clear,
+        "unnamed_set": f"{rf.value & ~named:#x}",
+        "inferred_mask": f"{rf.inferred:#x}",
         "all_known": rf.known == rf.register.mask,
         "sources": dict(rf.sources),
         "unknown_reason": rf.unknown_reason if rf.known != rf.register.mask else None,

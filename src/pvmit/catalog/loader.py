@@ -72,9 +72,8 @@ class CpuModel:
 
 
 def _norm(name: str) -> str:
-    """Lookup key: case-insensitive, a QEMU version suffix (-v2) dropped, '_' and ' ' read as '-'."""
-    n = re.sub(r"[\s_]+", "-", name.strip().lower())
-    return re.sub(r"-v\d+$", "", n)
+    """Lookup key: case-insensitive, '_' and ' ' read as '-'."""
+    return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
 @dataclass(frozen=True)
@@ -94,6 +93,11 @@ class Catalog:
         for m in self.models:
             if any(_norm(n) == key for n in m.lookup_names()):
                 return m
+        version = re.fullmatch(r"(.+)-v\d+", key)
+        if version and any(version[1] == _norm(q) for m in self.models for q in m.qemu):
+            raise UnknownModelError(
+                f"{name!r} is a version of a QEMU CPU model; the catalog describes the hardware, not what each "
+                f"QEMU version shows a guest: name {version[1]!r} instead")
         close = [m.id for m in self.models if key and (key in m.id or key in _norm(m.name))]
         hint = f"; did you mean {', '.join(close)}?" if close else "; `pvmit catalog list` shows every model"
         raise UnknownModelError(f"no CPU model named {name!r} in the catalog{hint}")
@@ -167,7 +171,7 @@ def _build_model(path: str, label: str, e: CpuEntryIn, sources: dict[str, Source
     registers: dict[str, RegisterFacts] = {}
     for reg in CPU_FACT_REGISTERS:
         table: dict[str, Any] = getattr(e, reg.key)
-        value = known = 0
+        value = known = inferred = 0
         cites: dict[str, str] = {}
         for bit, fact in table.items():
             try:
@@ -180,8 +184,9 @@ def _build_model(path: str, label: str, e: CpuEntryIn, sources: dict[str, Source
             check_source(f"{reg.key}.{bit}.source", fact.source)
             known |= mask
             value |= mask if fact.value else 0
+            inferred |= mask if fact.inferred else 0
             cites[bit] = fact.source
-        registers[reg.key] = RegisterFacts(reg, value, known, cites)
+        registers[reg.key] = RegisterFacts(reg, value, known, cites, inferred=inferred)
     if e.vendor != "intel" and registers["arch_capabilities"].value:
         raise CatalogError(f"{path}: {label}: field arch_capabilities: only Intel CPUs have IA32_ARCH_CAPABILITIES")
     registers["cpuid_7_0_edx"] = _implied_enumeration(path, label, registers)
@@ -215,7 +220,7 @@ def _implied_enumeration(path: str, label: str, registers: dict[str, RegisterFac
                                f"arch_capabilities bits imply it ({why.removeprefix('implied: ')})")
         if not known & mask:
             value, known, sources[bit] = value | mask, known | mask, why
-    return RegisterFacts(CPUID_7_0_EDX, value, known, sources)
+    return RegisterFacts(CPUID_7_0_EDX, value, known, sources, inferred=edx.inferred)
 
 
 def builtin_files() -> list[tuple[str, str]]:

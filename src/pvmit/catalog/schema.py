@@ -17,25 +17,27 @@ Ident = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_le
 class SourceIn(BaseModel):
     """A document that facts cite: what it is and where a reviewer can read it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     title: str = Field(min_length=1)
     url: str = ""
     commit: str = ""
 
 
 class BitFactIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     value: bool
     source: str = Field(min_length=1)
+    inferred: bool = False  # the source gives a rule for a class of parts; this applies it to one part
 
 
 RegisterIn = dict[str, BitFactIn]
 
 
 class CpuEntryIn(BaseModel):
-    """One CPU model as written in a catalog file."""
+    """One CPU model as written in a catalog file. Strict: TOML has real booleans and integers, so a string where
+    a number belongs is an error, not something to convert."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     id: Ident
     name: str = Field(min_length=1)
     vendor: Literal["intel", "amd", "hygon"]
@@ -70,7 +72,3 @@ class CpuEntryIn(BaseModel):
         return v
 
 
-class CatalogFileIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    sources: dict[Ident, SourceIn] = Field(default_factory=dict)
-    cpu: list[CpuEntryIn] = Field(default_factory=list)

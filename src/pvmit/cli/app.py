@@ -74,4 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(1)
+    except OSError as e:  # e.g. stdout on a full disk
+        print(f"pvmit: error: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

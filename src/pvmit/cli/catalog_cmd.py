@@ -9,19 +9,15 @@ from rich.table import Table
 
 from pvmit.catalog.loader import CpuModel, load_catalog
 from pvmit.cli.app import State, json_option, pass_state
-from pvmit.cli.output import emit_json, esc, out, yes_no
+from pvmit.cli.output import derived_table, emit_json, esc, out
 from pvmit.derive import (
     Mitigation,
-    bhb_short_effective,
-    control_available,
     cpu_summary,
     need,
-    retpoline_effective,
 )
-from pvmit.errors import InputError
+from pvmit.errors import CatalogError, InputError
 from pvmit.linux.model import Cmdline, predict
 from pvmit.x86 import decode, register
-from pvmit.x86.bits import SpecCtrl
 from pvmit.x86.registers import CPU_FACT_REGISTERS
 
 
@@ -73,15 +69,7 @@ def _show_text(m: CpuModel, cmdline: Cmdline) -> None:
             if f.known:
                 t.add_row(reg.name, name, "1" if f.value else "0", esc(f.source))
     out.print(t)
-    d = Table(title="Derived (pvmit.derive)")
-    for col in ("question", "answer", "reason"):
-        d.add_column(col)
-    r, b = retpoline_effective(m.facts), bhb_short_effective(m.facts)
-    d.add_row("retpoline effective", yes_no(r.answer), esc(r.reason))
-    d.add_row("short BHB sequence effective", yes_no(b.answer), esc(b.reason))
-    for c in (SpecCtrl.RRSBA_DIS_S, SpecCtrl.BHI_DIS_S):
-        avail = control_available(m.facts, c)
-        d.add_row(f"{c.name} available", yes_no(avail.answer), esc(avail.reason))
+    d = derived_table(cpu_summary(m.facts), "Derived (pvmit.derive)")
     p = predict(m.facts, cmdline)
     d.add_row(esc(f"Linux guest picks{' (' + str(cmdline) + ')' if str(cmdline) else ''}"),
               esc(f"{p.sysfs_mode}; {p.sysfs_bhi}"), esc(p.reason))
@@ -117,7 +105,12 @@ def show_cmd(st: State, name: str, cmdline: str, json_out: bool) -> None:
 @json_option
 def check_cmd(path: Path, json_out: bool) -> None:
     """Validate catalog file PATH together with the built-in catalog; exit 2 naming the first problem."""
-    cat = load_catalog([path])
+    try:
+        cat = load_catalog([path])
+    except CatalogError as e:
+        if json_out:
+            emit_json({"schema": "pvmit.catalog-check/1", "file": str(path), "ok": False, "error": str(e)})
+        raise
     mine = [m for m in cat if m.origin == str(path)]
     if json_out:
         emit_json({"schema": "pvmit.catalog-check/1", "file": str(path), "ok": True,

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from pvmit.cli.app import State, json_option, pass_state
-from pvmit.cli.output import emit_json, esc, out, yes_no
+from pvmit.cli.output import derived_table, emit_json, esc, out
 from pvmit.host.inspect import inspect_host
 from pvmit.x86.registers import CPU_FACT_REGISTERS
 
@@ -48,21 +48,12 @@ def _print(doc: dict[str, Any]) -> None:
         for reg in CPU_FACT_REGISTERS:
             r = facts["registers"][reg.key]
             if r["all_known"]:
-                t.add_row(reg.name, r["value"], " ".join(r["set"]) or "-", esc(r["sources"].get("*", "")))
+                named = " ".join(r["set"]) + (f" unknown({r['unnamed_set']})" if r["unnamed_set"] != "0x0" else "")
+                t.add_row(reg.name, r["value"], named.strip() or "-", esc(r["sources"].get("*", "")))
             else:
                 t.add_row(reg.name, "unknown", "-", esc(r["unknown_reason"] or ""))
         out.print(t)
-        d = doc["derived"]
-        t = Table(title="What this host means for guests")
-        for col in ("question", "answer", "reason"):
-            t.add_column(col)
-        t.add_row("retpoline effective here", yes_no(d["retpoline_effective"]["answer"]),
-                  esc(d["retpoline_effective"]["reason"]))
-        t.add_row("short BHB sequence effective here", yes_no(d["bhb_short_effective"]["answer"]),
-                  esc(d["bhb_short_effective"]["reason"]))
-        for name, f in d["controls"].items():
-            t.add_row(f"can force {name} for guests", yes_no(f["answer"]), esc(f["reason"]))
-        out.print(t)
+        out.print(derived_table(doc["derived"], "What this host means for guests", " here"))
     vulns = doc.get("vulnerabilities")
     if vulns:
         out.print("[bold]This kernel's view[/] (/sys/devices/system/cpu/vulnerabilities)")
@@ -76,8 +67,8 @@ def _print(doc: dict[str, Any]) -> None:
                   + ", ".join(f"{k.removeprefix('KVM_CAP_')}={'yes' if v else 'no'}" for k, v in caps.items()))
         ac = kvm.get("arch_capabilities_offered")
         if ac:
-            out.print(esc(f"  IA32_ARCH_CAPABILITIES KVM offers guests: {ac['hex']} = {' '.join(ac['bits'])}"
-                          + (f" unknown({ac['unknown']:#x})" if ac["unknown"] else "")))
+            out.print(esc(f"  IA32_ARCH_CAPABILITIES KVM offers guests: {ac['value']} = {' '.join(ac['bits'])}"
+                          + (f" unknown({ac['unknown']})" if ac["unknown"] != "0x0" else "")))
         out.print(esc(f"  {kvm['force_spec_ctrl']}"))
     for u in doc["unknowns"]:
         out.print("[yellow]unknown[/] " + esc(f"{u['what']}: {u['reason']}"))

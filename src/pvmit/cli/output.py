@@ -8,13 +8,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape as esc  # data text must never be read as rich markup
+from rich.table import Table
 
 # Pipes get a fixed, generous width instead of rich's 80 columns, so tables do not wrap in logs.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 132)
 
 
-__all__ = ["emit_json", "err", "esc", "out", "warn", "yes_no"]
+__all__ = ["derived_table", "emit_json", "err", "esc", "out", "warn", "yes_no"]
 
 
 def emit_json(doc: Any) -> None:
@@ -28,3 +29,16 @@ def warn(message: str) -> None:
 
 def yes_no(flag: bool | None) -> str:
     return {True: "[green]yes[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}[flag]
+
+
+def derived_table(summary: dict[str, Any], title: str, where: str = "") -> Table:
+    """The (a)-(c) answers of `pvmit.derive.cpu_summary` as a table; callers may add rows."""
+    t = Table(title=title)
+    for col in ("question", "answer", "reason"):
+        t.add_column(col)
+    for key, question in (("retpoline_effective", "retpoline effective"),
+                          ("bhb_short_effective", "short BHB sequence effective")):
+        t.add_row(question + where, yes_no(summary[key]["answer"]), esc(summary[key]["reason"]))
+    for name, f in summary["controls"].items():
+        t.add_row(f"{name} available{where}", yes_no(f["answer"]), esc(f["reason"]))
+    return t

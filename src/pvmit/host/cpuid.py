@@ -66,7 +66,9 @@ def open_cpuid() -> tuple[CpuidSource | None, list[str]]:
     except Exception as e:  # noqa: BLE001 - any failure means: try the next method, and report why
         problems.append(f"cpuid instruction stub: {e}")
     try:
-        return DevCpuid(0), problems
+        dev = DevCpuid(0)
+        dev(0)  # a device that opens but cannot be read is no better than none
+        return dev, problems
     except OSError as e:
         problems.append(f"/dev/cpu/0/cpuid: {os.strerror(e.errno or 0)}")
     return None, problems

@@ -11,7 +11,7 @@ from typing import Any
 
 from pvmit.catalog.facts import VENDOR_STRINGS, CpuFacts, RegisterFacts
 from pvmit.catalog.loader import Catalog, CpuModel
-from pvmit.derive import Mitigation, control_available, cpu_summary, need
+from pvmit.derive import Mitigation, cpu_summary, need
 from pvmit.host.cpuid import (
     CpuidSource,
     brand_string,
@@ -52,11 +52,8 @@ class HostReport:
         doc: dict[str, Any] = {"schema": SCHEMA, "identity": self.identity}
         doc["facts"] = self.facts.to_json() if self.facts else None
         if self.facts:
-            doc["derived"] = cpu_summary(self.facts)
-            doc["can_force"] = [
-                c.name for c in (bits.SpecCtrl.RRSBA_DIS_S, bits.SpecCtrl.BHI_DIS_S)
-                if control_available(self.facts, c).answer
-            ]
+            doc["derived"] = summary = cpu_summary(self.facts)
+            doc["can_force"] = [name for name, f in summary["controls"].items() if f["answer"]]
             doc["ineffective_here"] = [
                 {"mitigation": m.value, "reason": n.effective.reason, "compensation": n.control.name,
                  "compensation_available": n.can_force}
@@ -126,6 +123,65 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
     return identity, facts
 
 
+_BEHAVIOUR = ("RSBA", "RRSBA")  # IA32_ARCH_CAPABILITIES bits whose 0 would say "retpoline is safe"
+_CONTROLS = ("RRSBA_CTRL", "BHI_CTRL")  # CPUID.(7,2).EDX bits whose 0 would say "short history / no control"
+
+
+def reconcile(reading: CpuFacts, model: CpuModel | None, under_hypervisor: bool) -> tuple[CpuFacts, list[str]]:
+    """Make a live reading safe to decide from: a 0 read where a 0 is the unsafe answer is trusted only when
+    nothing contradicts it.
+
+    Microcode before 2023 did not enumerate RRSBA ("Other parts have differing enumeration with microcode
+    version", Xen retpoline_calculations), old microcode lacks BHI_CTRL (seen on a real i7-12650H), and a hypervisor
+    may hide either. So on Intel: RSBA/RRSBA read as 0 take the exact catalog model's value where it has one and
+    are unknown otherwise (RRSBA on eIBRS parts, RSBA on the others); RRSBA_CTRL/BHI_CTRL read as 0 are unknown
+    under a hypervisor or where the catalog model has them. Unknown facts are then decided conservatively downstream.
+    """
+    if reading.vendor != "intel":
+        return reading, []
+    notes: list[str] = []
+    regs = dict(reading.registers)
+    arch, edx = reading.reg("arch_capabilities"), reading.reg("cpuid_7_2_edx")
+    eibrs = reading.fact("arch_capabilities", "IBRS_ALL").value
+
+    def forget(rf: RegisterFacts, bit: str, why: str) -> RegisterFacts:
+        mask = rf.register.bit(bit)
+        notes.append(f"{rf.register.name}.{bit} read as 0 but not relied on: {why}")
+        sources = {**{k: v for k, v in rf.sources.items()}, bit: why}
+        return RegisterFacts(rf.register, rf.value & ~mask, rf.known & ~mask, sources, why, rf.inferred & ~mask)
+
+    for bit in _BEHAVIOUR:
+        f = arch.fact(bit)
+        # RRSBA matters on eIBRS parts, RSBA on the others ("CPUs are not expected to enumerate both")
+        if f.value is not False or (bit == "RRSBA" and eibrs is False) or (bit == "RSBA" and eibrs is True):
+            continue
+        catalog_fact = model.facts.fact("arch_capabilities", bit) if model else None
+        if catalog_fact is not None and catalog_fact.known:
+            mask = arch.register.bit(bit)
+            value = (arch.value & ~mask) | (mask if catalog_fact.value else 0)
+            notes.append(f"IA32_ARCH_CAPABILITIES.{bit}: the catalog's {model.id if model else ''} value is used "
+                         f"({catalog_fact.source}); microcode may not enumerate it")
+            arch = RegisterFacts(arch.register, value, arch.known | mask,
+                                 {**arch.sources, bit: f"catalog {model.id if model else ''}: {catalog_fact.source}"},
+                                 arch.unknown_reason, arch.inferred | (mask if catalog_fact.inferred else 0))
+        else:
+            arch = forget(arch, bit, "microcode before 2023 did not enumerate it (Xen retpoline_calculations) and "
+                                     "no catalog model of this CPU says otherwise")
+    for bit in _CONTROLS:
+        f = edx.fact(bit)
+        if f.value is not False:
+            continue
+        catalog_fact = model.facts.fact("cpuid_7_2_edx", bit) if model else None
+        if under_hypervisor:
+            edx = forget(edx, bit, "running under a hypervisor, which may hide it")
+        elif catalog_fact is not None and catalog_fact.value:
+            edx = forget(edx, bit, f"the catalog's {model.id if model else ''} has it; this host's microcode does "
+                                   "not enumerate it")
+    regs["arch_capabilities"], regs["cpuid_7_2_edx"] = arch, edx
+    return CpuFacts(reading.vendor, reading.family, reading.model, reading.stepping, regs,
+                    reading.identity_source), notes
+
+
 def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
     """What /dev/kvm offers guests here; None (with the reason in `unknowns`) when it cannot be used."""
     from pvmit.kvm.errors import KvmError, KvmUnavailable
@@ -133,12 +189,12 @@ def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
 
     try:
         kvm = Kvm()
-    except KvmUnavailable as e:
+        caps = kvm.capabilities()
+    except (KvmUnavailable, KvmError) as e:
         unknowns.append({"what": "kvm", "reason": str(e)})
         return None
     with kvm:
-        out: dict[str, Any] = {"device": "/dev/kvm", "api_version": kvm.api_version(),
-                               "capabilities": kvm.capabilities()}
+        out: dict[str, Any] = {"device": "/dev/kvm", "api_version": 12, "capabilities": caps}
         out["needed_capabilities_present"] = all(
             out["capabilities"][c] for c in ("KVM_CAP_X86_USER_SPACE_MSR", "KVM_CAP_X86_MSR_FILTER"))
         out["force_spec_ctrl"] = (
@@ -197,16 +253,20 @@ def inspect_host(catalog: Catalog, *, with_kvm: bool = True) -> HostReport:
     cpuid, problems = open_cpuid()
     for p in problems:
         unknowns.append({"what": "cpuid method", "reason": p})
+    nearest = None
     if cpuid is None:
         identity: dict[str, Any] = {"vendor": None}
         facts = None
     else:
-        identity, facts = read_cpu_facts(cpuid, unknowns)
+        identity, reading = read_cpu_facts(cpuid, unknowns)
+        nearest = nearest_model(catalog, reading)
+        exact = catalog.get(nearest["id"]) if nearest and nearest["match"] == "exact" else None
+        facts, notes = reconcile(reading, exact, identity["hypervisor"] is not None)
+        unknowns.extend({"what": "reading adjusted", "reason": n} for n in notes)
     try:
         vulns: dict[str, str] | None = read_vulnerabilities()
     except OSError as e:
         vulns = None
         unknowns.append({"what": "vulnerabilities", "reason": f"{VULN_DIR}: {e.strerror or e}"})
     kvm = kvm_report(unknowns) if with_kvm else None
-    nearest = nearest_model(catalog, facts) if facts else None
     return HostReport(identity, facts, unknowns, vulns, kvm, nearest)

@@ -163,62 +163,89 @@ def predict(cpu: CpuFacts, cmdline: Cmdline = Cmdline(), *, hypervisor: bool = T
     eibrs = cap("IBRS_ALL") or (not intel and _shown(cpu, "cpuid_80000021_eax", "AUTOIBRS"))
     ibrs_feature = _shown(cpu, "cpuid_7_0_edx", "SPEC_CTRL") if intel else \
         _shown(cpu, "cpuid_80000008_ebx", "IBRS")
+    # X86_FEATURE_LFENCE_RDTSC: Intel LFENCE is dispatch-serializing; AMD enumerates it in 0x80000021.EAX[2]
+    lfence_serializing = intel or _shown(cpu, "cpuid_80000021_eax", "LFENCE_RDTSC")
     btc_no = not intel and _shown(cpu, "cpuid_80000008_ebx", "BTC_NO")
     retbleed_row = _matches(tables()["retbleed"], cpu)
     bug_retbleed = not btc_no and (retbleed_row is not None or cap("RSBA"))
     rrsba, rrsba_ctrl = cap("RRSBA"), intel and _shown(cpu, "cpuid_7_2_edx", "RRSBA_CTRL")
     bhi_ctrl = intel and _shown(cpu, "cpuid_7_2_edx", "BHI_CTRL")
+    hidden = [f"{k}.{b}" for k, b in (("arch_capabilities", "IBRS_ALL"), ("arch_capabilities", "RRSBA"),
+                                     ("cpuid_7_2_edx", "RRSBA_CTRL"), ("cpuid_7_2_edx", "BHI_CTRL"))
+              if intel and cpu.fact(k, b).value is None]
     why.append(f"shown: eIBRS={int(eibrs)} RRSBA={int(rrsba)} RRSBA_CTRL={int(rrsba_ctrl)} "
-               f"BHI_CTRL={int(bhi_ctrl)} ARCH_CAPABILITIES {'visible' if arch_caps_visible else 'not enumerated'}")
+               f"BHI_CTRL={int(bhi_ctrl)} ARCH_CAPABILITIES {'visible' if arch_caps_visible else 'not enumerated'}"
+               + (f" (unknown, so not shown: {', '.join(hidden)})" if hidden else ""))
 
-    # spectre_v2_parse_cmdline + spectre_v2_select_mitigation
-    requested = None if cmdline.mitigations_off else _V2_OPTIONS[cmdline.spectre_v2]
-    if cmdline.mitigations_off:
+    # spectre_v2_parse_cmdline: an option the CPU cannot honour falls back to AUTO ("Switching to AUTO select")
+    cmd = "none" if cmdline.mitigations_off else "auto" if cmdline.spectre_v2 in ("auto", "on") else \
+        cmdline.spectre_v2
+    requested = _V2_OPTIONS.get(cmd)
+    if requested in (V2Mode.EIBRS, V2Mode.EIBRS_LFENCE, V2Mode.EIBRS_RETPOLINE) and not eibrs:
+        why.append(f"spectre_v2={cmd} without eIBRS: bugs.c falls back to auto")
+        cmd = "auto"
+    if requested in (V2Mode.LFENCE, V2Mode.EIBRS_LFENCE) and cmd != "auto" and not lfence_serializing:
+        why.append(f"spectre_v2={cmd} without a serializing LFENCE: bugs.c falls back to auto")
+        cmd = "auto"
+    if requested is V2Mode.IBRS and (not intel or not ibrs_feature):
+        why.append("spectre_v2=ibrs needs an Intel CPU with IBRS: bugs.c falls back to auto")
+        cmd = "auto"
+
+    # spectre_v2_select_mitigation
+    if cmd == "none":
         mode = V2Mode.NONE
-        why.append("mitigations=off")
-    elif requested in (V2Mode.EIBRS, V2Mode.EIBRS_LFENCE, V2Mode.EIBRS_RETPOLINE) and not eibrs:
-        why.append(f"spectre_v2={cmdline.spectre_v2} without eIBRS: bugs.c falls back to auto")
-        requested = None
-        mode = V2Mode.EIBRS if eibrs else V2Mode.RETPOLINE
-    elif requested is V2Mode.IBRS and (not intel or not ibrs_feature or eibrs):
-        why.append("spectre_v2=ibrs needs an Intel CPU with IBRS and without eIBRS: falls back to auto")
-        requested = None
-        mode = V2Mode.EIBRS if eibrs else V2Mode.RETPOLINE
-    elif requested is not None:
-        mode = requested
-        why.append(f"spectre_v2={cmdline.spectre_v2}")
-    else:
+        why.append("mitigations=off" if cmdline.mitigations_off else "spectre_v2=off")
+    elif cmd == "auto":
         mode = V2Mode.EIBRS if eibrs else V2Mode.RETPOLINE
         why.append("auto: eIBRS shown" if eibrs else "auto: no eIBRS shown, retpoline")
-    # spectre_v2_update_mitigation: retbleed-affected Intel parts use IBRS instead of retpoline in auto mode
-    if (requested is None and cmdline.spectre_v2 in ("auto", "on") and mode is V2Mode.RETPOLINE and intel
-            and bug_retbleed and ibrs_feature and cmdline.retbleed not in ("off", "stuff")
-            and not cmdline.mitigations_off):
-        mode = V2Mode.IBRS
-        src = "Linux RETBLEED model list" if retbleed_row else "RSBA shown"
-        why.append(f"X86_BUG_RETBLEED ({src}) with IBRS: IBRS instead of retpoline")
+        # spectre_v2_update_mitigation: Retbleed-affected Intel parts use IBRS instead of retpoline in auto mode
+        if (mode is V2Mode.RETPOLINE and intel and bug_retbleed and ibrs_feature
+                and cmdline.retbleed not in ("off", "stuff")):
+            mode = V2Mode.IBRS
+            src = "Linux RETBLEED model list" if retbleed_row else "RSBA shown"
+            why.append(f"X86_BUG_RETBLEED ({src}) with IBRS: IBRS instead of retpoline")
+    else:
+        mode = _V2_OPTIONS[cmd] or V2Mode.RETPOLINE
+        why.append(f"spectre_v2={cmd}" + (" (IBRS on an eIBRS CPU: kept, with a performance warning)"
+                                          if mode is V2Mode.IBRS and eibrs else ""))
 
+    # X86_FEATURE_RETPOLINE / _LFENCE as set by spectre_v2_select_mitigation
+    feat_retpoline = mode in (V2Mode.RETPOLINE, V2Mode.EIBRS_RETPOLINE, V2Mode.LFENCE, V2Mode.EIBRS_LFENCE)
+    feat_retpoline_lfence = mode in (V2Mode.LFENCE, V2Mode.EIBRS_LFENCE)
+    # spec_ctrl_disable_kernel_rrsba, called for RETPOLINE, EIBRS_LFENCE and EIBRS_RETPOLINE
     sets_rrsba = mode in (V2Mode.RETPOLINE, V2Mode.EIBRS_LFENCE, V2Mode.EIBRS_RETPOLINE) and rrsba and rrsba_ctrl
-    rrsba_disabled = not rrsba or sets_rrsba
+    rrsba_disabled = mode in (V2Mode.RETPOLINE, V2Mode.EIBRS_LFENCE, V2Mode.EIBRS_RETPOLINE) and (
+        not rrsba or sets_rrsba)
 
-    # cpu_set_bug_bits: X86_BUG_BHI
+    # cpu_set_bug_bits: X86_BUG_BHI; then bhi_select/apply_mitigation and spectre_bhi_state()
     no_bhi = _matches(tables()["no_bhi"], cpu) is not None
     bug_bhi = not no_bhi and (eibrs or hypervisor) and not (honour_bhi_no and cap("BHI_NO"))
-    sets_bhi = False
+    # bhi_update_mitigation: spectre_v2=off (or mitigations=off) turns the BHI mitigation off too
+    bhi_on = mode is not V2Mode.NONE and cmdline.spectre_bhi != "off"
+    clear_hw = clear_loop = clear_vmexit = False
+    if bug_bhi and bhi_on:
+        if feat_retpoline and not feat_retpoline_lfence and rrsba_disabled:
+            pass  # "Retpoline is used and RRSBA is disabled: BHI is covered" - nothing more is set
+        elif bhi_ctrl:
+            clear_hw = True
+        elif cmdline.spectre_bhi == "vmexit":
+            clear_vmexit = True
+        else:
+            clear_loop = clear_vmexit = True
     if not bug_bhi:
         bhi = Bhi.NOT_AFFECTED
         why.append("not affected by BHI (Linux NO_BHI list)" if no_bhi else "X86_BUG_BHI not set")
-    elif cmdline.mitigations_off or cmdline.spectre_bhi == "off" or mode is V2Mode.NONE:
-        bhi = Bhi.VULNERABLE
-    elif mode in (V2Mode.RETPOLINE, V2Mode.EIBRS_RETPOLINE) and rrsba_disabled:
-        bhi = Bhi.RETPOLINE
-        why.append("retpoline with RRSBA disabled covers BHI")
-    elif bhi_ctrl:
-        bhi, sets_bhi = Bhi.BHI_DIS_S, True
+    elif clear_hw:
+        bhi = Bhi.BHI_DIS_S
         why.append("BHI_CTRL shown: sets BHI_DIS_S")
-    elif cmdline.spectre_bhi == "vmexit":
-        bhi = Bhi.VMEXIT_ONLY
-    else:
+    elif clear_loop:
         bhi = Bhi.SW_LOOP
         why.append("no BHI_CTRL shown: short BHB-clearing loop on syscall")
-    return Prediction(mode, bhi, sets_rrsba, sets_bhi, tuple(why))
+    elif feat_retpoline and not feat_retpoline_lfence and rrsba_disabled:
+        bhi = Bhi.RETPOLINE
+        why.append("retpoline with RRSBA disabled covers BHI")
+    elif clear_vmexit:
+        bhi = Bhi.VMEXIT_ONLY
+    else:
+        bhi = Bhi.VULNERABLE
+    return Prediction(mode, bhi, sets_rrsba, clear_hw, tuple(why))

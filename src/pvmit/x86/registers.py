@@ -138,7 +138,9 @@ class Decoded:
         return "|".join(parts) if parts else "0"
 
     def to_json(self) -> dict[str, object]:
-        return {"value": self.value, "hex": f"{self.value:#x}", "bits": list(self.names), "unknown": self.unknown}
+        """Hex strings, as every pvmit JSON document writes register values (64-bit values do not survive JSON
+        doubles)."""
+        return {"value": f"{self.value:#x}", "bits": list(self.names), "unknown": f"{self.unknown:#x}"}
 
 
 def decode(reg: Register, value: int) -> Decoded:
