@@ -20,15 +20,15 @@ class AsmError(PvmitError):
 def _statements(source: str) -> list[str]:
     out = []
     for line in source.splitlines():
-        line = line.split(";", 1)[0].split("#", 1)[0].strip()
+        line = line.split(";", 1)[0].strip()
         if line:
             out.append(line)
     return out
 
 
 def assemble(source: str, address: int = 0, *, name: str = "<asm>", bits: int = 64) -> bytes:
-    """Assemble Intel-syntax `source` as if loaded at `address`. Comments start with ';' or '#'."""
-    import keystone  # type: ignore[import-untyped]  # imported here: assembling is only needed when machine code is built
+    """Assemble Intel-syntax `source` as if loaded at `address`. Comments start with ";" (not inside strings)."""
+    import keystone  # type: ignore[import-untyped]  # only needed when machine code is built
 
     mode = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}[bits]
     ks = keystone.Ks(keystone.KS_ARCH_X86, mode)

@@ -46,10 +46,12 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import catalog_cmd, host_cmd, policy_cmd
+    from pvmit.cli import bench_cmd, catalog_cmd, host_cmd, policy_cmd, run_cmd
 
     cli.add_command(catalog_cmd.catalog)
     cli.add_command(policy_cmd.policy)
+    cli.add_command(run_cmd.run)
+    cli.add_command(bench_cmd.bench)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
 

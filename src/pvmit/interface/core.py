@@ -122,6 +122,12 @@ class VmInterface:
         return entry[1](self.vcpus[vcpu], value)
 
     # --- VMM and operator events -------------------------------------------------------------------------------
+    def sync_guest_spec_ctrl(self, vcpu: int, value: int) -> None:
+        """The backend tells the core what the guest wrote to IA32_SPEC_CTRL while it was not intercepted (and so
+        went straight to the hypervisor), before interception starts."""
+        v = self.vcpus[vcpu]
+        v.spec.guest = value & MASK64
+
     def reset_vcpu(self, vcpu: int) -> None:
         """INIT/RESET: the request register and the guest's IA32_SPEC_CTRL go to 0, and the forced bits are
         recomputed (the RFC's KVM code reset the register but kept the old forced bits)."""

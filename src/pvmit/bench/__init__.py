@@ -1,0 +1,1 @@
+"""Benchmarks: timings measured side by side in one run, never pass/fail tests."""

@@ -1,0 +1,254 @@
+"""The VMM: KVM exits bound to the sans-IO interface core.
+
+Guest RDMSR/WRMSR of the interface's MSRs and IA32_ARCH_CAPABILITIES reach Python through KVM's MSR filter
+(KVM_CAP_X86_USER_SPACE_MSR + KVM_X86_SET_MSR_FILTER); IA32_SPEC_CTRL joins them only while the core forces a bit,
+so with nothing forced the guest's IA32_SPEC_CTRL accesses never leave KVM. The value in effect is written to KVM
+for the bits this machine's hardware has; the rest (on an AMD host: RRSBA_DIS_S and BHI_DIS_S) are kept in the
+vCPU state and reported as modelled only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pvmit.catalog.facts import CpuFacts
+from pvmit.interface.core import SpecCtrlChanged, VmInterface
+from pvmit.interface.forms import Form, InterfaceConfig, neutral_leaves
+from pvmit.interface.policy import OperatorSettings
+from pvmit.interface.spec_ctrl import guest_writable
+from pvmit.kvm import abi
+from pvmit.kvm.errors import KvmError
+from pvmit.kvm.system import CpuidEntry, Kvm
+from pvmit.kvm.vcpu import IoExit, MsrExit
+from pvmit.kvm.vm import MsrRange
+from pvmit.vmm.machine import Machine, enter_long_mode
+from pvmit.vmm.personality import Personality, build_cpuid
+from pvmit.vmm.serial import COM1, LSR, LSR_IDLE, Serial
+from pvmit.x86.bits import SpecCtrl
+from pvmit.x86.registers import CPU_FACT_REGISTERS, KVM_CPUID_FEATURES, MSR_IA32_SPEC_CTRL
+
+USER_SPACE_MSR_REASONS = (abi.KVM_MSR_EXIT_REASON_INVAL | abi.KVM_MSR_EXIT_REASON_UNKNOWN |
+                          abi.KVM_MSR_EXIT_REASON_FILTER)
+
+
+class GuestStopped(Exception):
+    """The guest can no longer run (shutdown, failed entry, internal error); the message says which."""
+
+
+@dataclass
+class Host:
+    """The host the policy decides for (`facts`) and what this machine's hardware really has (`real`)."""
+
+    name: str
+    facts: CpuFacts
+    real: CpuFacts
+    stand_in: bool  # True when `facts` is a catalog model standing in for another host
+
+    @property
+    def hardware_spec_ctrl(self) -> int:
+        """IA32_SPEC_CTRL bits this machine can apply for a guest (the real CPU's enumeration)."""
+        return guest_writable(self.real)
+
+
+@dataclass
+class ExitCounts:
+    total: int = 0
+    msr_read: int = 0
+    msr_write: int = 0
+    spec_ctrl: int = 0
+    io: int = 0
+    hlt: int = 0
+    other: int = 0
+    by_msr: dict[int, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {"total": self.total, "msr_read": self.msr_read, "msr_write": self.msr_write,
+                "spec_ctrl": self.spec_ctrl, "io": self.io, "hlt": self.hlt, "other": self.other,
+                "by_msr": {f"{k:#x}": v for k, v in sorted(self.by_msr.items())}}
+
+
+class Vmm:
+    """One guest on KVM with the mitigation interface. Build, `start()`, then `run()` until it halts."""
+
+    def __init__(self, kvm: Kvm, personality: Personality, host: Host, config: InterfaceConfig,
+                 settings: OperatorSettings = OperatorSettings(), *, memory_size: int = 4 << 20,
+                 on_line: Callable[[str], None] | None = None, log_dirty: bool = False) -> None:
+        self.kvm = kvm
+        self.personality = personality
+        self.host = host
+        self.config = config
+        self.core = VmInterface(config, host.facts, personality.facts, settings, vcpus=1)
+        self.machine = Machine(kvm, memory_size, log_dirty=log_dirty)
+        self.vcpu = self.machine.vcpu
+        self.serial = Serial(on_line)
+        self._on_line = on_line
+        self.counts = ExitCounts()
+        self.events: list[str] = []
+        self._intercepting = False
+        self._hw = host.hardware_spec_ctrl
+        self._interface_ranges = self._ranges_for(config)
+        self.machine.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, USER_SPACE_MSR_REASONS)
+        wanted = build_cpuid(personality, config, kvm.supported_cpuid())
+        self.vcpu.set_cpuid(wanted)
+        self.cpuid_overridden = self._cpuid_differences(wanted)
+        for leaf in self.cpuid_overridden:
+            self._event(f"this KVM did not keep CPUID {leaf}: the guest does not see the personality there")
+        self._apply(self.core.take_effects())
+
+    def _cpuid_differences(self, wanted: list[CpuidEntry]) -> list[str]:
+        """Registers pvmit set that KVM did not keep (some KVM builds replace leaf 7 with the host's). Only the
+        registers a personality or interface form sets are compared: KVM legitimately adjusts others (APIC ids)."""
+        got = {(e.function, e.index): e for e in self.vcpu.get_cpuid()}
+        want = {(e.function, e.index): e for e in wanted}
+        checked = [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
+            (r.index, r.subleaf, r.out) for r in CPU_FACT_REGISTERS if r.kind == "cpuid"] + [
+            (KVM_CPUID_FEATURES, 0, "eax")] + [(leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
+                                               for r in ("eax", "ebx", "ecx", "edx")
+                                               if self.config.form is Form.NEUTRAL]
+        out = []
+        for leaf, sub, reg in checked:
+            w, g = want.get((leaf, sub)), got.get((leaf, sub))
+            if w is None:
+                continue
+            if g is None or g.out(reg) != w.out(reg):
+                out.append(f"{leaf:#x}.{sub}.{reg} (set {w.out(reg):#x}, kept {g.out(reg) if g else 0:#x})")
+        return out
+
+    @staticmethod
+    def _ranges_for(config: InterfaceConfig) -> list[MsrRange]:
+        indices = sorted(config.msrs | {0x50000000, 0x50000001, 0x50000002, 0x4B564D80, 0x10A})
+        return [MsrRange(i) for i in indices]
+
+    def _event(self, message: str) -> None:
+        """Something the VMM did or decided: kept in `events` and shown in the transcript as it happens."""
+        if len(self.events) < 10_000:
+            self.events.append(message)
+        if self._on_line:
+            self._on_line(f"vmm: {message}")
+
+    # --- setup -------------------------------------------------------------------------------------------------
+    def load(self, code: bytes, address: int, args: tuple[int, ...] = ()) -> None:
+        """Load a 64-bit program and point the vCPU at it, with rdi, rsi, rdx = args."""
+        self.machine.load(code, address)
+        enter_long_mode(self.vcpu, address, self.machine.stack_top, args)
+
+    def close(self) -> None:
+        self.serial.close()
+        self.machine.close()
+
+    # --- the exit loop -----------------------------------------------------------------------------------------
+    def run(self, *, max_exits: int = 2_000_000, timeout: float = 60.0,
+            stop: Callable[[], bool] | None = None) -> str:
+        """Run until the guest halts ('hlt'), `stop()` says so ('stopped'), or a limit is hit."""
+        vcpu, counts = self.vcpu, self.counts
+        deadline = time.monotonic() + timeout
+        rd_reason, wr_reason = abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR
+        io_reason, hlt_reason = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT
+        for n in range(max_exits):
+            x = vcpu.run()
+            counts.total += 1
+            reason = x.reason
+            if reason == rd_reason or reason == wr_reason:
+                assert isinstance(x, MsrExit)
+                self._msr(x)
+            elif reason == io_reason:
+                assert isinstance(x, IoExit)
+                counts.io += 1
+                self._io(x)
+            elif reason == hlt_reason:
+                counts.hlt += 1
+                return "hlt"
+            elif reason == abi.KVM_EXIT_INTR:
+                counts.other += 1
+            else:
+                counts.other += 1
+                raise GuestStopped(f"guest stopped: {abi.EXIT_NAMES.get(reason, reason)} "
+                                   f"{getattr(x, 'detail', '')}".strip())
+            if stop is not None and stop():
+                return "stopped"
+            if not n & 0x3FF and time.monotonic() > deadline:
+                return "timeout"
+        return "max-exits"
+
+    def _msr(self, x: MsrExit) -> None:
+        counts, core, vcpu = self.counts, self.core, self.vcpu
+        index = x.index
+        counts.by_msr[index] = counts.by_msr.get(index, 0) + 1
+        if index == MSR_IA32_SPEC_CTRL:
+            counts.spec_ctrl += 1
+        if x.write:
+            counts.msr_write += 1
+            if core.wrmsr(0, index, x.data):
+                vcpu.complete_wrmsr()
+                if index == MSR_IA32_SPEC_CTRL:
+                    self._write_spec_ctrl(core.vcpus[0].spec.effective)
+            else:
+                vcpu.fault()
+                self._event(f"#GP injected: {core.last_fault}")
+            effects = core.take_effects()
+            if effects:
+                self._apply(effects)
+        else:
+            counts.msr_read += 1
+            value = core.rdmsr(0, index)
+            if value is None:
+                vcpu.fault()
+                self._event(f"#GP injected: {core.last_fault}")
+            else:
+                vcpu.complete_rdmsr(value)
+
+    def _io(self, x: IoExit) -> None:
+        if x.out:
+            if x.port == COM1:
+                self.serial.write(self.vcpu.io_data(x))
+            return
+        data = self.vcpu.io_data(x)
+        data[:] = bytes([LSR_IDLE if x.port == LSR else 0xFF]) * len(data)
+
+    # --- applying the core's decisions -------------------------------------------------------------------------
+    def _apply(self, effects: list[SpecCtrlChanged]) -> None:
+        for e in effects:
+            if e.intercept and not self._intercepting:
+                # the guest's own value so far lives in KVM; the core takes it over
+                current = self.vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL, 0)
+                self.core.sync_guest_spec_ctrl(e.vcpu, current)
+            self._set_intercept(e.intercept)
+            self._write_spec_ctrl(self.core.vcpus[e.vcpu].spec.effective)
+            forced = [b.name for b in SpecCtrl if b & e.mask]
+            if forced:
+                hw = [b.name for b in SpecCtrl if b & e.mask & self._hw]
+                modelled = [b.name for b in SpecCtrl if b & e.mask & ~self._hw]
+                self._event(
+                    f"forced IA32_SPEC_CTRL {'+'.join(str(n) for n in forced)}: "
+                    f"in hardware {', '.join(str(n) for n in hw) or 'none'}; "
+                    f"modelled only {', '.join(str(n) for n in modelled) or 'none'}")
+            else:
+                self._event("nothing forced; IA32_SPEC_CTRL not intercepted")
+
+    def _set_intercept(self, on: bool) -> None:
+        if on == self._intercepting and self.counts.total:
+            return
+        ranges = self._interface_ranges + ([MsrRange(MSR_IA32_SPEC_CTRL)] if on else [])
+        self.machine.vm.set_msr_filter(ranges)
+        self._intercepting = on
+
+    def _write_spec_ctrl(self, effective: int) -> None:
+        """Put the value in effect into KVM, for the bits this hardware has; the others stay modelled."""
+        try:
+            self.vcpu.set_msrs({MSR_IA32_SPEC_CTRL: effective & self._hw})
+        except KvmError as e:
+            self._event(f"KVM refused IA32_SPEC_CTRL {effective & self._hw:#x}: {e}")
+
+    # --- reporting ---------------------------------------------------------------------------------------------
+    def spec_ctrl_state(self) -> dict[str, object]:
+        s = self.core.vcpus[0].spec
+        kvm_value = self.vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL)
+        return {
+            "guest_value": f"{s.guest:#x}", "effective": f"{s.effective:#x}",
+            "forced_mask": f"{s.mask:#x}", "forced_value": f"{s.forced:#x}", "intercepted": s.intercept,
+            "in_hardware": [b.name for b in SpecCtrl if b & s.effective & self._hw],
+            "modelled_only": [b.name for b in SpecCtrl if b & s.effective & ~self._hw],
+            "kvm_value": None if kvm_value is None else f"{kvm_value:#x}",
+        }
