@@ -46,11 +46,14 @@ _REQUEST_BIT = {
     Mitigation.BHB_SHORT: MitigationCtrl.BHB_CLEAR_SEQ_S_USED,
 }
 _CONTROL = {Mitigation.RETPOLINE: SpecCtrl.RRSBA_DIS_S, Mitigation.BHB_SHORT: SpecCtrl.BHI_DIS_S}
+_ALL_REQUEST_BITS = sum(int(b) for b in _REQUEST_BIT.values())
+_FROM_BITS = {v: frozenset(m for m, b in _REQUEST_BIT.items() if v & int(b)) for v in range(_ALL_REQUEST_BITS + 1)}
+"""Every subset of request bits -> its mitigations, computed once (this runs inside a migration's downtime)."""
 
 
 def mitigations_from_bits(value: int) -> frozenset[Mitigation]:
     """The mitigations named by request bits (MITIGATION_CTRL layout); other bits are ignored."""
-    return frozenset(m for m in Mitigation if value & m.request_bit)
+    return _FROM_BITS[value & _ALL_REQUEST_BITS]
 
 
 def mitigations_to_bits(ms: frozenset[Mitigation] | set[Mitigation]) -> int:

@@ -46,12 +46,16 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import bench_cmd, catalog_cmd, host_cmd, policy_cmd, run_cmd
+    from pvmit.cli import bench_cmd, catalog_cmd, demo_cmd, host_cmd, policy_cmd, run_cmd, vmm_cmd
 
     cli.add_command(catalog_cmd.catalog)
     cli.add_command(policy_cmd.policy)
     cli.add_command(run_cmd.run)
     cli.add_command(bench_cmd.bench)
+    cli.add_command(vmm_cmd.vmm)
+    cli.add_command(vmm_cmd.migrate)
+    cli.add_command(vmm_cmd.ctl)
+    cli.add_command(demo_cmd.demo)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
 

@@ -46,3 +46,31 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
     out.print(f"ratio pvmit / bare = {doc['ratio']:.3f} (target <= {doc['ratio_target']}); pvmit adds "
               f"{doc['pvmit_added_us']:.3f} us per exit")
     return 0
+
+
+@bench.command("migrate")
+@click.option("--sizes", default="64M,512M", show_default=True, help="Guest memory sizes, comma-separated.")
+@click.option("--repeats", default=3, show_default=True)
+@json_option
+@pass_state
+def migrate(st: State, sizes: str, repeats: int, json_out: bool) -> int:
+    """Migration time and downtime per guest size; the share of downtime in pvmit's interface checks."""
+    from pvmit.bench.migrate import bench as run_bench
+    from pvmit.cli.vmm_cmd import parse_size
+    from pvmit.kvm.system import Kvm
+
+    wanted = [s.strip() for s in sizes.split(",") if s.strip()]
+    for s in wanted:
+        parse_size(s)
+    Kvm().close()
+    doc = run_bench(wanted, repeats, [str(c) for c in st.catalogs], progress=lambda m: err.print(esc(f"bench: {m}")))
+    if json_out:
+        emit_json(doc)
+        return 0
+    out.print("size   mode      MiB sent  total s  downtime ms  interface checks ms  share %  (target < 1%)")
+    for size, m in doc["median"].items():
+        out.print(f"{size:>5}  {m['mode']:<9} {m['mib_sent']:>8}  {m['total_s']:>7.3f}  {m['downtime_ms']:>11.3f}  "
+                  f"{m['interface_check_ms']:>19.3f}  {m['check_share_pct']:>7.3f}")
+    out.print(f"medians of {repeats} runs; applying the forced controls (MSR filter, IA32_SPEC_CTRL) is counted "
+              "separately as apply_ms in --json")
+    return 0

@@ -69,9 +69,12 @@ class VmInterface:
     """One VM's view of the protocol: its form, promised bits, personality, host, operator settings and vCPUs."""
 
     def __init__(self, config: InterfaceConfig, host: CpuFacts, personality: CpuFacts,
-                 settings: OperatorSettings = OperatorSettings(), vcpus: int = 1) -> None:
+                 settings: OperatorSettings = OperatorSettings(), vcpus: int = 1, *,
+                 decider: Callable[[CpuFacts, frozenset[Mitigation] | None, CpuFacts, OperatorSettings],
+                                   Decision] = decide) -> None:
         if vcpus < 1:
             raise ValueError("a VM has at least one vCPU")
+        self._decide = decider  # `policy.decide`, or a table of its answers prepared ahead (state.Prepared)
         self.config = config
         self.host = host
         self.personality = personality
@@ -98,6 +101,13 @@ class VmInterface:
 
     def intercept_spec_ctrl(self, vcpu: int) -> bool:
         return self.vcpus[vcpu].spec.intercept
+
+    def current_effects(self) -> list[SpecCtrlChanged]:
+        """Every vCPU's present state as effects, for a backend that takes over this core (and drops queued ones)."""
+        self._effects = []
+        for i in range(len(self.vcpus)):
+            self._emit(i)
+        return self.take_effects()
 
     def take_effects(self) -> list[SpecCtrlChanged]:
         effects, self._effects = self._effects, []
@@ -137,11 +147,18 @@ class VmInterface:
 
     def set_settings(self, settings: OperatorSettings) -> None:
         self.settings = settings
+        self._decide = decide  # a prepared table knows only the settings it was made for
+        for i in range(len(self.vcpus)):
+            self._redecide(i)
+
+    def redecide_all(self) -> None:
         for i in range(len(self.vcpus)):
             self._redecide(i)
 
     def set_host(self, host: CpuFacts) -> None:
         """The VM now runs on `host` (restore on a migration destination): every vCPU is decided again."""
+        if host is not self.host:
+            self._decide = decide
         self.host = host
         for i in range(len(self.vcpus)):
             self._redecide(i)
@@ -156,7 +173,7 @@ class VmInterface:
     # --- internals ---------------------------------------------------------------------------------------------
     def _redecide(self, i: int) -> None:
         v = self.vcpus[i]
-        v.decision = decide(self.host, v.reliance, self.personality, self.settings)
+        v.decision = self._decide(self.host, v.reliance, self.personality, self.settings)
         if v.spec.hold(v.decision.mask, v.decision.value):
             self._emit(i)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pvmit.catalog.facts import CpuFacts
 from pvmit.x86.bits import SpecCtrl
+from pvmit.x86.registers import REGISTERS
 
 # (IA32_SPEC_CTRL bits, the enumeration that makes them writable): Intel CPUID.(7,0).EDX / (7,2).EDX,
 # AMD CPUID 0x80000008.EBX. Sources as in pvmit.x86.bits.
@@ -30,12 +31,16 @@ _ENUMERATION: tuple[tuple[int, str, str], ...] = (
 )
 
 
+_ENUMERATION_MASKS = tuple((int(mask), reg, REGISTERS[reg].bit(name)) for mask, reg, name in _ENUMERATION)
+
+
 def guest_writable(personality: CpuFacts) -> int:
     """IA32_SPEC_CTRL bits a guest shown `personality` may set (unknown facts are not shown)."""
     bits = 0
-    for mask, reg, name in _ENUMERATION:
-        if personality.fact(reg, name).value:
-            bits |= int(mask)
+    for mask, reg, enum_bit in _ENUMERATION_MASKS:
+        rf = personality.registers.get(reg)
+        if rf is not None and rf.value & enum_bit:
+            bits |= mask
     return bits
 
 

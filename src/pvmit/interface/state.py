@@ -19,6 +19,7 @@ from pvmit.interface.policy import Decision, OperatorSettings, can_honour, decid
 from pvmit.x86.bits import SpecCtrl
 
 SCHEMA = "pvmit.interface-state/1"
+_SPEC_BITS = tuple((int(b), str(b.name)) for b in SpecCtrl)  # plain ints: IntFlag arithmetic is slow
 
 
 def snapshot(vm: VmInterface) -> dict[str, Any]:
@@ -65,15 +66,21 @@ class Verdict:
                 "warnings": list(self.warnings)}
 
 
-def _parse(state: dict[str, Any]) -> tuple[InterfaceConfig, CpuFacts, OperatorSettings, list[dict[str, int]]]:
+def _parse_vm(state: Any) -> tuple[InterfaceConfig, CpuFacts, OperatorSettings]:
     if not isinstance(state, dict):
         raise InputError("interface state: not a JSON object")
     if state.get("schema") != SCHEMA:
         raise InputError(f"interface state: schema {state.get('schema')!r} is not {SCHEMA!r}")
     try:
-        config = InterfaceConfig.from_json(state["config"])
-        personality = CpuFacts.from_json(state["personality"])
-        settings = OperatorSettings.from_json(state["settings"])
+        return (InterfaceConfig.from_json(state["config"]), CpuFacts.from_json(state["personality"]),
+                OperatorSettings.from_json(state["settings"]))
+    except (KeyError, TypeError, ValueError) as e:
+        what = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise InputError(f"interface state: {what}") from None
+
+
+def _parse_vcpus(state: dict[str, Any], config: InterfaceConfig) -> list[dict[str, int]]:
+    try:
         vcpus = state["vcpus"]
         if not isinstance(vcpus, list) or not vcpus:
             raise ValueError("vcpus must be a non-empty list")
@@ -92,39 +99,68 @@ def _parse(state: dict[str, Any]) -> tuple[InterfaceConfig, CpuFacts, OperatorSe
     except (KeyError, TypeError, ValueError) as e:
         what = f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
         raise InputError(f"interface state: {what}") from None
-    return config, personality, settings, parsed
+    return parsed
 
 
-def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Verdict:
-    """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
+@dataclass
+class Prepared:
+    """A destination's view of a VM, worked out before the source pauses: every decision the guest's vCPUs can
+    need here (one per possible report), and whether the promised MITIGATION_ENUM bits can be honoured. Finishing
+    a migration after the pause then only reads the vCPUs' final registers and looks decisions up."""
 
-    Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
-    promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later). `settings` are the
-    destination operator's settings for this VM; by default the ones that travel with it.
-    """
-    config, personality, carried, vcpus = _parse(state)
+    config: InterfaceConfig
+    personality: CpuFacts
+    settings: OperatorSettings
+    host: CpuFacts
+    vm_fields: tuple[Any, Any, Any]  # config, personality, settings as they came, to spot a change later
+    promise_reasons: list[str]
+    decisions: dict[frozenset[Mitigation] | None, Decision]
+    vm: VmInterface  # built ahead for the vCPU count in HELO; `finish` fills in the final registers
+
+
+def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Prepared:
+    """Parse the VM's description in `state` and decide every possible vCPU report against `host`. Pure."""
+    config, personality, carried = _parse_vm(state)
     settings = settings or carried
-    reasons: list[str] = []
-    warnings: list[str] = []
-    decisions: list[Decision] = []
-    changes: list[Change] = []
+    reasons = []
     for m in Mitigation:
         if config.supported & m.request_bit:
             ok, why = can_honour(host, m)
             if not ok:
                 reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
                                f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    offered = [m for m in Mitigation if config.supported & m.request_bit]
+    reports: list[frozenset[Mitigation] | None] = [None] + [
+        frozenset(m for j, m in enumerate(offered) if k >> j & 1) for k in range(1 << len(offered))]
+    table = {r: decide(host, r, personality, settings) for r in reports}
+    vcpus = state.get("vcpus")
+    count = len(vcpus) if isinstance(vcpus, list) and vcpus else 1
+    vm = VmInterface(config, host, personality, settings, count, decider=lambda *a: table[a[1]])
+    p = Prepared(config, personality, settings, host, (state["config"], state["personality"], state["settings"]),
+                 reasons, table, vm)
+    p.vm.take_effects()
+    return p
+
+
+def _verdict(p: Prepared, vcpus: list[dict[str, int]]) -> Verdict:
+    reasons = list(p.promise_reasons)
+    warnings: list[str] = []
+    decisions: list[Decision] = []
+    changes: list[Change] = []
     for i, v in enumerate(vcpus):
         reliance = mitigations_from_bits(v["ctrl"]) if v["reported"] else None
-        d = decide(host, reliance, personality, settings)
+        d = p.decisions[reliance]
         decisions.append(d)
         for e in d.exposures:
             (warnings if e.override else reasons).append(f"vCPU {i}: {e.reason}")
-        warnings.extend(f"vCPU {i}: {w}" for w in d.warnings)
+        for w in d.warnings:
+            warnings.append(f"vCPU {i}: {w}")
         before_on = v["forced_mask"] & v["forced_value"]
         after_on = d.mask & d.value
-        added = tuple(str(b.name) for b in SpecCtrl if b & after_on & ~before_on)
-        released = tuple(str(b.name) for b in SpecCtrl if b & before_on & ~after_on)
+        if before_on == after_on:
+            continue
+        added = tuple(name for bit, name in _SPEC_BITS if bit & after_on & ~before_on)
+        released = tuple(name for bit, name in _SPEC_BITS if bit & before_on & ~after_on)
         if added or released:
             changes.append(Change(i, added, released))
         for name in released:
@@ -135,19 +171,49 @@ def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | No
                    tuple(dict.fromkeys(warnings)))
 
 
-def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> tuple[
-        Verdict, VmInterface | None]:
-    """Recreate the VM's interface on `host` if `check` accepts it; (verdict, None) when refused."""
-    verdict = check(state, host, settings)
+def verdict_for(prepared: Prepared, state: dict[str, Any]) -> Verdict:
+    """The verdict on `state` (the HELO before the pause) from a prepared view: what `check` answers."""
+    return _verdict(prepared, _parse_vcpus(state, prepared.config))
+
+
+def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterface | None]:
+    """After the pause: the final `state` of a VM that `prepared` describes, decided and (if accepted) rebuilt.
+
+    The VM's description must not have changed since `prepare`; only its vCPUs' registers may have.
+    """
+    if not isinstance(state, dict) or state.get("schema") != SCHEMA:
+        raise InputError(f"interface state: schema {state.get('schema') if isinstance(state, dict) else None!r} "
+                         f"is not {SCHEMA!r}")
+    if (state.get("config"), state.get("personality"), state.get("settings")) != prepared.vm_fields:
+        raise InputError("interface state: the VM's configuration changed after the destination's check")
+    vcpus = _parse_vcpus(state, prepared.config)
+    verdict = _verdict(prepared, vcpus)
     if not verdict.accepted:
         return verdict, None
-    config, personality, carried, vcpus = _parse(state)
-    vm = VmInterface(config, host, personality, settings or carried, len(vcpus))
+    vm = prepared.vm
+    if len(vcpus) != len(vm.vcpus):
+        raise InputError(f"interface state: {len(vcpus)} vCPUs, but the VM was described with {len(vm.vcpus)}")
     for i, v in enumerate(vcpus):
         target = vm.vcpus[i]
         if v["spec_ctrl"] & ~target.spec.writable:
             raise InputError(f"interface state: vcpus[{i}].spec_ctrl {v['spec_ctrl']:#x} has bits the guest's "
                              "personality does not enumerate")
         target.ctrl, target.reported, target.spec.guest = v["ctrl"], bool(v["reported"]), v["spec_ctrl"]
-    vm.set_host(host)  # decide every vCPU with its restored report, before the guest runs again
+    vm.redecide_all()  # every vCPU with its restored report, before the guest runs again
     return verdict, vm
+
+
+def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Verdict:
+    """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
+
+    Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
+    promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later). `settings` are the
+    destination operator's settings for this VM; by default the ones that travel with it.
+    """
+    return verdict_for(prepare(state, host, settings), state)
+
+
+def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> tuple[
+        Verdict, VmInterface | None]:
+    """Recreate the VM's interface on `host` if `check` accepts it; (verdict, None) when refused."""
+    return finish(prepare(state, host, settings), state)

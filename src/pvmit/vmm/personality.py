@@ -60,6 +60,31 @@ class Personality:
     def arch_capabilities(self) -> int:
         return self.facts.reg("arch_capabilities").value
 
+    def to_json(self) -> dict[str, object]:
+        """Everything a migration destination needs to show the guest the same CPU."""
+        return {"name": self.name, "origin": self.origin, "description": self.description,
+                "facts": self.facts.to_json(),
+                "modifiers": [{"leaf": m.leaf, "subleaf": m.subleaf, "register": m.register, "set": m.set_mask,
+                               "clear": m.clear_mask} for m in self.modifiers]}
+
+    @classmethod
+    def from_json(cls, doc: object) -> Personality:
+        """ValueError names what is wrong."""
+        if not isinstance(doc, dict):
+            raise ValueError("personality: expected an object")
+        mods = []
+        for i, m in enumerate(doc.get("modifiers", [])):
+            try:
+                mod = CpuidModifier(int(m["leaf"]), int(m["subleaf"]), str(m["register"]), int(m["set"]),
+                                    int(m["clear"]))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"personality: modifiers[{i}] is malformed") from None
+            if mod.register not in ("eax", "ebx", "ecx", "edx"):
+                raise ValueError(f"personality: modifiers[{i}].register {mod.register!r}")
+            mods.append(mod)
+        return cls(str(doc.get("name", "?")), CpuFacts.from_json(doc.get("facts")), str(doc.get("origin", "")),
+                   str(doc.get("description", "")), tuple(mods))
+
 
 def from_model(catalog: Catalog, name: str) -> Personality:
     m = catalog.get(name)

@@ -40,6 +40,15 @@ class Serial:
         if self._on_line:
             self._on_line(line)
 
+    @property
+    def partial(self) -> str:
+        """The line written so far but not finished (it travels with a migrating guest)."""
+        return self._buf.decode("ascii", "replace")
+
+    @partial.setter
+    def partial(self, text: str) -> None:
+        self._buf = bytearray(text.encode("ascii", "replace")[: self._max_line])
+
     def close(self) -> None:
         if self._buf:
             self._flush()

@@ -74,12 +74,13 @@ class Vmm:
 
     def __init__(self, kvm: Kvm, personality: Personality, host: Host, config: InterfaceConfig,
                  settings: OperatorSettings = OperatorSettings(), *, memory_size: int = 4 << 20,
-                 on_line: Callable[[str], None] | None = None, log_dirty: bool = False) -> None:
+                 on_line: Callable[[str], None] | None = None, log_dirty: bool = False,
+                 core: VmInterface | None = None) -> None:
         self.kvm = kvm
         self.personality = personality
         self.host = host
         self.config = config
-        self.core = VmInterface(config, host.facts, personality.facts, settings, vcpus=1)
+        self.core = core or VmInterface(config, host.facts, personality.facts, settings, vcpus=1)
         self.machine = Machine(kvm, memory_size, log_dirty=log_dirty)
         self.vcpu = self.machine.vcpu
         self.serial = Serial(on_line)
@@ -87,6 +88,7 @@ class Vmm:
         self.counts = ExitCounts()
         self.events: list[str] = []
         self._intercepting = False
+        self._running = False  # before the first run, KVM's IA32_SPEC_CTRL holds nothing of the guest's
         self._hw = host.hardware_spec_ctrl
         self._interface_ranges = self._ranges_for(config)
         self.machine.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, USER_SPACE_MSR_REASONS)
@@ -140,9 +142,13 @@ class Vmm:
 
     # --- the exit loop -----------------------------------------------------------------------------------------
     def run(self, *, max_exits: int = 2_000_000, timeout: float = 60.0,
-            stop: Callable[[], bool] | None = None) -> str:
-        """Run until the guest halts ('hlt'), `stop()` says so ('stopped'), or a limit is hit."""
+            poll: Callable[[], bool] | None = None) -> str:
+        """Run until the guest halts ('hlt'), `poll()` returns True ('stopped'), or a limit is hit.
+
+        `poll` is asked after each port-I/O exit (a guest's heartbeat) and every 1024 exits, not after every exit.
+        """
         vcpu, counts = self.vcpu, self.counts
+        self._running = True
         deadline = time.monotonic() + timeout
         rd_reason, wr_reason = abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR
         io_reason, hlt_reason = abi.KVM_EXIT_IO, abi.KVM_EXIT_HLT
@@ -157,6 +163,8 @@ class Vmm:
                 assert isinstance(x, IoExit)
                 counts.io += 1
                 self._io(x)
+                if poll is not None and poll():
+                    return "stopped"
             elif reason == hlt_reason:
                 counts.hlt += 1
                 return "hlt"
@@ -166,10 +174,11 @@ class Vmm:
                 counts.other += 1
                 raise GuestStopped(f"guest stopped: {abi.EXIT_NAMES.get(reason, reason)} "
                                    f"{getattr(x, 'detail', '')}".strip())
-            if stop is not None and stop():
-                return "stopped"
-            if not n & 0x3FF and time.monotonic() > deadline:
-                return "timeout"
+            if not n & 0x3FF:
+                if poll is not None and poll():
+                    return "stopped"
+                if time.monotonic() > deadline:
+                    return "timeout"
         return "max-exits"
 
     def _msr(self, x: MsrExit) -> None:
@@ -210,10 +219,8 @@ class Vmm:
     # --- applying the core's decisions -------------------------------------------------------------------------
     def _apply(self, effects: list[SpecCtrlChanged]) -> None:
         for e in effects:
-            if e.intercept and not self._intercepting:
-                # the guest's own value so far lives in KVM; the core takes it over
-                current = self.vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL, 0)
-                self.core.sync_guest_spec_ctrl(e.vcpu, current)
+            if e.intercept and not self._intercepting and self._running:
+                self.sync_spec_ctrl()  # the guest's own value so far lives in KVM; the core takes it over
             self._set_intercept(e.intercept)
             self._write_spec_ctrl(self.core.vcpus[e.vcpu].spec.effective)
             forced = [b.name for b in SpecCtrl if b & e.mask]
@@ -226,6 +233,19 @@ class Vmm:
                     f"modelled only {', '.join(str(n) for n in modelled) or 'none'}")
             else:
                 self._event("nothing forced; IA32_SPEC_CTRL not intercepted")
+
+    def install_core(self, core: VmInterface) -> None:
+        """Take over a core restored from a migration stream, and put what it forces into effect before the guest
+        runs here."""
+        self.core = core
+        self._apply(core.current_effects())
+
+    def sync_spec_ctrl(self) -> None:
+        """While IA32_SPEC_CTRL is not intercepted the guest's writes go to KVM; copy its value into the core
+        (before interception starts, and before a snapshot)."""
+        if not self._intercepting:
+            current = self.vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL, 0)
+            self.core.sync_guest_spec_ctrl(0, current & self.core.vcpus[0].spec.writable)
 
     def _set_intercept(self, on: bool) -> None:
         if on == self._intercepting and self.counts.total:

@@ -1,0 +1,183 @@
+"""The migration stream: a versioned, self-describing framing, encoded and decoded without I/O.
+
+    stream  := header section*
+    header  := "PVMITMIG" u16 version u16 flags u32 length json(length) u32 crc32(everything before it)
+    section := kind(4 ASCII bytes) u64 length payload(length) u32 crc32(kind, length, payload)
+
+All integers are little-endian. The header's JSON carries the source host's facts and a description of the VM.
+A decoder refuses an unknown version, an unknown section kind, a bad checksum, a section longer than the limit,
+and, at the end, a stream cut short; each with a message that says which. The same framing carries the messages
+a destination sends back (VRDT, REDY, NACK).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from pvmit.errors import PvmitError
+
+MAGIC = b"PVMITMIG"
+VERSION = 1
+HEADER_FIXED = struct.Struct("<8sHHI")
+SECTION_HEAD = struct.Struct("<4sQ")
+CRC = struct.Struct("<I")
+MAX_HEADER = 1 << 20
+MAX_SECTION = 64 << 20
+
+KINDS: dict[bytes, str] = {
+    b"HELO": "the VM's description and its interface state, for the destination's check before the source pauses",
+    b"VRDT": "the destination's verdict on HELO (JSON)",
+    b"MEMP": "guest memory pages: u64 first page number, u32 page count, then the pages",
+    b"ISTA": "the interface state after the source paused (pvmit.interface-state/1 JSON)",
+    b"CPUS": "vCPU registers, special registers, FPU, events and MSRs (JSON)",
+    b"DEVS": "device state: the serial console's unfinished line (JSON)",
+    b"DONE": "end of the stream: totals to check against (JSON)",
+    b"REDY": "the destination has everything, verified, and will run the guest once committed (JSON)",
+    b"NACK": "the destination refuses; the source resumes (JSON with the reason)",
+    b"CMIT": "the source has stopped its copy: the destination may run the guest",
+}
+PAGE = 4096
+PAGES_HEAD = struct.Struct("<QI")
+
+
+class StreamError(PvmitError):
+    """The stream is not one pvmit can accept; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    flags: int
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Section:
+    kind: bytes
+    payload: bytes
+    offset: int  # where the section started in the stream, for error messages
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StreamError(f"{self.kind.decode()} section at byte {self.offset}: not valid JSON: {e}") from None
+
+
+def encode_header(info: dict[str, Any], flags: int = 0, version: int = VERSION) -> bytes:
+    body = json.dumps(info, separators=(",", ":")).encode()
+    head = HEADER_FIXED.pack(MAGIC, version, flags, len(body)) + body
+    return head + CRC.pack(zlib.crc32(head))
+
+
+def encode_section(kind: bytes, payload: bytes) -> bytes:
+    if kind not in KINDS:
+        raise ValueError(f"unknown section kind {kind!r}")
+    head = SECTION_HEAD.pack(kind, len(payload))
+    return head + payload + CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
+
+
+def encode_json(kind: bytes, doc: Any) -> bytes:
+    return encode_section(kind, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def encode_pages(first_page: int, pages: bytes | memoryview) -> bytes:
+    if len(pages) % PAGE:
+        raise ValueError("page data must be whole pages")
+    return encode_section(b"MEMP", PAGES_HEAD.pack(first_page, len(pages) // PAGE) + bytes(pages))
+
+
+def decode_pages(section: Section) -> tuple[int, memoryview]:
+    """(first page number, the page bytes) of a MEMP section, checked for consistency."""
+    if len(section.payload) < PAGES_HEAD.size:
+        raise StreamError(f"MEMP section at byte {section.offset}: shorter than its own header")
+    first, count = PAGES_HEAD.unpack_from(section.payload)
+    data = memoryview(section.payload)[PAGES_HEAD.size:]
+    if len(data) != count * PAGE:
+        raise StreamError(f"MEMP section at byte {section.offset}: says {count} pages but carries {len(data)} bytes")
+    return first, data
+
+
+class StreamDecoder:
+    """Feed bytes in, take events out (`Header` first, then `Section`s); `None` means more data is needed.
+
+    Sans-IO in the manner of h11: the caller owns the socket. `end()` says the peer closed; it raises if a header
+    or section was cut short.
+    """
+
+    def __init__(self, *, expect_header: bool = True, max_section: int = MAX_SECTION) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # bytes consumed from the stream so far
+        self._need_header = expect_header
+        self._max_section = max_section
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def next_event(self) -> Header | Section | None:
+        if self._need_header:
+            return self._header()
+        return self._section()
+
+    def end(self) -> None:
+        if self._buf:
+            what = "header" if self._need_header else "section"
+            raise StreamError(f"truncated stream: the peer closed inside a {what} at byte {self._pos} "
+                              f"({len(self._buf)} bytes of it received)")
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._pos += n
+        return out
+
+    def _header(self) -> Header | None:
+        if len(self._buf) < HEADER_FIXED.size:
+            if len(self._buf) >= len(MAGIC) and bytes(self._buf[:len(MAGIC)]) != MAGIC:
+                raise StreamError("not a pvmit migration stream (bad magic)")
+            return None
+        magic, version, flags, length = HEADER_FIXED.unpack_from(self._buf)
+        if magic != MAGIC:
+            raise StreamError("not a pvmit migration stream (bad magic)")
+        if version != VERSION:
+            raise StreamError(f"migration stream version {version} is not supported (this pvmit speaks {VERSION})")
+        if length > MAX_HEADER:
+            raise StreamError(f"migration stream header of {length} bytes is larger than the limit {MAX_HEADER}")
+        total = HEADER_FIXED.size + length + CRC.size
+        if len(self._buf) < total:
+            return None
+        raw = self._take(total)
+        (crc,) = CRC.unpack_from(raw, total - CRC.size)
+        if crc != zlib.crc32(raw[:-CRC.size]):
+            raise StreamError("migration stream header: checksum mismatch (corrupted)")
+        try:
+            info = json.loads(raw[HEADER_FIXED.size:-CRC.size])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StreamError(f"migration stream header: not valid JSON: {e}") from None
+        if not isinstance(info, dict):
+            raise StreamError("migration stream header: not a JSON object")
+        self._need_header = False
+        return Header(version, flags, info)
+
+    def _section(self) -> Section | None:
+        if len(self._buf) < SECTION_HEAD.size:
+            return None
+        kind, length = SECTION_HEAD.unpack_from(self._buf)
+        start = self._pos
+        if kind not in KINDS:
+            raise StreamError(f"unknown section kind {kind!r} at byte {start}")
+        if length > self._max_section:
+            raise StreamError(f"{kind.decode()} section at byte {start}: {length} bytes is over the limit "
+                              f"{self._max_section}")
+        total = SECTION_HEAD.size + length + CRC.size
+        if len(self._buf) < total:
+            return None
+        raw = self._take(total)
+        (crc,) = CRC.unpack_from(raw, total - CRC.size)
+        if crc != zlib.crc32(raw[:-CRC.size]):
+            raise StreamError(f"{kind.decode()} section at byte {start}: checksum mismatch (corrupted)")
+        return Section(kind, raw[SECTION_HEAD.size:-CRC.size], start)

@@ -1,0 +1,82 @@
+"""Capturing a paused vCPU's architectural state as JSON-ready data, and putting it into another vCPU."""
+
+from __future__ import annotations
+
+import base64
+import ctypes as C
+from typing import Any
+
+from pvmit.kvm import abi
+from pvmit.kvm.vcpu import REG_NAMES, Regs, Vcpu
+from pvmit.migration.stream import StreamError
+
+# MSRs carried with the vCPU (beyond those the interface core owns: IA32_SPEC_CTRL, IA32_ARCH_CAPABILITIES).
+CARRIED_MSRS = (
+    0x10,  # IA32_TSC: the guest's clock continues
+    0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SFMASK
+    0xC0000100, 0xC0000101, 0xC0000102,  # FS_BASE, GS_BASE, KERNEL_GS_BASE
+    0x277,  # PAT
+)
+
+
+def _blob(obj: C.Structure) -> str:
+    return base64.b64encode(bytes(obj)).decode()
+
+
+def _unblob(text: Any, cls: type[C.Structure], what: str) -> C.Structure:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        raise StreamError(f"CPUS section: {what} is not base64") from None
+    if len(raw) != C.sizeof(cls):
+        raise StreamError(f"CPUS section: {what} has {len(raw)} bytes, expected {C.sizeof(cls)}")
+    return cls.from_buffer_copy(raw)
+
+
+def capture(vcpu: Vcpu) -> dict[str, Any]:
+    regs = vcpu.get_regs()
+    msrs: dict[str, int] = {}
+    for index in CARRIED_MSRS:
+        got = vcpu.get_msrs([index])
+        if index in got:
+            msrs[f"{index:#x}"] = got[index]
+    return {
+        "regs": {n: getattr(regs, n) for n in REG_NAMES},
+        "sregs": _blob(vcpu.get_sregs()),
+        "fpu": _blob(vcpu.get_fpu()),
+        "events": _blob(vcpu.get_events()),
+        "msrs": msrs,
+    }
+
+
+def restore(vcpu: Vcpu, state: Any) -> list[str]:
+    """Load `state` into `vcpu`; returns the MSRs this KVM would not take (reported, not fatal)."""
+    if not isinstance(state, dict):
+        raise StreamError("CPUS section: not a JSON object")
+    try:
+        regs = state["regs"]
+        values = [int(regs[n]) for n in REG_NAMES]
+    except (KeyError, TypeError, ValueError) as e:
+        raise StreamError(f"CPUS section: registers incomplete or not numbers ({e})") from None
+    if any(not 0 <= v < 1 << 64 for v in values):
+        raise StreamError("CPUS section: a register value does not fit 64 bits")
+    sregs = _unblob(state.get("sregs"), abi.KvmSregs, "sregs")
+    fpu = _unblob(state.get("fpu"), abi.KvmFpu, "fpu")
+    events = _unblob(state.get("events"), abi.KvmVcpuEvents, "events")
+    vcpu.set_sregs(sregs)  # type: ignore[arg-type]
+    vcpu.set_regs(Regs(*values))
+    vcpu.set_fpu(fpu)  # type: ignore[arg-type]
+    vcpu.set_events(events)  # type: ignore[arg-type]
+    refused = []
+    msrs = state.get("msrs", {})
+    if not isinstance(msrs, dict):
+        raise StreamError("CPUS section: msrs must be an object")
+    for key, value in msrs.items():
+        try:
+            index, v = int(key, 16), int(value)
+        except (TypeError, ValueError):
+            raise StreamError(f"CPUS section: MSR entry {key!r} is not index -> number") from None
+        if vcpu.set_msrs({index: v}) != 1:
+            refused.append(key)
+    return refused

@@ -1,0 +1,96 @@
+"""Driving `pvmit vmm` processes from outside: start one, read what it prints, command it, stop it.
+
+Used by `pvmit demo`, `pvmit bench migrate` and the migration tests, so that all of them exercise real, separate
+VMM processes talking over sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pvmit.errors import PvmitError
+from pvmit.vmm.process import control_request
+
+COUNT = re.compile(r"^guest: count 0x([0-9a-f]+) spec_ctrl 0x([0-9a-f]+)", re.M)
+PAUSED = re.compile(r"^vmm: paused at monotonic ([0-9.]+)", re.M)
+RESUMED = re.compile(r"^vmm: resumed at monotonic ([0-9.]+)", re.M)
+
+
+class VmmHandle:
+    """One `pvmit vmm` process, its log file and its control socket."""
+
+    def __init__(self, workdir: Path, name: str, args: list[str], *, catalogs: list[str] | None = None,
+                 timeout: float = 60) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        sock = workdir / f"{name}.ctl"
+        self.control = f"unix:{sock}"
+        pre = [x for c in (catalogs or []) for x in ("--catalog", c)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "pvmit", *pre, "vmm", "--control", self.control, *args],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if self.proc.poll() is not None:
+                raise PvmitError(f"VMM {name} exited with status {self.proc.returncode}:\n{self.text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise PvmitError(f"VMM {name} did not start within {timeout} s")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self) -> list[str]:
+        return self.text().splitlines()
+
+    def counts(self) -> list[int]:
+        return [int(m, 16) for m, _ in COUNT.findall(self.text())]
+
+    def monotonic(self, pattern: re.Pattern[str]) -> float | None:
+        found = pattern.findall(self.text())
+        return float(found[-1]) if found else None
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return control_request(self.control, {"cmd": "status"}, lambda d: None, timeout=30)
+        except (ConnectionError, OSError, json.JSONDecodeError):
+            return {"state": "gone"}
+
+    def migrate(self, to: str, *, check: bool = False, fault: str | None = None,
+                on_event: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
+        answer = control_request(self.control, {"cmd": "migrate", "to": to, "check": check, "fault": fault},
+                                 on_event)
+        if not answer.get("ok"):
+            raise PvmitError(f"{self.name}: {answer.get('error')}")
+        result = answer["result"]
+        assert isinstance(result, dict)
+        return result
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise PvmitError(f"{self.name}: timed out waiting for {what}:\n{self.text()[-1500:]}")
+            time.sleep(0.05)
+
+    def wait_counts(self, n: int, timeout: float = 30) -> None:
+        start = len(self.counts())
+        self.wait_for(lambda: len(self.counts()) >= start + n, f"{n} heartbeats", timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                control_request(self.control, {"cmd": "quit"}, lambda d: None, timeout=10)
+            except (ConnectionError, OSError, json.JSONDecodeError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

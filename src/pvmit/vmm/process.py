@@ -1,0 +1,226 @@
+"""`pvmit vmm`: a long-running VMM process with a control socket.
+
+It runs one guest (booted here, or received from another pvmit VMM with `--incoming`) and answers JSON-line
+commands on its control socket: `status`, `migrate` (to another VMM's incoming address, or `check` only), `quit`.
+Between guest exits it looks at the control socket only on the guest's port I/O and every 1024 exits, so serving
+costs the guest almost nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pvmit.derive import Mitigation, mitigations_to_bits
+from pvmit.guest import program
+from pvmit.interface.forms import InterfaceConfig
+from pvmit.interface.policy import OperatorSettings
+from pvmit.kvm.system import Kvm
+from pvmit.migration.destination import receive
+from pvmit.migration.source import migrate_out
+from pvmit.migration.transport import Address, Channel
+from pvmit.vmm.personality import Personality
+from pvmit.vmm.vmm import GuestStopped, Host, Vmm
+
+DEFAULT_HEARTBEAT = 2000
+FILL_FROM = 2 << 20  # above the page tables, GDT and program
+
+
+def fill(view: memoryview, start: int, stop: int | None = None) -> None:
+    """A non-zero pattern in every page from `start` on (each page differs, so nothing compresses away)."""
+    stop = len(view) if stop is None else stop
+    block = bytes(range(256)) * 16
+    for off in range(start, stop, 4096):
+        view[off:off + 4096] = block
+        view[off:off + 8] = off.to_bytes(8, "little")
+
+
+@dataclass
+class Boot:
+    personality: Personality
+    config: InterfaceConfig
+    settings: OperatorSettings
+    uses: frozenset[Mitigation] | None  # None: an unenlightened guest that never reports
+    memory_size: int
+    heartbeat: int = DEFAULT_HEARTBEAT
+    fill_memory: bool = False  # write a pattern into every free page, as a guest that uses its memory would
+
+
+class VmmProcess:
+    """The state of one `pvmit vmm` process: waiting for a guest, running one, or done (halted or migrated)."""
+
+    def __init__(self, kvm: Kvm, host: Host, control: Address, say: Callable[[str], None],
+                 settings: OperatorSettings | None = None, fault: str | None = None) -> None:
+        self.kvm = kvm
+        self.host = host
+        self.say = say
+        self.settings = settings
+        self.fault = fault
+        self.control = control.listen()
+        self.control.setblocking(False)
+        self.vmm: Vmm | None = None
+        self.state = "waiting"
+        self.last_heartbeat = ""
+        self.quit = False
+
+    def _guest_line(self, line: str) -> None:
+        if line.startswith("guest: count"):
+            self.last_heartbeat = line
+        self.say(line)
+
+    def boot(self, b: Boot) -> None:
+        self.vmm = Vmm(self.kvm, b.personality, self.host, b.config, b.settings, memory_size=b.memory_size,
+                       on_line=self._guest_line, log_dirty=False)
+        guest = program("counter_guest")
+        if b.fill_memory:
+            fill(self.vmm.machine.memory.view, FILL_FROM)
+        request = mitigations_to_bits(b.uses or frozenset()) & b.config.supported
+        self.vmm.load(guest.code, guest.load_address,
+                      (b.heartbeat, request, 0 if b.uses is None else b.config.ctrl_msr))
+        self.state = "running"
+        self.say(f"vmm: booted {b.personality.name} on {self.host.name}, form {b.config.form.value}, "
+                 f"MITIGATION_ENUM {b.config.supported:#x}, {b.memory_size >> 20} MiB")
+
+    def wait_incoming(self, listen: Address) -> None:
+        """Accept migrations at `listen` until one commits; serve the control socket meanwhile."""
+        server = listen.listen()
+        self.say(f"vmm: waiting for an incoming guest at {listen} on {self.host.name}")
+        try:
+            while not self.quit:
+                ready, _, _ = select.select([server, self.control], [], [], 1.0)
+                if self.control in ready:
+                    self._serve_control()
+                if server in ready:
+                    conn, _ = server.accept()
+                    arrival = receive(Channel(conn, expect_header=True), self.kvm, self.host, self.settings,
+                                      progress=lambda m: self.say(f"vmm: incoming: {m}"),
+                                      on_line=self._guest_line, fault=self.fault)
+                    conn.close()
+                    if arrival.vmm is not None:
+                        self.vmm = arrival.vmm
+                        self.state = "running"
+                        self.say(f"vmm: resumed at monotonic {arrival.resumed_at:.6f}; interface checks after "
+                                 f"the pause took {arrival.interface_seconds * 1e3:.3f} ms, applying the forced "
+                                 f"controls {arrival.apply_seconds * 1e3:.3f} ms")
+                        return
+        finally:
+            server.close()
+
+    # --- the main loop -----------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        while not self.quit:
+            if self.state == "running" and self.vmm is not None:
+                try:
+                    stop = self.vmm.run(poll=self._control_pending, timeout=3600, max_exits=1 << 62)
+                except GuestStopped as e:
+                    self.say(f"vmm: {e}")
+                    self.state = "halted"
+                    continue
+                if stop == "hlt":
+                    self.state = "halted"
+                    self.say("vmm: guest halted")
+                if self._control_pending():
+                    self._serve_control()
+            else:
+                ready, _, _ = select.select([self.control], [], [], 1.0)
+                if ready:
+                    self._serve_control()
+        self.close()
+
+    def close(self) -> None:
+        if self.vmm is not None:
+            self.vmm.close()
+            self.vmm = None
+        self.control.close()
+
+    def _control_pending(self) -> bool:
+        ready, _, _ = select.select([self.control], [], [], 0)
+        return bool(ready)
+
+    def _serve_control(self) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        conn.settimeout(600)
+        with conn:
+            f = conn.makefile("rwb")
+            try:
+                line = f.readline(65536)
+                request = json.loads(line) if line else {}
+                if not isinstance(request, dict):
+                    raise ValueError("a command is a JSON object")
+            except (ValueError, OSError) as e:
+                self._reply(f, {"ok": False, "error": f"bad command: {e}"})
+                return
+            self._command(request, lambda doc: self._reply(f, doc))
+
+    @staticmethod
+    def _reply(f: Any, doc: dict[str, Any]) -> None:
+        try:
+            f.write(json.dumps(doc).encode() + b"\n")
+            f.flush()
+        except OSError:
+            pass
+
+    def _command(self, request: dict[str, Any], reply: Callable[[dict[str, Any]], None]) -> None:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            reply({"ok": True, "state": self.state, "host": self.host.name, "heartbeat": self.last_heartbeat,
+                   "spec_ctrl": self.vmm.spec_ctrl_state() if self.vmm else None, "pid": os.getpid()})
+        elif cmd == "quit":
+            self.quit = True
+            reply({"ok": True})
+        elif cmd == "migrate":
+            if self.state != "running" or self.vmm is None:
+                reply({"ok": False, "error": f"no running guest to migrate (state {self.state})"})
+                return
+            to = str(request.get("to", ""))
+
+            def progress(message: str) -> None:
+                self.say(f"vmm: migration: {message}")
+                reply({"event": message, "monotonic": time.monotonic()})
+
+            try:
+                Address.parse(to)
+            except Exception as e:  # noqa: BLE001 - any bad address is the client's input error
+                reply({"ok": False, "error": str(e)})
+                return
+            outcome = migrate_out(self.vmm, to, check_only=bool(request.get("check")), progress=progress,
+                                  fault=request.get("fault"))
+            if outcome.paused_at is not None:
+                self.say(f"vmm: paused at monotonic {outcome.paused_at:.6f}")
+            if outcome.migrated:
+                self.vmm.close()
+                self.vmm = None
+                self.state = "migrated"
+            reply({"ok": True, "result": outcome.to_json()})
+        else:
+            reply({"ok": False, "error": f"unknown command {cmd!r}; commands: status, migrate, quit"})
+
+
+def control_request(address: str, request: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
+                    timeout: float = 600) -> dict[str, Any]:
+    """Send one command to a VMM's control socket; events go to `on_event`, the final answer is returned."""
+    sock = Address.parse(address).connect(timeout=timeout)
+    with sock:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        f = sock.makefile("rb")
+        while True:
+            line = f.readline()
+            if not line:
+                raise ConnectionError(f"the VMM at {address} closed the control connection without an answer")
+            doc = json.loads(line)
+            if "event" in doc:
+                on_event(doc)
+                continue
+            return dict(doc)
+
+
+__all__ = ["Boot", "VmmProcess", "control_request"]
