@@ -157,10 +157,10 @@ class CpuFacts:
 
 def register_facts_json(rf: RegisterFacts) -> dict[str, object]:
     """Stable JSON for one register's facts. Numbers are hex strings (64-bit values do not survive JSON doubles)."""
-    names = rf.register.bit_names()
-    named = sum(rf.register.bit(n) for n in names)
-    known_set = [n for n in names if rf.known & rf.register.bit(n) and rf.value & rf.register.bit(n)]
-    known_clear = [n for n in names if rf.known & rf.register.bit(n) and not rf.value & rf.register.bit(n)]
+    masks = rf.register._masks
+    named = rf.register.named_mask
+    known_set = [n for n, b in masks.items() if rf.known & b and rf.value & b]
+    known_clear = [n for n, b in masks.items() if rf.known & b and not rf.value & b]
     return {
         "value": f"{rf.value:#x}",
         "known_mask": f"{rf.known:#x}",

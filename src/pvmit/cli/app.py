@@ -46,7 +46,7 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import bench_cmd, catalog_cmd, demo_cmd, host_cmd, policy_cmd, run_cmd, vmm_cmd
+    from pvmit.cli import bench_cmd, catalog_cmd, demo_cmd, host_cmd, policy_cmd, run_cmd, verify_cmd, vmm_cmd
 
     cli.add_command(catalog_cmd.catalog)
     cli.add_command(policy_cmd.policy)
@@ -56,6 +56,7 @@ def _register() -> None:
     cli.add_command(vmm_cmd.migrate)
     cli.add_command(vmm_cmd.ctl)
     cli.add_command(demo_cmd.demo)
+    cli.add_command(verify_cmd.verify)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
 

@@ -7,6 +7,7 @@ The snapshot is plain JSON-ready data; the migration stream carries it as one se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,13 @@ class Prepared:
     vm: VmInterface  # built ahead for the vCPU count in HELO; `finish` fills in the final registers
 
 
-def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Prepared:
-    """Parse the VM's description in `state` and decide every possible vCPU report against `host`. Pure."""
+Decider = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
+
+
+def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
+            decider: Decider = decide) -> Prepared:
+    """Parse the VM's description in `state` and decide every possible vCPU report against `host`. Pure.
+    `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
     settings = settings or carried
     reasons = []
@@ -132,7 +138,7 @@ def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | 
     offered = [m for m in Mitigation if config.supported & m.request_bit]
     reports: list[frozenset[Mitigation] | None] = [None] + [
         frozenset(m for j, m in enumerate(offered) if k >> j & 1) for k in range(1 << len(offered))]
-    table = {r: decide(host, r, personality, settings) for r in reports}
+    table = {r: decider(host, r, personality, settings) for r in reports}
     vcpus = state.get("vcpus")
     count = len(vcpus) if isinstance(vcpus, list) and vcpus else 1
     vm = VmInterface(config, host, personality, settings, count, decider=lambda *a: table[a[1]])
@@ -203,17 +209,18 @@ def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterf
     return verdict, vm
 
 
-def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Verdict:
+def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
+          decider: Decider = decide) -> Verdict:
     """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
 
     Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
     promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later). `settings` are the
     destination operator's settings for this VM; by default the ones that travel with it.
     """
-    return verdict_for(prepare(state, host, settings), state)
+    return verdict_for(prepare(state, host, settings, decider), state)
 
 
-def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> tuple[
-        Verdict, VmInterface | None]:
+def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
+            decider: Decider = decide) -> tuple[Verdict, VmInterface | None]:
     """Recreate the VM's interface on `host` if `check` accepts it; (verdict, None) when refused."""
-    return finish(prepare(state, host, settings), state)
+    return finish(prepare(state, host, settings, decider), state)

@@ -66,7 +66,7 @@ class ExitCounts:
     def to_json(self) -> dict[str, object]:
         return {"total": self.total, "msr_read": self.msr_read, "msr_write": self.msr_write,
                 "spec_ctrl": self.spec_ctrl, "io": self.io, "hlt": self.hlt, "other": self.other,
-                "by_msr": {f"{k:#x}": v for k, v in sorted(self.by_msr.items())}}
+                "by_msr": {(f"{k:#x}" if k >= 0 else "other"): v for k, v in sorted(self.by_msr.items())}}
 
 
 class Vmm:
@@ -91,6 +91,8 @@ class Vmm:
         self._running = False  # before the first run, KVM's IA32_SPEC_CTRL holds nothing of the guest's
         self._hw = host.hardware_spec_ctrl
         self._interface_ranges = self._ranges_for(config)
+        self._interface_indices = frozenset(r.base for r in self._interface_ranges) | {MSR_IA32_SPEC_CTRL}
+        self.after_msr_exit: Callable[[Vmm], None] | None = None  # a test's invariant check, run after each
         self.machine.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, USER_SPACE_MSR_REASONS)
         wanted = build_cpuid(personality, config, kvm.supported_cpuid())
         self.vcpu.set_cpuid(wanted)
@@ -184,7 +186,8 @@ class Vmm:
     def _msr(self, x: MsrExit) -> None:
         counts, core, vcpu = self.counts, self.core, self.vcpu
         index = x.index
-        counts.by_msr[index] = counts.by_msr.get(index, 0) + 1
+        key = index if index in self._interface_indices else -1  # -1: any other MSR (bounded: one entry)
+        counts.by_msr[key] = counts.by_msr.get(key, 0) + 1
         if index == MSR_IA32_SPEC_CTRL:
             counts.spec_ctrl += 1
         if x.write:
@@ -207,6 +210,8 @@ class Vmm:
                 self._event(f"#GP injected: {core.last_fault}")
             else:
                 vcpu.complete_rdmsr(value)
+        if self.after_msr_exit is not None:
+            self.after_msr_exit(self)
 
     def _io(self, x: IoExit) -> None:
         if x.out:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntFlag
+from functools import cached_property
 from typing import Literal
 
 from pvmit.x86 import bits
@@ -63,15 +64,24 @@ class Register:
     def mask(self) -> int:
         return (1 << self.width) - 1
 
+    @cached_property
+    def _masks(self) -> dict[str, int]:
+        return {m.name: int(m) for m in self.layout if m.name is not None}
+
     def bit(self, name: str) -> int:
         """The mask of a named bit; KeyError naming the register if there is no such bit."""
         try:
-            return int(self.layout[name])
+            return self._masks[name]
         except KeyError:
             raise KeyError(f"{self.name} has no bit named {name!r}") from None
 
     def bit_names(self) -> list[str]:
-        return [m.name for m in self.layout if m.name is not None]
+        return list(self._masks)
+
+    @cached_property
+    def named_mask(self) -> int:
+        """Every bit that has a name."""
+        return sum(self._masks.values())
 
 
 SPEC_CTRL = Register("spec_ctrl", "IA32_SPEC_CTRL", "msr", MSR_IA32_SPEC_CTRL, layout=bits.SpecCtrl)

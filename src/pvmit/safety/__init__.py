@@ -1,0 +1,1 @@
+"""Safety: the exhaustive promise check, fuzzing helpers, and the hostile guest."""

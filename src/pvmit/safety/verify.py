@@ -1,0 +1,227 @@
+"""`pvmit verify`: an exhaustive check of pvmit's promise over a whole catalog.
+
+The promise: a guest that reported a software mitigation never runs on a host where that mitigation is
+ineffective without the compensating hardware control in effect, unless pvmit refused the move or an operator
+override was taken and reported.
+
+For every ordered pair of catalog models (source, destination), every set of request bits the guest tries to
+report, every interface form, every pool the VM may be promised, and every operator setting, the real state
+machine and policy code runs: boot on the source (the guest writes its report; bits not enumerated raise #GP),
+migration (snapshot, the destination's check and restore) and the guest's later writes on the destination (every
+request value, reserved bits, attempts to clear IA32_SPEC_CTRL). After every step the promise is checked against
+`pvmit.derive` (which, for each mitigation on each host, says whether it is effective and which control makes up for
+it), independently of the policy that forced the controls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from pvmit.catalog.facts import CpuFacts
+from pvmit.catalog.loader import CpuModel, load_catalog
+from pvmit.derive import Mitigation, Need, need
+from pvmit.interface.core import VmInterface
+from pvmit.interface.forms import Form, InterfaceConfig
+from pvmit.interface.policy import Decision, OperatorSettings, decide, supported_requests
+from pvmit.interface.state import restore, snapshot
+from pvmit.x86.bits import SpecCtrl
+
+R_DIS, B_DIS = int(SpecCtrl.RRSBA_DIS_S), int(SpecCtrl.BHI_DIS_S)
+SETTINGS: tuple[tuple[str, OperatorSettings], ...] = tuple(
+    (f"{unreported}{'' if not name else ', ' + name}", OperatorSettings(on, off, unreported))  # type: ignore[arg-type]
+    for unreported in ("assume-worst", "trust")
+    for name, on, off in (("", 0, 0), ("force on RRSBA_DIS_S", R_DIS, 0), ("force on BHI_DIS_S", B_DIS, 0),
+                          ("force off RRSBA_DIS_S", 0, R_DIS), ("force off BHI_DIS_S", 0, B_DIS))
+)
+"""Operator settings explored: both policies for unreporting guests, with no force, and each control forced on or
+off."""
+LATER_WRITES = (0, 1, 2, 3, 1 << 2, 1 << 63, 0xFFFF_FFFF_FFFF_FFFF)
+
+
+class MemoDecider:
+    """`policy.decide`, remembered by the content of its arguments (the verifier asks the same questions many
+    times; facts parsed from a snapshot are new objects with the same content)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, tuple[CpuFacts, tuple[Any, ...]]] = {}
+        self._answers: dict[tuple[Any, ...], Decision] = {}
+        self._needs: dict[tuple[Any, ...], Need] = {}
+
+    def _key(self, f: CpuFacts) -> tuple[Any, ...]:
+        hit = self._keys.get(id(f))
+        if hit is not None and hit[0] is f:
+            return hit[1]
+        key = (f.vendor, f.family, f.model, f.stepping,
+               tuple(sorted((k, r.value, r.known, r.inferred) for k, r in f.registers.items())))
+        self._keys[id(f)] = (f, key)
+        return key
+
+    def __call__(self, host: CpuFacts, reliance: frozenset[Mitigation] | None, personality: CpuFacts,
+                 settings: OperatorSettings) -> Decision:
+        k = (self._key(host), reliance, self._key(personality), settings)
+        d = self._answers.get(k)
+        if d is None:
+            d = self._answers[k] = decide(host, reliance, personality, settings)
+        return d
+
+    def need(self, host: CpuFacts, m: Mitigation) -> Need:
+        k = (self._key(host), m)
+        n = self._needs.get(k)
+        if n is None:
+            n = self._needs[k] = need(host, m)
+        return n
+
+
+@dataclass
+class Violation:
+    source: str
+    destination: str
+    form: str
+    pool: str
+    reported: int
+    settings: str
+    step: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass
+class Tally:
+    scenarios: int = 0
+    pairs: int = 0
+    accepted: int = 0
+    accepted_forced: int = 0
+    refused: int = 0
+    overrides: int = 0
+    violations: list[Violation] = field(default_factory=list)
+
+    def to_json(self, limit: int = 50) -> dict[str, Any]:
+        return {"schema": "pvmit.verify/1", "pairs": self.pairs, "scenarios": self.scenarios,
+                "accepted": self.accepted, "accepted_with_forced_controls": self.accepted_forced,
+                "refused": self.refused, "operator_overrides_reported": self.overrides,
+                "violations": len(self.violations),
+                "violation_examples": [v.to_json() for v in self.violations[:limit]]}
+
+
+def promise_kept(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], Need] = need) -> list[str]:
+    """Problems with the promise for `vm` on its current host: one per reported mitigation that is ineffective
+    here while its control is not in effect in hardware, and is not covered by a reported operator override."""
+    problems = []
+    for i, v in enumerate(vm.vcpus):
+        if not v.reported:
+            continue
+        for m in Mitigation:
+            if not v.ctrl & int(m.request_bit):
+                continue
+            n = need(vm.host, m)
+            if not n.must_force:
+                continue
+            held = bool(v.spec.effective & int(n.control)) and bool(v.spec.mask & int(n.control))
+            if held and n.can_force:
+                continue
+            overridden = any(e.override and e.mitigation is m for e in v.decision.exposures) and any(
+                n.control.name in w for w in v.decision.warnings)
+            if not overridden:
+                problems.append(f"vCPU {i} reported {m.value}, ineffective here ({n.effective.reason}); "
+                                f"{n.control.name} {'held' if held else 'not held'}, "
+                                f"{'exists' if n.can_force else 'absent'} on this host")
+    return problems
+
+
+def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int, sname: str,
+              settings: OperatorSettings, tally: Tally, memo: MemoDecider) -> None:
+    hosts: list[CpuFacts] = [src.facts] if pool == "source" else [src.facts, dst.facts]
+    vm = VmInterface(InterfaceConfig(form, supported_requests(hosts)), src.facts, src.facts, settings, 1,
+                     decider=memo)
+    where = (src.id, dst.id, form.value, pool, reported, sname)
+
+    def violation(step: str, detail: str) -> None:
+        tally.violations.append(Violation(*where, step, detail))
+
+    ctrl = vm.config.ctrl_msr
+    ok = vm.wrmsr(0, ctrl, reported)
+    if ok != (not reported & ~vm.config.supported):
+        violation("boot", f"CTRL write {reported:#x} {'accepted' if ok else 'refused'} against ENUM "
+                          f"{vm.config.supported:#x}")
+    for p in promise_kept(vm, memo.need):
+        violation("boot", p)
+    state = json.loads(json.dumps(snapshot(vm)))
+    verdict, moved = restore(state, dst.facts, decider=memo)
+    tally.scenarios += 1
+    if moved is None:
+        tally.refused += 1
+        if verdict.accepted:
+            violation("migration", "accepted but not restored")
+        return
+    tally.accepted += 1
+    if moved.vcpus[0].spec.mask & moved.vcpus[0].spec.forced:
+        tally.accepted_forced += 1
+    if any(e.override for d in verdict.decisions for e in d.exposures):
+        tally.overrides += 1
+    for p in promise_kept(moved, memo.need):
+        violation("after migration", p)
+    for value in LATER_WRITES:
+        before = moved.vcpus[0].ctrl
+        accepted = moved.wrmsr(0, ctrl, value if form is not Form.KVM else value & 0xFFFF_FFFF_FFFF_FFFF)
+        if not accepted and moved.vcpus[0].ctrl != before:
+            violation("later write", f"refused CTRL write {value:#x} changed the register")
+        moved.wrmsr(0, 0x48, 0)  # the guest tries to clear whatever is forced
+        for p in promise_kept(moved, memo.need):
+            violation(f"later CTRL write {value:#x}", p)
+
+
+def _sources(catalog_files: list[str], sources: list[str], targets: list[str]) -> Tally:
+    """Every scenario whose source model is in `sources` (run in a worker process)."""
+    catalog = load_catalog(catalog_files)
+    tally = Tally()
+    memo = MemoDecider()
+    for src_id in sources:
+        src = catalog.get(src_id)
+        for dst in (catalog.get(t) for t in targets):
+            tally.pairs += 1
+            for form in Form:
+                for pool in ("source", "source+destination"):
+                    for reported in range(4):
+                        for sname, settings in SETTINGS:
+                            _scenario(src, dst, form, pool, reported, sname, settings, tally, memo)
+    return tally
+
+
+def verify(catalog_files: list[str], models: Iterable[str] | None = None, *, jobs: int = 0,
+           progress: Callable[[int, int], None] | None = None) -> Tally:
+    """Check every scenario over the catalog (the built-in one plus `catalog_files`), or over `models` of it.
+    Source models are spread over `jobs` worker processes (0: one per CPU)."""
+    catalog = load_catalog(catalog_files)
+    ids = [catalog.get(m).id for m in models] if models else [m.id for m in catalog]
+    jobs = jobs or os.cpu_count() or 1
+    total = Tally()
+    done = 0
+    if jobs == 1:
+        parts = [_sources(catalog_files, [s], ids) for s in ids]
+        for t in parts:
+            _merge(total, t)
+            done += 1
+            if progress:
+                progress(done, len(ids))
+        return total
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(_sources, catalog_files, [s], ids) for s in ids]
+        for fut in as_completed(futures):
+            _merge(total, fut.result())
+            done += 1
+            if progress:
+                progress(done, len(ids))
+    return total
+
+
+def _merge(total: Tally, part: Tally) -> None:
+    for name in ("scenarios", "pairs", "accepted", "accepted_forced", "refused", "overrides"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    total.violations.extend(part.violations)
