@@ -123,6 +123,8 @@ def _read_toml(path: str, text: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CatalogError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # found by fuzzing: arrays or tables nested deeper than the parser's recursion limit
+        raise CatalogError(f"{path}: not valid TOML: nested too deeply") from None
 
 
 def _entry_label(i: int, raw: Any) -> str:

@@ -18,7 +18,8 @@ def verify(st: State, models: str, jobs: int, json_out: bool) -> int:
     """For every ordered pair of catalog models, every reported mitigation set, every interface form, pool and
     operator setting: boot, report, migrate and keep writing through the real core, and count violations of the
     promise. Runs on the built-in catalog plus any --catalog files. Exit 1 on any violation."""
-    from pvmit.safety.verify import SETTINGS, verify as run_verify
+    from pvmit.safety.verify import SETTINGS
+    from pvmit.safety.verify import verify as run_verify
 
     chosen = [m.strip() for m in models.split(",") if m.strip()] or None
     for m in chosen or []:

@@ -66,6 +66,8 @@ class Section:
             return json.loads(self.payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StreamError(f"{self.kind.decode()} section at byte {self.offset}: not valid JSON: {e}") from None
+        except RecursionError:  # found by fuzzing: "[[[[..." nested deeper than the parser's recursion limit
+            raise StreamError(f"{self.kind.decode()} section at byte {self.offset}: JSON nested too deeply") from None
 
 
 def encode_header(info: dict[str, Any], flags: int = 0, version: int = VERSION) -> bytes:
@@ -158,6 +160,8 @@ class StreamDecoder:
             info = json.loads(raw[HEADER_FIXED.size:-CRC.size])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StreamError(f"migration stream header: not valid JSON: {e}") from None
+        except RecursionError:
+            raise StreamError("migration stream header: JSON nested too deeply") from None
         if not isinstance(info, dict):
             raise StreamError("migration stream header: not a JSON object")
         self._need_header = False

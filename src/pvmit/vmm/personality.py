@@ -113,6 +113,8 @@ def load_template(catalog: Catalog, path: str | Path, text: str | None = None) -
         raise InputError(f"{where}: cannot read personality template: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise InputError(f"{where}: not valid TOML: nested too deeply") from None
     unknown = set(doc) - {"name", "base", "description", "show", "cpuid", "vendor", "family", "model", "stepping"}
     if unknown:
         raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")

@@ -156,8 +156,8 @@ class VmmProcess:
                 request = json.loads(line) if line else {}
                 if not isinstance(request, dict):
                     raise ValueError("a command is a JSON object")
-            except (ValueError, OSError) as e:
-                self._reply(f, {"ok": False, "error": f"bad command: {e}"})
+            except (ValueError, OSError, RecursionError) as e:
+                self._reply(f, {"ok": False, "error": f"bad command: {type(e).__name__}: {e}"[:300]})
                 return
             self._command(request, lambda doc: self._reply(f, doc))
 

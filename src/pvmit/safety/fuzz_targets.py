@@ -1,0 +1,156 @@
+"""Fuzz targets: every parser of outside input, with the one error type each may raise.
+
+Each target takes arbitrary bytes. It must return normally or raise its documented error (whose message names what
+was wrong); anything else (another exception, a hang, unbounded memory) is a bug. The same targets run under
+hypothesis in the test suite and under atheris in tools/fuzz.py; inputs that once crashed one are kept in
+tests/fixtures/crashers/<target>/ and replayed by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pvmit.catalog.loader import load_catalog
+from pvmit.errors import InputError, PvmitError
+from pvmit.migration.stream import Header, Section, StreamDecoder, StreamError, decode_pages
+
+MAX_INPUT = 1 << 20
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def stream(data: bytes) -> None:
+    """The migration stream decoder, fed in uneven chunks, then each section's contents."""
+    d = StreamDecoder()
+    step = 1 + (data[0] % 61 if data else 0)
+    for i in range(0, len(data), step):
+        d.feed(data[i:i + step])
+        while True:
+            e = d.next_event()
+            if e is None:
+                break
+            if isinstance(e, Section):
+                if e.kind == b"MEMP":
+                    decode_pages(e)
+                else:
+                    e.json()
+            else:
+                assert isinstance(e, Header)
+    d.end()
+
+
+def interface_state(data: bytes) -> None:
+    """A destination's reading of an interface-state section (HELO/ISTA): JSON, then prepare and finish."""
+    from pvmit.catalog.loader import load_catalog as _lc
+    from pvmit.interface.state import finish, prepare
+
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return  # the stream layer reports bad JSON; see `stream`
+    host = _CATALOG().get("sapphirerapids").facts
+    _ = _lc
+    finish(prepare(doc, host), doc)
+
+
+def personality(data: bytes) -> None:
+    """A personality as a migration header carries it."""
+    from pvmit.vmm.personality import Personality
+
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return
+    try:
+        Personality.from_json(doc)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def catalog_file(data: bytes) -> None:
+    """An operator's catalog file (TOML)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "operator.toml"
+        p.write_bytes(data)
+        load_catalog([p])
+
+
+def personality_template(data: bytes) -> None:
+    from pvmit.vmm.personality import load_template
+
+    load_template(_CATALOG(), "fuzz.toml", _text(data))
+
+
+def kernel_cmdline(data: bytes) -> None:
+    from pvmit.linux.model import Cmdline
+
+    Cmdline.parse(_text(data))
+
+
+def sysfs_line(data: bytes) -> None:
+    """A spectre_v2 line as the kernel (or anyone) wrote it: parsing never fails, it only says 'unknown'."""
+    from pvmit.linux.spectre_v2 import parse_spectre_v2
+
+    parse_spectre_v2(_text(data))
+
+
+def guest_msrs(data: bytes) -> None:
+    """Guest RDMSR/WRMSR of anything: the core answers a value or #GP, and never raises."""
+    from pvmit.interface import Form, InterfaceConfig, OperatorSettings, VmInterface
+    from pvmit.safety.verify import promise_kept
+
+    cat = _CATALOG()
+    form = list(Form)[data[0] % 3] if data else Form.INTEL
+    vm = VmInterface(InterfaceConfig(form, 3), cat.get("sapphirerapids").facts, cat.get("icelake-sp").facts,
+                     OperatorSettings(), 2)
+    for i in range(0, len(data) - 12, 13):
+        vcpu = data[i] & 1
+        index = int.from_bytes(data[i + 1:i + 5], "little")
+        index = [0x48, 0x10A, 0x50000000, 0x50000001, 0x50000002, 0x4B564D80][index % 6] if data[i] & 2 else index
+        value = int.from_bytes(data[i + 5:i + 13], "little")
+        if data[i] & 4:
+            vm.rdmsr(vcpu, index)
+        else:
+            vm.wrmsr(vcpu, index, value)
+        vm.take_effects()
+        assert not promise_kept(vm)
+
+
+_catalog_cache: list[Any] = []
+
+
+def _CATALOG() -> Any:  # noqa: N802 - a lazily built constant
+    if not _catalog_cache:
+        _catalog_cache.append(load_catalog())
+    return _catalog_cache[0]
+
+
+TARGETS: dict[str, tuple[Callable[[bytes], None], tuple[type[BaseException], ...]]] = {
+    "stream": (stream, (StreamError,)),
+    "interface_state": (interface_state, (InputError,)),
+    "personality": (personality, (InputError,)),
+    "catalog_file": (catalog_file, (InputError,)),
+    "personality_template": (personality_template, (InputError,)),
+    "kernel_cmdline": (kernel_cmdline, (InputError,)),
+    "sysfs_line": (sysfs_line, ()),
+    "guest_msrs": (guest_msrs, ()),
+}
+"""name -> (target, the errors it may raise)."""
+
+
+def run(name: str, data: bytes) -> None:
+    """Run one target on one input; raise only if the target broke its contract."""
+    target, allowed = TARGETS[name]
+    try:
+        target(data[:MAX_INPUT])
+    except allowed as e:
+        if not str(e):
+            raise AssertionError(f"{name}: {type(e).__name__} without a message") from e
+    except PvmitError as e:
+        raise AssertionError(f"{name}: raised {type(e).__name__} ({e}), which it does not document") from e
