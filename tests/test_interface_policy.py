@@ -145,6 +145,16 @@ def test_opting_out_releases_the_control_and_reset_recomputes(f) -> None:  # typ
     assert (e.vcpu, e.mask, e.intercept) == (0, 0, False)
 
 
+def test_reset_tells_the_backend_even_when_the_forced_bits_stay(f) -> None:  # type: ignore[no-untyped-def]
+    vm = vm_on(f, "sapphirerapids")  # unreported, assume the worst: both controls forced before and after reset
+    vm.wrmsr(0, 0x48, 1)  # IBRS: the value in effect now has the guest's bit
+    mask = vm.vcpus[0].spec.mask
+    vm.take_effects()
+    vm.reset_vcpu(0)
+    (e,) = vm.take_effects()  # the guest's value went to 0: the backend must write the new value in effect
+    assert e.mask == mask and e.effective == mask and vm.rdmsr(0, 0x48) == 0
+
+
 def test_operator_change_redecides_every_vcpu(f) -> None:  # type: ignore[no-untyped-def]
     vm = vm_on(f, "sapphirerapids")
     vm.take_effects()
@@ -210,3 +220,10 @@ def test_cli_policy(cli) -> None:  # type: ignore[no-untyped-def]
     assert r.code == 1 and "EXPOSED" in r.stdout
     r = cli("policy", "--host-cpu", "spr", "--guest-cpu", "icx", "--force-on", "NOPE")
     assert r.code == 2 and "no bit named 'NOPE'" in r.stderr
+
+
+def test_operator_forcing_a_control_the_host_lacks_is_said(f) -> None:  # type: ignore[no-untyped-def]
+    host = f("icelake-sp")  # has SSBD, has no DDPD_U
+    d = decide(host, None, host, OperatorSettings(int(SpecCtrl.DDPD_U | SpecCtrl.SSBD), 0, "trust"))
+    assert {f.control.name: f.in_hardware for f in d.forced} == {"SSBD": True, "DDPD_U": False}
+    assert d.warnings == ("operator forces DDPD_U on, but this host does not have it: modelled only",)

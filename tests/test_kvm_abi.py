@@ -17,7 +17,8 @@ STRUCTS = {
     "kvm_cpuid_entry2": abi.KvmCpuidEntry2, "kvm_msr_entry": abi.KvmMsrEntry,
     "kvm_userspace_memory_region": abi.KvmUserspaceMemoryRegion, "kvm_enable_cap": abi.KvmEnableCap,
     "kvm_msr_filter": abi.KvmMsrFilter, "kvm_msr_filter_range": abi.KvmMsrFilterRange,
-    "kvm_vcpu_events": abi.KvmVcpuEvents, "kvm_dirty_log": abi.KvmDirtyLog,
+    "kvm_vcpu_events": abi.KvmVcpuEvents, "kvm_dirty_log": abi.KvmDirtyLog, "kvm_xsave": abi.KvmXsave,
+    "kvm_xcrs": abi.KvmXcrs, "kvm_debugregs": abi.KvmDebugregs, "kvm_mp_state": abi.KvmMpState,
 }
 IOCTLS = [n for n in sorted(set(abi.IOCTL_NAMES.values()))]
 CONSTS = sorted(abi.CAPABILITIES) + sorted(abi.EXIT_NAMES.values()) + [

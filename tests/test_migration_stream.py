@@ -66,6 +66,8 @@ def test_every_bit_flip_in_a_section_is_caught() -> None:
 def test_header_errors() -> None:
     with pytest.raises(StreamError, match="version 7 is not supported"):
         decode_all(encode_header({}, version=7))
+    with pytest.raises(StreamError, match="flags 0x0002: this pvmit defines none"):
+        decode_all(encode_header({}, flags=2))
     with pytest.raises(StreamError, match="bad magic"):
         decode_all(b"NOTPVMIT" + bytes(20))
     bad = bytearray(encode_header({"x": 1}))

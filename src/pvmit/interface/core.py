@@ -143,7 +143,9 @@ class VmInterface:
         recomputed (the RFC's KVM code reset the register but kept the old forced bits)."""
         v = self.vcpus[vcpu]
         v.ctrl, v.reported, v.spec.guest = 0, False, 0
-        self._redecide(vcpu)
+        v.decision = self._decide(self.host, v.reliance, self.personality, self.settings)
+        v.spec.hold(v.decision.mask, v.decision.value)
+        self._emit(vcpu)  # always: the guest's value went to 0, so the value in effect changed even if the mask did not
 
     def set_settings(self, settings: OperatorSettings) -> None:
         self.settings = settings

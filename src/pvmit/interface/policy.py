@@ -20,6 +20,7 @@ from typing import Literal
 
 from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation, control_available, need
+from pvmit.interface.spec_ctrl import guest_writable
 from pvmit.linux.model import predict
 from pvmit.x86.bits import SpecCtrl
 
@@ -213,7 +214,10 @@ def decide(host: CpuFacts, reported: frozenset[Mitigation] | None, personality: 
         if not bit & settings.mask:
             continue
         on = bool(bit & settings.force_on)
-        exists = control_available(host, bit).answer if bit in (SpecCtrl.RRSBA_DIS_S, SpecCtrl.BHI_DIS_S) else True
+        if bit in (SpecCtrl.RRSBA_DIS_S, SpecCtrl.BHI_DIS_S):
+            exists = control_available(host, bit).answer  # with the derivation's care for unknown facts
+        else:
+            exists = bool(guest_writable(host) & bit)  # enumerated by the host's CPUID
         previous = forced.get(bit)
         if previous is not None and previous.on and not on:
             m = next(x for x in Mitigation if x.control is bit)

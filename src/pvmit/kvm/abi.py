@@ -184,6 +184,33 @@ class KvmVcpuEvents(C.Structure):
     ]
 
 
+class KvmXsave(C.Structure):
+    """struct kvm_xsave: the legacy 4096-byte XSAVE area (AVX state, XCR0-governed components)."""
+
+    _fields_ = [("region", C.c_uint32 * 1024)]
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcr(C.Structure):
+    _fields_ = [("xcr", C.c_uint32), ("reserved", C.c_uint32), ("value", C.c_uint64)]
+
+
+class KvmXcrs(C.Structure):
+    _fields_ = [("nr_xcrs", C.c_uint32), ("flags", C.c_uint32), ("xcrs", KvmXcr * KVM_MAX_XCRS),
+                ("padding", C.c_uint64 * 16)]
+
+
+class KvmDebugregs(C.Structure):
+    _fields_ = [("db", C.c_uint64 * 4), ("dr6", C.c_uint64), ("dr7", C.c_uint64), ("flags", C.c_uint64),
+                ("reserved", C.c_uint64 * 9)]
+
+
+class KvmMpState(C.Structure):
+    _fields_ = [("mp_state", C.c_uint32)]
+
+
 # --- ioctls ------------------------------------------------------------------------------------------------------
 # system (/dev/kvm)
 KVM_GET_API_VERSION = _io(0x00)
@@ -213,6 +240,14 @@ KVM_GET_FPU = _ior(0x8C, C.sizeof(KvmFpu))
 KVM_SET_FPU = _iow(0x8D, C.sizeof(KvmFpu))
 KVM_SET_CPUID2 = _iow(0x90, C.sizeof(KvmCpuid2Header))
 KVM_GET_CPUID2 = _iowr(0x91, C.sizeof(KvmCpuid2Header))
+KVM_GET_MP_STATE = _ior(0x98, C.sizeof(KvmMpState))
+KVM_SET_MP_STATE = _iow(0x99, C.sizeof(KvmMpState))
+KVM_GET_DEBUGREGS = _ior(0xA1, C.sizeof(KvmDebugregs))
+KVM_SET_DEBUGREGS = _iow(0xA2, C.sizeof(KvmDebugregs))
+KVM_GET_XSAVE = _ior(0xA4, C.sizeof(KvmXsave))
+KVM_SET_XSAVE = _iow(0xA5, C.sizeof(KvmXsave))
+KVM_GET_XCRS = _ior(0xA6, C.sizeof(KvmXcrs))
+KVM_SET_XCRS = _iow(0xA7, C.sizeof(KvmXcrs))
 KVM_GET_VCPU_EVENTS = _ior(0x9F, C.sizeof(KvmVcpuEvents))
 KVM_SET_VCPU_EVENTS = _iow(0xA0, C.sizeof(KvmVcpuEvents))
 

@@ -267,6 +267,15 @@ class Vcpu:
     def set_events(self, events: abi.KvmVcpuEvents) -> None:
         ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
 
+    def get_state(self, struct: type[C.Structure], request: int) -> C.Structure:
+        """One of the fixed-size state ioctls (XSAVE, XCRS, DEBUGREGS, MP_STATE, ...) into a fresh structure."""
+        s = struct()
+        ioctl(self.fd, request, s)
+        return s
+
+    def set_state(self, request: int, value: C.Structure) -> None:
+        ioctl(self.fd, request, value)
+
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         entries = list(entries)
         buf = abi.kvm_cpuid2(len(entries))()  # a bytearray-backed ctypes buffer: fcntl copies it in place

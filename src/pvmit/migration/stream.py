@@ -147,6 +147,9 @@ class StreamDecoder:
             raise StreamError("not a pvmit migration stream (bad magic)")
         if version != VERSION:
             raise StreamError(f"migration stream version {version} is not supported (this pvmit speaks {VERSION})")
+        if flags:
+            raise StreamError(f"migration stream header flags {flags:#06x}: this pvmit defines none (a newer "
+                              "source asking for something it cannot do)")
         if length > MAX_HEADER:
             raise StreamError(f"migration stream header of {length} bytes is larger than the limit {MAX_HEADER}")
         total = HEADER_FIXED.size + length + CRC.size

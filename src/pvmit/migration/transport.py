@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 from pvmit.errors import InputError
@@ -48,16 +49,47 @@ class Address:
         return f"tcp:{host}:{port}"
 
     def listen(self) -> socket.socket:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
+        """A listening socket. A Unix socket path left by a process that died is replaced; a path that is not a
+        socket, or a socket something still listens on, is an error rather than something to delete."""
         if self.family == socket.AF_UNIX:
-            path = str(self.target)
-            if os.path.exists(path):
-                os.unlink(path)
-        else:
+            self._clear_stale(str(self.target))
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        if self.family != socket.AF_UNIX:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(self.target)
-        s.listen(4)
+        try:
+            s.bind(self.target)
+            s.listen(4)
+        except OSError as e:
+            s.close()
+            raise InputError(f"cannot listen at {self}: {e.strerror or e}") from None
         return s
+
+    def _clear_stale(self, path: str) -> None:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise InputError(f"cannot listen at {self}: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: left behind by a process that is gone
+            return
+        except OSError:
+            return  # let bind() report it
+        finally:
+            probe.close()
+        raise InputError(f"cannot listen at {self}: another process is listening there")
+
+    def unlink(self) -> None:
+        """Remove a Unix socket's path (after closing the listening socket); nothing for TCP."""
+        if self.family == socket.AF_UNIX:
+            try:
+                os.unlink(str(self.target))
+            except FileNotFoundError:
+                pass
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         s = socket.socket(self.family, socket.SOCK_STREAM)

@@ -7,6 +7,7 @@ import ctypes as C
 from typing import Any
 
 from pvmit.kvm import abi
+from pvmit.kvm.errors import KvmError
 from pvmit.kvm.vcpu import REG_NAMES, Regs, Vcpu
 from pvmit.migration.stream import StreamError
 
@@ -14,9 +15,21 @@ from pvmit.migration.stream import StreamError
 CARRIED_MSRS = (
     0x10,  # IA32_TSC: the guest's clock continues
     0x174, 0x175, 0x176,  # SYSENTER_CS/ESP/EIP
+    0x1A0,  # IA32_MISC_ENABLE
+    0x277,  # PAT
+    0x2FF,  # MTRR default type
+    *range(0x200, 0x210),  # variable-range MTRRs (base/mask pairs 0-7)
+    0x250, 0x258, 0x259, *range(0x268, 0x270),  # fixed-range MTRRs
     0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,  # STAR, LSTAR, CSTAR, SFMASK
     0xC0000100, 0xC0000101, 0xC0000102,  # FS_BASE, GS_BASE, KERNEL_GS_BASE
-    0x277,  # PAT
+    0xC0000103,  # TSC_AUX
+)
+# Fixed-size state structures carried as they are: (name, structure, get ioctl, set ioctl)
+STRUCTS = (
+    ("xsave", abi.KvmXsave, abi.KVM_GET_XSAVE, abi.KVM_SET_XSAVE),
+    ("xcrs", abi.KvmXcrs, abi.KVM_GET_XCRS, abi.KVM_SET_XCRS),
+    ("debugregs", abi.KvmDebugregs, abi.KVM_GET_DEBUGREGS, abi.KVM_SET_DEBUGREGS),
+    ("mp_state", abi.KvmMpState, abi.KVM_GET_MP_STATE, abi.KVM_SET_MP_STATE),
 )
 
 
@@ -35,23 +48,31 @@ def _unblob(text: Any, cls: type[C.Structure], what: str) -> C.Structure:
 
 
 def capture(vcpu: Vcpu) -> dict[str, Any]:
+    """The paused vCPU's state. MSRs this KVM does not have are left out (the destination sets what came)."""
     regs = vcpu.get_regs()
     msrs: dict[str, int] = {}
     for index in CARRIED_MSRS:
         got = vcpu.get_msrs([index])
         if index in got:
             msrs[f"{index:#x}"] = got[index]
-    return {
+    state = {
         "regs": {n: getattr(regs, n) for n in REG_NAMES},
         "sregs": _blob(vcpu.get_sregs()),
         "fpu": _blob(vcpu.get_fpu()),
         "events": _blob(vcpu.get_events()),
         "msrs": msrs,
     }
+    for name, struct, get, _ in STRUCTS:
+        try:
+            state[name] = _blob(vcpu.get_state(struct, get))
+        except KvmError:
+            pass  # this KVM lacks the ioctl; nothing of the kind to carry
+    return state
 
 
 def restore(vcpu: Vcpu, state: Any) -> list[str]:
-    """Load `state` into `vcpu`; returns the MSRs this KVM would not take (reported, not fatal)."""
+    """Load `state` into `vcpu`. Returns what this KVM would not take (MSRs, state structures): the destination
+    refuses the guest if anything did not fit, rather than run it with part of its state missing."""
     if not isinstance(state, dict):
         raise StreamError("CPUS section: not a JSON object")
     try:
@@ -64,11 +85,17 @@ def restore(vcpu: Vcpu, state: Any) -> list[str]:
     sregs = _unblob(state.get("sregs"), abi.KvmSregs, "sregs")
     fpu = _unblob(state.get("fpu"), abi.KvmFpu, "fpu")
     events = _unblob(state.get("events"), abi.KvmVcpuEvents, "events")
+    extra = [(name, _unblob(state[name], struct, name), put) for name, struct, _, put in STRUCTS if name in state]
     vcpu.set_sregs(sregs)  # type: ignore[arg-type]
     vcpu.set_regs(Regs(*values))
     vcpu.set_fpu(fpu)  # type: ignore[arg-type]
-    vcpu.set_events(events)  # type: ignore[arg-type]
     refused = []
+    for name, value, put in extra:
+        try:
+            vcpu.set_state(put, value)
+        except KvmError as e:
+            refused.append(f"{name} ({e})")
+    vcpu.set_events(events)  # type: ignore[arg-type]
     msrs = state.get("msrs", {})
     if not isinstance(msrs, dict):
         raise StreamError("CPUS section: msrs must be an object")

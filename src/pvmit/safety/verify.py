@@ -33,7 +33,7 @@ from pvmit.x86.bits import SpecCtrl
 
 R_DIS, B_DIS = int(SpecCtrl.RRSBA_DIS_S), int(SpecCtrl.BHI_DIS_S)
 SETTINGS: tuple[tuple[str, OperatorSettings], ...] = tuple(
-    (f"{unreported}{'' if not name else ', ' + name}", OperatorSettings(on, off, unreported))  # type: ignore[arg-type]
+    (f"{unreported}{'' if not name else ', ' + name}", OperatorSettings(on, off, unreported))
     for unreported in ("assume-worst", "trust")
     for name, on, off in (("", 0, 0), ("force on RRSBA_DIS_S", R_DIS, 0), ("force on BHI_DIS_S", B_DIS, 0),
                           ("force off RRSBA_DIS_S", 0, R_DIS), ("force off BHI_DIS_S", 0, B_DIS))
@@ -127,7 +127,7 @@ def promise_kept(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], Need] =
             if held and n.can_force:
                 continue
             overridden = any(e.override and e.mitigation is m for e in v.decision.exposures) and any(
-                n.control.name in w for w in v.decision.warnings)
+                str(n.control.name) in w for w in v.decision.warnings)
             if not overridden:
                 problems.append(f"vCPU {i} reported {m.value}, ineffective here ({n.effective.reason}); "
                                 f"{n.control.name} {'held' if held else 'not held'}, "
