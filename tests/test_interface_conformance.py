@@ -135,3 +135,11 @@ def test_config_validation() -> None:
         InterfaceConfig(Form.NEUTRAL, 3, neutral_base=0x40000180)
     cfg = InterfaceConfig(Form.KVM, 2)
     assert InterfaceConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("index,why", [(0x48, "outside"), (0x4000_0070, "Hyper-V"), (0x4B56_4DFF, "KVM's"),
+                                       (0x5000_0001, "read-only register of the Intel form"), (1 << 32, "outside")])
+def test_neutral_register_cannot_clash(index: int, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        InterfaceConfig(Form.NEUTRAL, 3, neutral_msr=index)
+    assert InterfaceConfig(Form.NEUTRAL, 3, neutral_msr=0x5000_0002).ctrl_msr == 0x5000_0002

@@ -188,3 +188,26 @@ def test_cpuid_interface_leaves_reach_the_guest(kvm: Kvm, catalog: Catalog, real
         assert got[(0, 0)].ebx == 0x68747541  # "Auth"
     finally:
         vmm.close()
+
+
+def test_vcpu_state_round_trip_and_refusals(kvm: Kvm) -> None:
+    """vmstate carries a vCPU into another VM; an MSR the destination KVM refuses is named, the rest still land."""
+    import json as _json
+
+    from pvmit.migration import vmstate
+
+    a, b = Machine(kvm, 4 << 20), Machine(kvm, 4 << 20)
+    try:
+        enter_long_mode(a.vcpu, 0x10000, a.stack_top, (0x1111, 0x2222))
+        a.vcpu.set_msrs({0xC0000102: 0xFFFF_8000_1234_0000, 0x174: 0x10})
+        state = _json.loads(_json.dumps(vmstate.capture(a.vcpu)))
+        assert {"xsave", "xcrs", "debugregs", "mp_state"} <= state.keys()
+        msrs = dict(state["msrs"])
+        state["msrs"] = {"0x174": msrs["0x174"], "0x12345": 1, "0xc0000102": msrs["0xc0000102"]}
+        assert vmstate.restore(b.vcpu, state) == ["MSR 0x12345"]
+        assert b.vcpu.get_msrs([0x174, 0xC0000102]) == {0x174: 0x10, 0xC0000102: 0xFFFF_8000_1234_0000}
+        assert (b.vcpu.get_regs().rdi, b.vcpu.get_regs().rsi) == (0x1111, 0x2222)
+        assert b.vcpu.get_sregs().cr3 == a.vcpu.get_sregs().cr3
+    finally:
+        a.close()
+        b.close()

@@ -23,6 +23,18 @@ from pvmit.vmm.process import DEFAULT_HEARTBEAT
 
 USABLE, WHY = kvm_available()
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not USABLE, reason=f"needs a usable /dev/kvm: {WHY}")]
+@pytest.fixture(autouse=True)
+def fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VMM processes these tests start accept fault-injection requests (refused without this)."""
+    monkeypatch.setenv("PVMIT_FAULT_INJECTION", "1")
+
+
+def assert_continuous(counts: list[int]) -> None:
+    """Heartbeats one step apart: nothing lost, nothing repeated."""
+    gaps = [(a, b) for a, b in zip(counts, counts[1:]) if b - a != DEFAULT_HEARTBEAT]
+    assert not gaps, gaps[:3]
+
+
 @pytest.fixture
 def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
     procs: list[VmmHandle] = []
@@ -108,6 +120,7 @@ def test_a_bad_stream_leaves_the_guest_on_the_source(pair, fault: str, expected:
     src.wait_counts(2)
     assert src.status()["state"] == "running"
     assert dst.status()["state"] == "waiting" and expected in dst.text()
+    assert_continuous(src.counts())  # the guest resumed where it paused
 
 
 def test_destination_killed_mid_stream(tmp_path: Path, pair) -> None:  # type: ignore[no-untyped-def]
@@ -117,6 +130,76 @@ def test_destination_killed_mid_stream(tmp_path: Path, pair) -> None:  # type: i
     assert dst.proc.wait(10) == 9
     src.wait_counts(2)
     assert src.status()["state"] == "running"
+    assert_continuous(src.counts())
+
+
+def test_destination_killed_while_the_source_is_paused(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair(RETPOLINE_GUEST, ["--host-cpu", "sapphirerapids", "--fault", "die-after-state"])
+    r = migrate(src, to)
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and doc["paused_at"] is not None and "migration failed" in doc["reason"]
+    assert dst.proc.wait(10) == 9
+    src.wait_counts(2)
+    assert src.status()["state"] == "running"
+    assert_continuous(src.counts())
+
+
+def test_stop_and_copy(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair(RETPOLINE_GUEST, ["--host-cpu", "sapphirerapids"])
+    r = migrate(src, to, "--fault", "stop-and-copy")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["migrated"] and doc["mode"] == "stop-and-copy" and doc["rounds"] == 0
+    dst.wait_counts(2)
+    assert src.counts()[-1] + DEFAULT_HEARTBEAT == dst.counts()[0]
+    assert_continuous(dst.counts())
+
+
+def test_a_report_during_the_copy_is_decided_after_the_pause(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair(RETPOLINE_GUEST, ["--host-cpu", "sapphirerapids"])
+    r = migrate(src, to, "--fault", "report-meanwhile")  # the final state says: no longer relies on retpoline
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["migrated"] and doc["ready"]["forced"] == []
+    dst.wait_counts(2)
+    assert dst.status()["spec_ctrl"]["forced_mask"] == "0x0"
+
+
+def test_fault_injection_is_refused_outside_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PVMIT_FAULT_INJECTION")
+    src = VmmHandle(tmp_path, "src", RETPOLINE_GUEST)
+    try:
+        src.wait_counts(2)
+        r = migrate(src, f"unix:{tmp_path / 'nobody.mig'}", "--fault", "flip-memory")
+        assert r.returncode != 0 and "fault injection (flip-memory) is for tests only" in r.stderr
+        assert src.status()["state"] == "running"
+    finally:
+        src.stop()
+
+
+def test_operator_settings_travel_with_the_guest(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair([*RETPOLINE_GUEST, "--force-on", "SSBD"], ["--host-cpu", "sapphirerapids"])
+    assert src.status()["spec_ctrl"]["forced_mask"] == "0x4"
+    r = migrate(src, to)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dst.status()["spec_ctrl"]["forced_mask"] == "0x44"  # SSBD still forced, and RRSBA_DIS_S added here
+
+
+def test_settings_given_on_the_destination_replace_the_carried_ones(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair([*RETPOLINE_GUEST, "--force-on", "SSBD"], ["--host-cpu", "sapphirerapids",
+                                                                  "--unreported", "trust"])
+    assert migrate(src, to).returncode == 0
+    assert dst.status()["spec_ctrl"]["forced_mask"] == "0x40"
+    assert "replace the VM's own" in dst.text()
+
+
+def test_a_silent_control_client_stalls_nothing(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    src, dst, to = pair(RETPOLINE_GUEST, ["--host-cpu", "sapphirerapids"])
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(tmp_path / "src.ctl"))  # connects and never sends a command
+        src.wait_counts(2, timeout=10)
+        t0 = time.monotonic()
+        assert src.status()["state"] == "running" and time.monotonic() - t0 < 5
+        assert migrate(src, to).returncode == 0
 
 
 def test_source_killed_after_pausing_starts_nothing(pair) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +230,7 @@ def test_demo_runs_the_whole_story(cli) -> None:  # type: ignore[no-untyped-def]
     assert doc["ok"] and doc["source"]["spec_ctrl"]["forced_mask"] == "0x0"
     m = doc["migration"]
     assert m["migrated"] and m["ready"]["forced"] == ["RRSBA_DIS_S"]
-    assert m["first_count_on_destination"] == m["last_count_on_source"] + DEFAULT_HEARTBEAT
+    assert m["first_count_on_destination"] == m["last_count_on_source"] + DEFAULT_HEARTBEAT and m["continued"]
     assert not doc["refusal"]["migrated"] and doc["refusal"]["paused_at"] is None
     assert any("RRSBA_CTRL" in r for r in doc["refusal"]["verdict"]["reasons"])
     assert doc["seconds"] < 60

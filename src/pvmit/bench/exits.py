@@ -42,7 +42,7 @@ class Sample:
 
 def _bare_loop(vmm: Vmm) -> int:
     """Answer every RDMSR exit with 0 and nothing else; return the number of exits."""
-    run, complete, vcpu = vmm.vcpu.run, vmm.vcpu.complete_rdmsr, vmm.vcpu
+    run, complete = vmm.vcpu.run, vmm.vcpu.complete_rdmsr
     rd, hlt = abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_HLT
     n = 0
     while True:
@@ -55,7 +55,6 @@ def _bare_loop(vmm: Vmm) -> int:
             return n
         else:
             raise GuestStopped(f"unexpected exit {abi.EXIT_NAMES.get(reason, reason)} in the bare loop")
-    _ = vcpu
 
 
 def sample(kvm: Kvm, personality: Personality, host: Host, variant: str, iterations: int) -> Sample:

@@ -21,6 +21,7 @@ from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, esc, out
 from pvmit.kvm.system import Kvm
 from pvmit.vmm.cluster import PAUSED, RESUMED, VmmHandle
+from pvmit.vmm.process import DEFAULT_HEARTBEAT
 
 GUEST, SOURCE, TARGET, REFUSER = "icelake-server-v2", "icelake-sp", "sapphirerapids", "cascadelake-sp"
 
@@ -65,40 +66,58 @@ def demo(st: State, json_out: bool) -> int:
             _say(json_out, "== 2. live migration to a newer host", "bold")
             result = src.migrate(f"unix:{work / 'spr.mig'}",
                                  on_event=lambda e: _say(json_out, f"  migrate: {e['event']}"))
+            summary["migration"] = dict(result)
+            if not result["migrated"]:
+                _say(json_out, f"  not moved: {result['reason']}", "red")
+                summary["ok"] = False
+                return _finish(json_out, summary)
             spr.wait_counts(2)
             s2 = spr.status()
             paused, resumed = src.monotonic(PAUSED), spr.monotonic(RESUMED)
             downtime = (resumed - paused) if paused and resumed else None
             before, after = src.counts(), spr.counts()
+            continued = bool(before and after and after[0] == before[-1] + DEFAULT_HEARTBEAT)
             summary["migration"] = {**result, "downtime_ms": round(downtime * 1e3, 3) if downtime else None,
                                     "last_count_on_source": before[-1] if before else None,
                                     "first_count_on_destination": after[0] if after else None,
-                                    "destination_spec_ctrl": s2["spec_ctrl"]}
+                                    "continued": continued, "destination_spec_ctrl": s2["spec_ctrl"]}
             _say(json_out, f"  moved ({result['mode']}, {result['pages_sent']} pages, "
                            f"downtime {downtime * 1e3:.1f} ms)" if downtime else "  moved")
             _say(json_out, f"  the destination forces {', '.join(result['ready'].get('forced', [])) or 'nothing'}: "
                            f"IA32_SPEC_CTRL in effect {s2['spec_ctrl']['effective']}, the guest still reads "
                            f"{s2['spec_ctrl']['guest_value']}; modelled only (this machine lacks it): "
                            f"{', '.join(s2['spec_ctrl']['modelled_only']) or 'none'}")
-            _say(json_out, f"  count on the source {before[-1]:#x} -> first on the destination {after[0]:#x}: "
-                           f"the guest continued where it stopped")
+            if continued:
+                _say(json_out, f"  count on the source {before[-1]:#x} -> first on the destination {after[0]:#x}: "
+                               f"the guest continued where it stopped, one heartbeat later")
+            else:
+                _say(json_out, f"  the counts do not line up (last on the source "
+                               f"{before[-1] if before else None}, first on the destination "
+                               f"{after[0] if after else None}): state was lost", "red")
 
             _say(json_out, "== 3. a destination that cannot protect the guest", "bold")
             refused = spr.migrate(f"unix:{work / 'clx.mig'}")
             spr.wait_counts(2)
             summary["refusal"] = refused
-            _say(json_out, f"  Cascade Lake refused before the guest paused ({refused['mode']}):", "red")
+            if refused["paused_at"] is None and not refused["migrated"]:
+                _say(json_out, "  Cascade Lake refused before the guest paused; nothing was copied:", "red")
+            else:
+                _say(json_out, f"  Cascade Lake: {refused['reason'] or 'moved'}", "red")
             for reason in refused["verdict"].get("reasons", []):
                 _say(json_out, f"  - {reason}")
             _say(json_out, f"  the guest is still running on Sapphire Rapids: {spr.status()['heartbeat']}")
             summary["seconds"] = round(time.monotonic() - started, 2)
-            ok = result["migrated"] and not refused["migrated"] and after[0] > before[-1]
-            summary["ok"] = bool(ok)
+            summary["ok"] = bool(continued and not refused["migrated"] and refused["paused_at"] is None)
         finally:
             for h in handles:
                 h.stop()
+    return _finish(json_out, summary)
+
+
+def _finish(json_out: bool, summary: dict[str, Any]) -> int:
     if json_out:
         emit_json(summary)
     else:
-        _say(json_out, f"done in {summary.get('seconds')} s", "bold")
+        _say(json_out, f"done in {summary.get('seconds')} s" if summary.get("ok") else "the demo did not go as "
+             "described above", "bold")
     return 0 if summary.get("ok") else 1

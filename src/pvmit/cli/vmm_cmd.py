@@ -15,9 +15,10 @@ from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import supported_requests
 from pvmit.kvm.system import Kvm
 from pvmit.linux.model import predict
-from pvmit.migration.source import FAULTS
+from pvmit.migration.source import FAULTS, allow_fault
 from pvmit.migration.transport import Address
 from pvmit.vmm.hosts import stand_in, this_machine
+from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
 from pvmit.vmm.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
 
@@ -29,8 +30,8 @@ def parse_size(text: str) -> int:
         value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
     except ValueError:
         raise InputError(f"{text!r} is not a size (for example 64M or 512M)") from None
-    if value < 4 << 20 or value % (2 << 20):
-        raise InputError(f"guest memory {text!r} must be a multiple of 2 MiB and at least 4 MiB")
+    if value < 4 << 20 or value > MAX_MEMORY or value % (2 << 20):
+        raise InputError(f"guest memory {text!r} must be a multiple of 2 MiB from 4 MiB to {MAX_MEMORY >> 30} GiB")
     return value
 
 
@@ -47,16 +48,21 @@ def parse_size(text: str) -> int:
 @click.option("--memory", default="64M", show_default=True, help="Guest memory.")
 @click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True, help="Guest iterations per heartbeat.")
 @click.option("--fill-memory", is_flag=True, help="Fill the guest's free memory with data (for benchmarks).")
-@click.option("--fault", type=click.Choice(["die-after-pages"]), hidden=True)
+@click.option("--fault", type=click.Choice(["die-after-pages", "die-after-state"]), hidden=True)
 @operator_options
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
         uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: bool, fault: str | None,
         force_on: str, force_off: str, unreported: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) or receive one (--incoming), and serve commands
-    on the control socket until told to quit."""
+    on the control socket until told to quit. A guest received keeps the operator settings it had on its source
+    unless --force-on, --force-off or --unreported are given here."""
     catalog = st.catalog
     settings = settings_from_options(force_on, force_off, unreported)
+    ctx = click.get_current_context()
+    given = [o for o in ("force_on", "force_off", "unreported")
+             if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]
+    allow_fault(fault)
     control_addr = Address.parse(control)
     incoming_addr = Address.parse(incoming) if incoming else None
     if (incoming_addr is None) == (guest_cpu is None):
@@ -70,7 +76,8 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
     for n in notes:
         say(f"vmm: host reading: {n}")
     with Kvm() as kvm:
-        proc = VmmProcess(kvm, host, control_addr, say, settings if incoming_addr else None, fault)
+        # An incoming VM keeps the operator settings it carries unless this command line sets some.
+        proc = VmmProcess(kvm, host, control_addr, say, settings if incoming_addr and given else None, fault)
         say(f"vmm: control socket {control_addr}, pid {__import__('os').getpid()}")
         if incoming_addr is not None:
             proc.wait_incoming(incoming_addr)

@@ -44,81 +44,7 @@ inner:
     out dx, al
     jmp outer
 
-; #GP handler (vector 13): count it, skip the 2-byte RDMSR/WRMSR that faulted, drop the error code, return.
-gp_handler:
-    inc qword ptr [rip + gp_count]
-    add qword ptr [rsp + 8], 2
-    add rsp, 8
-    iretq
-
-install_idt:
-    lea rax, [rip + gp_handler]
-    lea rbx, [rip + idt + 208]
-    mov word ptr [rbx], ax
-    mov word ptr [rbx + 2], 8
-    mov word ptr [rbx + 4], 0x8e00
-    shr rax, 16
-    mov word ptr [rbx + 6], ax
-    shr rax, 16
-    mov dword ptr [rbx + 8], eax
-    mov dword ptr [rbx + 12], 0
-    lea rax, [rip + idt]
-    mov qword ptr [rip + idtr + 2], rax
-    lidt [rip + idtr]
-    ret
-
-puts:
-    push rdx
-    mov dx, 0x3f8
-puts_loop:
-    lodsb
-    test al, al
-    jz puts_end
-    out dx, al
-    jmp puts_loop
-puts_end:
-    pop rdx
-    ret
-
-; puthex: rax in hex, "0x" and no leading zeros
-puthex:
-    push rbx
-    push rcx
-    push rdx
-    push rbp
-    mov rbx, rax
-    mov dx, 0x3f8
-    mov al, 0x30
-    out dx, al
-    mov al, 0x78
-    out dx, al
-    mov ecx, 60
-    xor ebp, ebp
-puthex_loop:
-    mov rax, rbx
-    shr rax, cl
-    and eax, 15
-    jnz puthex_digit
-    test ebp, ebp
-    jnz puthex_digit
-    test ecx, ecx
-    jnz puthex_next
-puthex_digit:
-    mov ebp, 1
-    cmp al, 10
-    jb puthex_dec
-    add al, 0x27
-puthex_dec:
-    add al, 0x30
-    out dx, al
-puthex_next:
-    sub ecx, 4
-    jns puthex_loop
-    pop rbp
-    pop rdx
-    pop rcx
-    pop rbx
-    ret
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
 
 s_start: .asciz "guest: counting\n"
 s_count: .asciz "guest: count "
@@ -127,8 +53,3 @@ s_gp: .asciz " gp "
     .align 8
 count: .quad 0
 spec: .quad 0
-gp_count: .quad 0
-idtr: .word 223
-    .quad 0
-    .align 16
-idt: .space 224

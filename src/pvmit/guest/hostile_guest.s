@@ -71,60 +71,9 @@ random:
     mov rax, r14
     ret
 
-gp_handler:
-    inc qword ptr [rip + gp_count]
-    add qword ptr [rsp + 8], 2
-    add rsp, 8
-    iretq
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
 
-install_idt:
-    lea rax, [rip + gp_handler]
-    lea rbx, [rip + idt + 208]
-    mov word ptr [rbx], ax
-    mov word ptr [rbx + 2], 8
-    mov word ptr [rbx + 4], 0x8e00
-    shr rax, 16
-    mov word ptr [rbx + 6], ax
-    shr rax, 16
-    mov dword ptr [rbx + 8], eax
-    mov dword ptr [rbx + 12], 0
-    lea rax, [rip + idt]
-    mov qword ptr [rip + idtr + 2], rax
-    lidt [rip + idtr]
-    ret
-
-puts:
-    push rdx
-    mov dx, 0x3f8
-puts_loop:
-    lodsb
-    test al, al
-    jz puts_end
-    out dx, al
-    jmp puts_loop
-puts_end:
-    pop rdx
-    ret
-
-puthex:
-    mov rbx, rax
-    mov dx, 0x3f8
-    mov ecx, 60
-puthex_loop:
-    mov rax, rbx
-    shr rax, cl
-    and eax, 15
-    cmp al, 10
-    jb puthex_dec
-    add al, 0x27
-puthex_dec:
-    add al, 0x30
-    out dx, al
-    sub ecx, 4
-    jns puthex_loop
-    ret
-
-s_done: .asciz "guest: hostile done gp 0x"
+s_done: .asciz "guest: hostile done gp "
     .align 8
 ; the MSRs it aims at (0 = a random index): the Intel virtual MSRs, pvmit's KVM-style MSR,
 ; IA32_ARCH_CAPABILITIES, IA32_SPEC_CTRL, IA32_PRED_CMD, and the offered CTRL MSR (filled in at entry)
@@ -137,8 +86,3 @@ msrs:
     .quad 0x48
     .quad 0
     .quad 0
-gp_count: .quad 0
-idtr: .word 223
-    .quad 0
-    .align 16
-idt: .space 224

@@ -267,21 +267,21 @@ halt:
 ; --- helpers -------------------------------------------------------------------------------------------------
 ; rdmsr_safe: ecx = index -> rax = value, CF=1 if it raised #GP
 rdmsr_safe:
-    mov qword ptr [rip + gp_seen], 0
+    mov qword ptr [rip + gp_count], 0
     xor eax, eax
     xor edx, edx
     rdmsr
     shl rdx, 32
     or rax, rdx
-    cmp qword ptr [rip + gp_seen], 1
+    cmp qword ptr [rip + gp_count], 1
     cmc
     ret
 
 ; wrmsr_safe: ecx = index, edx:eax = value -> CF=1 if it raised #GP
 wrmsr_safe:
-    mov qword ptr [rip + gp_seen], 0
+    mov qword ptr [rip + gp_count], 0
     wrmsr
-    cmp qword ptr [rip + gp_seen], 1
+    cmp qword ptr [rip + gp_count], 1
     cmc
     ret
 
@@ -313,87 +313,6 @@ fail:
     call puts
     ret
 
-; #GP handler (vector 13): note it, skip the 2-byte RDMSR/WRMSR that faulted, drop the error code, return.
-gp_handler:
-    mov qword ptr [rip + gp_seen], 1
-    add qword ptr [rsp + 8], 2
-    add rsp, 8
-    iretq
-
-install_idt:
-    lea rax, [rip + gp_handler]
-    lea rbx, [rip + idt + 208]  ; vector 13 * 16 bytes
-    mov word ptr [rbx], ax
-    mov word ptr [rbx + 2], 8   ; the 64-bit code segment
-    mov word ptr [rbx + 4], 0x8e00   ; present interrupt gate
-    shr rax, 16
-    mov word ptr [rbx + 6], ax
-    shr rax, 16
-    mov dword ptr [rbx + 8], eax
-    mov dword ptr [rbx + 12], 0
-    lea rax, [rip + idt]
-    mov qword ptr [rip + idtr + 2], rax
-    lidt [rip + idtr]
-    ret
-
-; puts: rsi = zero-terminated string
-puts:
-    push rax
-    push rdx
-    mov dx, 0x3f8
-puts_loop:
-    lodsb
-    test al, al
-    jz puts_end
-    out dx, al
-    jmp puts_loop
-puts_end:
-    pop rdx
-    pop rax
-    ret
-
-; puthex: rax in hex, "0x" and no leading zeros; rax is kept
-puthex:
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rbp
-    mov rbx, rax
-    mov dx, 0x3f8
-    mov al, 0x30
-    out dx, al
-    mov al, 0x78
-    out dx, al
-    mov ecx, 60
-    xor ebp, ebp
-puthex_loop:
-    mov rax, rbx
-    shr rax, cl
-    and eax, 15
-    jnz puthex_digit
-    test ebp, ebp
-    jnz puthex_digit
-    test ecx, ecx
-    jnz puthex_next
-puthex_digit:
-    mov ebp, 1
-    cmp al, 10
-    jb puthex_dec
-    add al, 0x27
-puthex_dec:
-    add al, 0x30
-    out dx, al
-puthex_next:
-    sub ecx, 4
-    jns puthex_loop
-    pop rbp
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-    ret
-
 newline:
     push rax
     push rdx
@@ -403,6 +322,8 @@ newline:
     pop rdx
     pop rax
     ret
+
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
 
 ; --- data ----------------------------------------------------------------------------------------------------
 s_hello: .asciz "guest: booted in long mode\n"
@@ -433,9 +354,4 @@ s_fail: .asciz "guest: RESULT FAIL "
 vendor: .space 16
 cpuid7edx: .quad 0
 archcaps: .quad 0
-gp_seen: .quad 0
 failures: .quad 0
-idtr: .word 223
-    .quad 0
-    .align 16
-idt: .space 224

@@ -57,6 +57,23 @@ driver that knows one register knows both."""
 REQUEST_MASK_KVM_LOW = 0xFFFF_FFFF
 
 
+def neutral_msr_problem(index: int) -> str:
+    """Why `index` cannot carry the neutral form's CTRL register ('' when it can). pvmit keeps it in
+    0x40000000-0x5fffffff, the block where hypervisors already put their registers (Hyper-V, KVM, Intel's virtual
+    MSRs), away from the architectural MSRs, and off every other interface register: Hyper-V's synthetic MSRs
+    (which KVM also emulates), KVM's paravirtual MSRs (our KVM form among them) and the Intel form's read-only
+    registers. The Intel form's CTRL (0x50000002) is allowed: it is the default, with the same layout."""
+    if not 0x4000_0000 <= index <= 0x5FFF_FFFF:
+        return "outside 0x40000000-0x5fffffff, the block kept for hypervisor registers"
+    if index <= 0x4000_00FF:
+        return "Hyper-V's synthetic MSR range (0x40000000-0x400000ff)"
+    if 0x4B56_4D00 <= index <= 0x4B56_4DFF:
+        return "KVM's paravirtual MSR range (0x4b564d00-0x4b564dff)"
+    if index in (MSR_VIRTUAL_ENUMERATION, MSR_VIRTUAL_MITIGATION_ENUM):
+        return "a read-only register of the Intel form"
+    return ""
+
+
 @dataclass(frozen=True)
 class InterfaceConfig:
     """Per-VM choice of form and the request bits the VMM promises to honour (MITIGATION_ENUM).
@@ -76,6 +93,9 @@ class InterfaceConfig:
         if self.neutral_base & 0xFF or not 0x40000000 <= self.neutral_base < 0x40010000:
             raise ValueError(f"neutral_base {self.neutral_base:#x} is not a 0x100-aligned base in "
                              "0x40000000-0x4000ff00")
+        why = neutral_msr_problem(self.neutral_msr)
+        if why:
+            raise ValueError(f"neutral_msr {self.neutral_msr:#x}: {why}")
 
     @property
     def ctrl_msr(self) -> int:

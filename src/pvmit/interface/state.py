@@ -127,7 +127,7 @@ def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | 
     """Parse the VM's description in `state` and decide every possible vCPU report against `host`. Pure.
     `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
-    settings = settings or carried
+    settings = settings if settings is not None else carried  # the operator's settings travel with the VM
     reasons = []
     for m in Mitigation:
         if config.supported & m.request_bit:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pvmit.interface.state import snapshot
 from pvmit.kvm.errors import KvmError
 from pvmit.kvm.vm import PAGE
 from pvmit.migration import vmstate
-from pvmit.migration.stream import StreamError, encode_header, encode_json, encode_pages
+from pvmit.migration.stream import Section, StreamError, encode_header, encode_json, encode_pages
 from pvmit.migration.transport import Address, Channel
 from pvmit.vmm.vmm import Vmm
 
@@ -30,8 +31,24 @@ SLICE_BYTES = 4 << 20  # pages sent between two slices of guest time during pre-
 SLICE_RUN_SECONDS = 0.005
 MAX_ROUNDS = 6
 CONVERGED_PAGES = 64
-FAULTS = ("flip-memory", "flip-state", "truncate", "wrong-version", "die-after-pause", "unknown-section")
+FAULTS = ("flip-memory", "flip-state", "truncate", "wrong-version", "die-after-pause", "unknown-section",
+          "stop-and-copy", "report-meanwhile")
 """Failures a test can make the source produce on purpose (`--fault`); never used otherwise."""
+FAULT_ENV = "PVMIT_FAULT_INJECTION"
+
+
+def allow_fault(fault: str | None) -> None:
+    """Refuse a fault-injection request unless the VMM runs with PVMIT_FAULT_INJECTION=1 (as the tests do), so
+    that no control-socket client can make a production VMM corrupt a stream or exit."""
+    if fault is not None and os.environ.get(FAULT_ENV) != "1":
+        raise PvmitError(f"fault injection ({fault}) is for tests only: the VMM was not started with {FAULT_ENV}=1")
+
+
+def _object(section: Section) -> dict[str, Any]:
+    doc = section.json()
+    if not isinstance(doc, dict):
+        raise StreamError(f"{section.kind.decode()} section at byte {section.offset}: not a JSON object")
+    return doc
 
 
 @dataclass
@@ -67,7 +84,7 @@ def describe(vmm: Vmm, mode: str) -> dict[str, Any]:
         "page_size": PAGE,
         "source_host": {"name": vmm.host.name, "facts": vmm.host.facts.to_json(), "stand_in": vmm.host.stand_in},
         "vm": {"personality": vmm.personality.to_json(), "config": vmm.config.to_json(),
-               "memory_size": vmm.machine.memory.size, "vcpus": 1},
+               "memory_size": vmm.machine.memory.size, "vcpus": 1, "cpuid": vmm.guest_cpuid()},
     }
 
 
@@ -98,10 +115,14 @@ def migrate_out(vmm: Vmm, to: str, *, check_only: bool = False, progress: Callab
     """Move `vmm`'s guest to the VMM listening at `to`. Returns the outcome; the guest runs on exactly one side."""
     if fault is not None and fault not in FAULTS:
         raise PvmitError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+    allow_fault(fault)
     start = time.monotonic()
     vm, mem = vmm.machine.vm, vmm.machine.memory
     mode = "check" if check_only else "pre-copy"
-    if not check_only:
+    if fault == "stop-and-copy":
+        mode = "stop-and-copy"
+        progress("dirty-page logging not used (fault injection); using stop-and-copy")
+    elif not check_only:
         try:
             vm.set_dirty_logging(0, True)
             vm.dirty_pages(0)  # start from a clean log
@@ -122,11 +143,15 @@ def migrate_out(vmm: Vmm, to: str, *, check_only: bool = False, progress: Callab
         vmm.sync_spec_ctrl()
         chan.send(encode_header(describe(vmm, mode), version=99 if fault == "wrong-version" else 1))
         chan.send(encode_json(b"HELO", snapshot(vmm.core)))
-        verdict = chan.expect(b"VRDT", b"NACK").json()
+        answer = chan.expect(b"VRDT", b"NACK")
+        verdict = _object(answer)
         out.verdict = verdict
-        if not verdict.get("accepted"):
-            out.reason = "destination refused: " + "; ".join(verdict.get("reasons", [])) if isinstance(
-                verdict, dict) and verdict.get("reasons") else f"destination refused: {verdict}"
+        if answer.kind == b"NACK" or verdict.get("accepted") is not True:
+            reasons = verdict.get("reasons")
+            if isinstance(reasons, list) and reasons:
+                out.reason = "destination refused: " + "; ".join(str(r) for r in reasons)
+            else:
+                out.reason = f"destination refused: {verdict.get('reason', verdict)}"
             progress(out.reason)
             return out
         out.accepted = True
@@ -166,7 +191,10 @@ def migrate_out(vmm: Vmm, to: str, *, check_only: bool = False, progress: Callab
             chan.send(bytes(frame))
             out.pages_sent += count
         vmm.sync_spec_ctrl()
-        state = bytearray(encode_json(b"ISTA", snapshot(vmm.core)))
+        final_state = snapshot(vmm.core)
+        if fault == "report-meanwhile":  # as if the guest had opted out of every mitigation during the copy
+            final_state["vcpus"][0].update(ctrl=0, reported=True)
+        state = bytearray(encode_json(b"ISTA", final_state))
         if fault == "flip-state":
             state[20] ^= 0x04
         if fault == "truncate":
@@ -183,11 +211,12 @@ def migrate_out(vmm: Vmm, to: str, *, check_only: bool = False, progress: Callab
         chan.send(encode_json(b"DEVS", {"serial_partial": vmm.serial.partial}))
         chan.send(encode_json(b"DONE", {"pages": out.pages_sent}))
         reply = chan.expect(b"REDY", b"NACK")
+        answer_doc = _object(reply)
         if reply.kind == b"NACK":
-            out.reason = f"destination refused after the pause: {reply.json().get('reason')}"
+            out.reason = f"destination refused after the pause: {answer_doc.get('reason')}"
             progress(out.reason)
             return out
-        out.ready = reply.json()
+        out.ready = answer_doc
         chan.send(encode_json(b"CMIT", {}))
         out.committed_at = time.monotonic()
         out.migrated = True

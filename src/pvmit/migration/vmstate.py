@@ -51,10 +51,11 @@ def capture(vcpu: Vcpu) -> dict[str, Any]:
     """The paused vCPU's state. MSRs this KVM does not have are left out (the destination sets what came)."""
     regs = vcpu.get_regs()
     msrs: dict[str, int] = {}
-    for index in CARRIED_MSRS:
-        got = vcpu.get_msrs([index])
-        if index in got:
-            msrs[f"{index:#x}"] = got[index]
+    remaining = list(CARRIED_MSRS)
+    while remaining:  # one KVM_GET_MSRS for all; KVM stops at an MSR it lacks, which is skipped
+        got = vcpu.get_msrs(remaining)
+        msrs.update({f"{i:#x}": v for i, v in got.items()})
+        remaining = remaining[len(got) + 1:]
     state = {
         "regs": {n: getattr(regs, n) for n in REG_NAMES},
         "sregs": _blob(vcpu.get_sregs()),
@@ -99,11 +100,18 @@ def restore(vcpu: Vcpu, state: Any) -> list[str]:
     msrs = state.get("msrs", {})
     if not isinstance(msrs, dict):
         raise StreamError("CPUS section: msrs must be an object")
+    pairs = []
     for key, value in msrs.items():
         try:
             index, v = int(key, 16), int(value)
         except (TypeError, ValueError):
             raise StreamError(f"CPUS section: MSR entry {key!r} is not index -> number") from None
-        if vcpu.set_msrs({index: v}) != 1:
-            refused.append(key)
+        if not 0 <= index < 1 << 32 or not 0 <= v < 1 << 64:
+            raise StreamError(f"CPUS section: MSR entry {key!r} is out of range")
+        pairs.append((index, v))
+    while pairs:  # one KVM_SET_MSRS for all; KVM stops at one it refuses, which is noted and skipped
+        n = vcpu.set_msrs(dict(pairs))
+        if n < len(pairs):
+            refused.append(f"MSR {pairs[n][0]:#x}")
+        pairs = pairs[n + 1:]
     return refused

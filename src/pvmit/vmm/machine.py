@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from pvmit.errors import InputError
 from pvmit.kvm import abi
 from pvmit.kvm.system import Kvm
 from pvmit.kvm.vcpu import Regs, Vcpu
@@ -21,6 +22,7 @@ CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 1 << 4, 1 << 5, 1 << 16, 
 CR4_PAE = 1 << 5
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 MIN_MEMORY = 2 << 20
+MAX_MEMORY = 1 << 30  # one page directory of 2 MiB pages
 
 
 def write_page_tables(mem: GuestMemory) -> None:
@@ -63,8 +65,9 @@ class Machine:
     """A VM with one memory slot at guest-physical 0 and one vCPU, ready for a 64-bit program."""
 
     def __init__(self, kvm: Kvm, memory_size: int = 4 << 20, *, log_dirty: bool = False) -> None:
-        if memory_size < MIN_MEMORY:
-            raise ValueError(f"guest memory must be at least {MIN_MEMORY >> 20} MiB")
+        if not MIN_MEMORY <= memory_size <= MAX_MEMORY or memory_size % (2 << 20):
+            raise InputError(f"guest memory of {memory_size} bytes: this machine takes a multiple of 2 MiB from "
+                             f"{MIN_MEMORY >> 20} MiB to {MAX_MEMORY >> 30} GiB")
         self.kvm = kvm
         self.vm = Vm(kvm)
         self.memory = GuestMemory(memory_size)

@@ -2,15 +2,20 @@
 
 It runs one guest (booted here, or received from another pvmit VMM with `--incoming`) and answers JSON-line
 commands on its control socket: `status`, `migrate` (to another VMM's incoming address, or `check` only), `quit`.
-Between guest exits it looks at the control socket only on the guest's port I/O and every 1024 exits, so serving
-costs the guest almost nothing.
+A control thread accepts connections and reads each command, so a slow or silent client never stalls the guest;
+it then kicks the vCPU out of KVM_RUN (kvm_run.immediate_exit and a signal), and the main thread, which owns the
+VM, carries the command out between two guest exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import select
+import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,12 +66,19 @@ class VmmProcess:
         self.say = say
         self.settings = settings
         self.fault = fault
+        self.control_address = control
         self.control = control.listen()
-        self.control.setblocking(False)
         self.vmm: Vmm | None = None
         self.state = "waiting"
         self.last_heartbeat = ""
         self.quit = False
+        self.requests: queue.Queue[tuple[socket.socket, Any, dict[str, Any] | str]] = queue.Queue()
+        self._main = threading.main_thread()
+        self._kickable = threading.current_thread() is self._main
+        if self._kickable:
+            signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # only to interrupt KVM_RUN
+        self._reader = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._reader.start()
 
     def _guest_line(self, line: str) -> None:
         if line.startswith("guest: count"):
@@ -92,8 +104,8 @@ class VmmProcess:
         self.say(f"vmm: waiting for an incoming guest at {listen} on {self.host.name}")
         try:
             while not self.quit:
-                ready, _, _ = select.select([server, self.control], [], [], 1.0)
-                if self.control in ready:
+                ready, _, _ = select.select([server], [], [], 0.2)
+                while self._control_pending():
                     self._serve_control()
                 if server in ready:
                     conn, _ = server.accept()
@@ -124,42 +136,74 @@ class VmmProcess:
                 if stop == "hlt":
                     self.state = "halted"
                     self.say("vmm: guest halted")
-                if self._control_pending():
+                while self._control_pending():
                     self._serve_control()
             else:
-                ready, _, _ = select.select([self.control], [], [], 1.0)
-                if ready:
-                    self._serve_control()
+                try:
+                    self._serve_control(self.requests.get(timeout=1.0))
+                except queue.Empty:
+                    pass
         self.close()
 
     def close(self) -> None:
         if self.vmm is not None:
             self.vmm.close()
             self.vmm = None
-        self.control.close()
+        self.control.close()  # the control thread's accept() fails and it ends
+        self.control_address.unlink()
+
+    # --- the control socket ------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        """The control thread: accept connections; each is read by a short-lived thread of its own, so a client
+        that connects and sends nothing delays no one."""
+        while True:
+            try:
+                conn, _ = self.control.accept()
+            except OSError:
+                return  # closed: the process is ending
+            threading.Thread(target=self._read_command, args=(conn,), name="control-read", daemon=True).start()
+
+    def _read_command(self, conn: socket.socket) -> None:
+        """Read one command line (at most 64 KiB, within 30 s), queue it for the main thread and kick the vCPU."""
+        conn.settimeout(30)
+        f = conn.makefile("rwb")
+        request: dict[str, Any] | str
+        try:
+            line = f.readline(65536)
+            doc = json.loads(line) if line else {}
+            request = doc if isinstance(doc, dict) else "a command is a JSON object"
+        except (ValueError, OSError, RecursionError) as e:
+            request = f"bad command: {type(e).__name__}: {e}"[:300]
+        conn.settimeout(600)
+        self.requests.put((conn, f, request))
+        self._kick()
+
+    def _kick(self) -> None:
+        """Make the main thread look at the queue now, even if the guest is inside KVM_RUN without exiting."""
+        vmm = self.vmm
+        if vmm is not None and self._kickable:
+            vmm.vcpu.request_exit(True)  # covers a signal that arrives just before KVM_RUN starts
+            signal.pthread_kill(self._main.ident or 0, signal.SIGUSR1)
 
     def _control_pending(self) -> bool:
-        ready, _, _ = select.select([self.control], [], [], 0)
-        return bool(ready)
+        return not self.requests.empty()
 
-    def _serve_control(self) -> None:
-        try:
-            conn, _ = self.control.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(True)
-        conn.settimeout(600)
-        with conn:
-            f = conn.makefile("rwb")
+    def _serve_control(self, item: tuple[socket.socket, Any, dict[str, Any] | str] | None = None) -> None:
+        if item is None:
             try:
-                line = f.readline(65536)
-                request = json.loads(line) if line else {}
-                if not isinstance(request, dict):
-                    raise ValueError("a command is a JSON object")
-            except (ValueError, OSError, RecursionError) as e:
-                self._reply(f, {"ok": False, "error": f"bad command: {type(e).__name__}: {e}"[:300]})
+                item = self.requests.get_nowait()
+            except queue.Empty:
                 return
-            self._command(request, lambda doc: self._reply(f, doc))
+        conn, f, request = item
+        with conn, f:
+            if isinstance(request, str):
+                self._reply(f, {"ok": False, "error": request})
+                return
+            try:
+                self._command(request, lambda doc: self._reply(f, doc))
+            except Exception as e:  # noqa: BLE001 - a failed command must not end the VMM or its guest
+                self.say(f"vmm: command {request.get('cmd')!r} failed: {type(e).__name__}: {e}")
+                self._reply(f, {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
 
     @staticmethod
     def _reply(f: Any, doc: dict[str, Any]) -> None:

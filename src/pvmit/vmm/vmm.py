@@ -5,6 +5,11 @@ Guest RDMSR/WRMSR of the interface's MSRs and IA32_ARCH_CAPABILITIES reach Pytho
 so with nothing forced the guest's IA32_SPEC_CTRL accesses never leave KVM. The value in effect is written to KVM
 for the bits this machine's hardware has; the rest (on an AMD host: RRSBA_DIS_S and BHI_DIS_S) are kept in the
 vCPU state and reported as modelled only.
+
+The pass-through path is KVM's own: with nothing forced, a guest write of a bit the hardware lacks is KVM's to
+accept or refuse (the KVM on the development machine drops it; mainline KVM answers #GP), exactly as without pvmit.
+Once intercepted, IA32_SPEC_CTRL stays intercepted while the guest's value holds such a bit, so that it reads back
+what it wrote.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pvmit.catalog.facts import CpuFacts
 from pvmit.interface.core import SpecCtrlChanged, VmInterface
-from pvmit.interface.forms import Form, InterfaceConfig, neutral_leaves
+from pvmit.interface.forms import ALL_INTERFACE_MSRS, Form, InterfaceConfig, neutral_leaves
 from pvmit.interface.policy import OperatorSettings
 from pvmit.interface.spec_ctrl import guest_writable
 from pvmit.kvm import abi
@@ -27,7 +32,7 @@ from pvmit.vmm.machine import Machine, enter_long_mode
 from pvmit.vmm.personality import Personality, build_cpuid
 from pvmit.vmm.serial import COM1, LSR, LSR_IDLE, Serial
 from pvmit.x86.bits import SpecCtrl
-from pvmit.x86.registers import CPU_FACT_REGISTERS, KVM_CPUID_FEATURES, MSR_IA32_SPEC_CTRL
+from pvmit.x86.registers import CPU_FACT_REGISTERS, KVM_CPUID_FEATURES, MSR_IA32_ARCH_CAPABILITIES, MSR_IA32_SPEC_CTRL
 
 USER_SPACE_MSR_REASONS = (abi.KVM_MSR_EXIT_REASON_INVAL | abi.KVM_MSR_EXIT_REASON_UNKNOWN |
                           abi.KVM_MSR_EXIT_REASON_FILTER)
@@ -101,18 +106,21 @@ class Vmm:
             self._event(f"this KVM did not keep CPUID {leaf}: the guest does not see the personality there")
         self._apply(self.core.take_effects())
 
-    def _cpuid_differences(self, wanted: list[CpuidEntry]) -> list[str]:
-        """Registers pvmit set that KVM did not keep (some KVM builds replace leaf 7 with the host's). Only the
-        registers a personality or interface form sets are compared: KVM legitimately adjusts others (APIC ids)."""
-        got = {(e.function, e.index): e for e in self.vcpu.get_cpuid()}
-        want = {(e.function, e.index): e for e in wanted}
-        checked = [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
+    def _checked_registers(self) -> list[tuple[int, int, str]]:
+        """The CPUID registers a personality or interface form sets. Only these are compared: KVM legitimately
+        adjusts others (APIC ids, cache topology)."""
+        return [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
             (r.index, r.subleaf, r.out) for r in CPU_FACT_REGISTERS if r.kind == "cpuid"] + [
             (KVM_CPUID_FEATURES, 0, "eax")] + [(leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
                                                for r in ("eax", "ebx", "ecx", "edx")
                                                if self.config.form is Form.NEUTRAL]
+
+    def _cpuid_differences(self, wanted: list[CpuidEntry]) -> list[str]:
+        """Registers pvmit set that KVM did not keep (some KVM builds replace leaf 7 with the host's)."""
+        got = {(e.function, e.index): e for e in self.vcpu.get_cpuid()}
+        want = {(e.function, e.index): e for e in wanted}
         out = []
-        for leaf, sub, reg in checked:
+        for leaf, sub, reg in self._checked_registers():
             w, g = want.get((leaf, sub)), got.get((leaf, sub))
             if w is None:
                 continue
@@ -120,9 +128,16 @@ class Vmm:
                 out.append(f"{leaf:#x}.{sub}.{reg} (set {w.out(reg):#x}, kept {g.out(reg) if g else 0:#x})")
         return out
 
+    def guest_cpuid(self) -> dict[str, int]:
+        """What the guest sees in the checked CPUID registers, as KVM holds them ('0x7.0.edx': value). A migration
+        carries it, and the destination refuses a guest that would see a different CPU there."""
+        got = {(e.function, e.index): e for e in self.vcpu.get_cpuid()}
+        return {f"{leaf:#x}.{sub}.{reg}": got[(leaf, sub)].out(reg)
+                for leaf, sub, reg in self._checked_registers() if (leaf, sub) in got}
+
     @staticmethod
     def _ranges_for(config: InterfaceConfig) -> list[MsrRange]:
-        indices = sorted(config.msrs | {0x50000000, 0x50000001, 0x50000002, 0x4B564D80, 0x10A})
+        indices = sorted(config.msrs | ALL_INTERFACE_MSRS | {MSR_IA32_ARCH_CAPABILITIES})
         return [MsrRange(i) for i in indices]
 
     def _event(self, message: str) -> None:
@@ -147,7 +162,8 @@ class Vmm:
             poll: Callable[[], bool] | None = None) -> str:
         """Run until the guest halts ('hlt'), `poll()` returns True ('stopped'), or a limit is hit.
 
-        `poll` is asked after each port-I/O exit (a guest's heartbeat) and every 1024 exits, not after every exit.
+        `poll` is asked after each port-I/O exit (a guest's heartbeat), after a kick (KVM_EXIT_INTR) and every 1024
+        exits, not after every exit.
         """
         vcpu, counts = self.vcpu, self.counts
         self._running = True
@@ -170,8 +186,11 @@ class Vmm:
             elif reason == hlt_reason:
                 counts.hlt += 1
                 return "hlt"
-            elif reason == abi.KVM_EXIT_INTR:
+            elif reason == abi.KVM_EXIT_INTR:  # kicked (another thread wants the VMM's attention)
                 counts.other += 1
+                vcpu.request_exit(False)
+                if poll is not None and poll():
+                    return "stopped"
             else:
                 counts.other += 1
                 raise GuestStopped(f"guest stopped: {abi.EXIT_NAMES.get(reason, reason)} "
@@ -224,9 +243,12 @@ class Vmm:
     # --- applying the core's decisions -------------------------------------------------------------------------
     def _apply(self, effects: list[SpecCtrlChanged]) -> None:
         for e in effects:
-            if e.intercept and not self._intercepting and self._running:
+            # Also intercept while the guest's own value holds bits this hardware lacks: KVM would not keep them,
+            # and the guest must read back what it wrote.
+            intercept = e.intercept or bool(self.core.vcpus[e.vcpu].spec.guest & ~self._hw)
+            if intercept and not self._intercepting and self._running:
                 self.sync_spec_ctrl()  # the guest's own value so far lives in KVM; the core takes it over
-            self._set_intercept(e.intercept)
+            self._set_intercept(intercept)
             self._write_spec_ctrl(self.core.vcpus[e.vcpu].spec.effective)
             forced = [b.name for b in SpecCtrl if b & e.mask]
             if forced:
@@ -237,13 +259,20 @@ class Vmm:
                     f"in hardware {', '.join(str(n) for n in hw) or 'none'}; "
                     f"modelled only {', '.join(str(n) for n in modelled) or 'none'}")
             else:
-                self._event("nothing forced; IA32_SPEC_CTRL not intercepted")
+                self._event("nothing forced; IA32_SPEC_CTRL " + (
+                    "still intercepted: the guest's value has bits this hardware lacks" if intercept
+                    else "not intercepted"))
 
     def install_core(self, core: VmInterface) -> None:
         """Take over a core restored from a migration stream, and put what it forces into effect before the guest
         runs here."""
         self.core = core
         self._apply(core.current_effects())
+
+    def sync_core_spec_ctrl(self) -> None:
+        """Write the core's value in effect into KVM again (after a vCPU state restore on a destination that put
+        the core in place before the pause)."""
+        self._write_spec_ctrl(self.core.vcpus[0].spec.effective)
 
     def sync_spec_ctrl(self) -> None:
         """While IA32_SPEC_CTRL is not intercepted the guest's writes go to KVM; copy its value into the core
@@ -272,7 +301,7 @@ class Vmm:
         kvm_value = self.vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL)
         return {
             "guest_value": f"{s.guest:#x}", "effective": f"{s.effective:#x}",
-            "forced_mask": f"{s.mask:#x}", "forced_value": f"{s.forced:#x}", "intercepted": s.intercept,
+            "forced_mask": f"{s.mask:#x}", "forced_value": f"{s.forced:#x}", "intercepted": self._intercepting,
             "in_hardware": [b.name for b in SpecCtrl if b & s.effective & self._hw],
             "modelled_only": [b.name for b in SpecCtrl if b & s.effective & ~self._hw],
             "kvm_value": None if kvm_value is None else f"{kvm_value:#x}",
