@@ -98,3 +98,28 @@ def test_inconsistent_page_section() -> None:
         decode_pages(s)
     with pytest.raises(StreamError, match="not valid JSON"):
         Section(b"ISTA", b"{nope", 12).json()
+
+
+def test_listen_replaces_only_a_stale_unix_socket(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket as _socket
+
+    from pvmit.errors import InputError
+    from pvmit.migration.transport import Address
+
+    path = tmp_path / "vmm.sock"
+    dead = _socket.socket(_socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the path stays, nobody listens: what a VMM that was killed leaves behind
+    addr = Address.parse(f"unix:{path}")
+    live = addr.listen()
+    try:
+        with pytest.raises(InputError, match="another process is listening there"):
+            addr.listen()
+    finally:
+        live.close()
+        addr.unlink()
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(InputError, match="exists and is not a socket"):
+        addr.listen()
+    assert path.read_text() == "not a socket"
