@@ -13,7 +13,7 @@ from pvmit.guest import program
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import OperatorSettings
 from pvmit.kvm.system import Kvm, kvm_available
-from pvmit.safety.verify import promise_kept
+from pvmit.safety.verify import promise_violations
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.personality import resolve
 from pvmit.vmm.vmm import Vmm
@@ -36,7 +36,7 @@ def test_hostile_guest_cannot_break_the_promise(catalog: Catalog, form: Form) ->
         spec = vmm.core.vcpus[0].spec
         assert spec.effective & int(SpecCtrl.SSBD), "the operator's forced control was cleared"
         assert spec.effective & spec.mask == spec.forced & spec.mask
-        problems = promise_kept(vmm.core)
+        problems = promise_violations(vmm.core)
         assert not problems, problems
 
     with Kvm() as kvm:

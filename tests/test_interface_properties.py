@@ -1,6 +1,8 @@
 """Property-based tests of the protocol core: random interleavings of guest reads and writes (reserved bits and
 values beyond 64 bits included), operator changes, vCPU resets and snapshot/restore onto other hosts, with the
-invariants checked after every step."""
+invariants checked after every step, the promise among them: a reported mitigation is never left ineffective
+without its control held, unless an operator override says so (`pvmit.safety.verify.promise_violations`, the
+same check `pvmit verify` counts)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from pvmit.catalog.loader import load_catalog
 from pvmit.interface import Form, InterfaceConfig, OperatorSettings, VmInterface, decide, restore, snapshot
 from pvmit.interface.forms import ALL_INTERFACE_MSRS
-from pvmit.interface.policy import FORCEABLE
+from pvmit.interface.policy import FORCEABLE, supported_requests
+from pvmit.safety.verify import promise_violations
 from pvmit.x86.bits import SpecCtrl
 
 CATALOG = load_catalog()
@@ -41,6 +44,8 @@ class Protocol(RuleBasedStateMachine):
                 personality=st.sampled_from(MODELS), vcpus=st.integers(1, 3), ops=operator_settings())
     def boot(self, form: Form, supported: int, host: str, personality: str, vcpus: int,
              ops: OperatorSettings) -> None:
+        # A VMM promises (MITIGATION_ENUM) only what its host can honour; `supported` picks among those bits.
+        supported &= supported_requests([CATALOG.get(host).facts])
         self.vm = VmInterface(InterfaceConfig(form, supported), CATALOG.get(host).facts,
                               CATALOG.get(personality).facts, ops, vcpus)
         self.spec = [0] * vcpus
@@ -111,6 +116,7 @@ class Protocol(RuleBasedStateMachine):
             assert (s.mask, s.forced) == (again.mask, again.value)
             assert s.mask & vm.settings.force_on == vm.settings.force_on
             assert not s.effective & vm.settings.force_off
+        assert not promise_violations(vm), promise_violations(vm)
 
 
 TestProtocol = Protocol.TestCase

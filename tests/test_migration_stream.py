@@ -112,6 +112,7 @@ def test_listen_replaces_only_a_stale_unix_socket(tmp_path) -> None:  # type: ig
     dead.close()  # the path stays, nobody listens: what a VMM that was killed leaves behind
     addr = Address.parse(f"unix:{path}")
     live = addr.listen()
+    assert path.stat().st_mode & 0o777 == 0o600  # only the owner may connect
     try:
         with pytest.raises(InputError, match="another process is listening there"):
             addr.listen()

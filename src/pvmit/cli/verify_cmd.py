@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 from rich.table import Table
 
@@ -25,9 +27,15 @@ def verify(st: State, models: str, jobs: int, json_out: bool) -> int:
     for m in chosen or []:
         st.catalog.get(m)  # names are checked before any work starts
 
+    started = time.monotonic()
+
     def progress(done: int, total: int) -> None:
-        if not json_out or done == total:
-            err.print(f"verify: {done}/{total} source models", end="\r" if done < total else "\n")
+        """On a terminal one line rewritten in place; in a log, a line per tenth of the work, with elapsed time."""
+        line = f"verify: {done}/{total} source models, {time.monotonic() - started:.0f} s"
+        if err.is_terminal:
+            err.print(line, end="\r" if done < total else "\n")
+        elif done == total or done % max(1, total // 10) == 0:
+            err.print(line)
 
     tally = run_verify([str(c) for c in st.catalogs], chosen, jobs=jobs, progress=progress)
     doc = tally.to_json()

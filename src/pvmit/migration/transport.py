@@ -49,19 +49,24 @@ class Address:
         return f"tcp:{host}:{port}"
 
     def listen(self) -> socket.socket:
-        """A listening socket. A Unix socket path left by a process that died is replaced; a path that is not a
-        socket, or a socket something still listens on, is an error rather than something to delete."""
+        """A listening socket. A Unix socket is created mode 0600. A Unix socket path left by a process that died is
+        replaced; a path that is not a socket, or a socket something still listens on, is an error rather than
+        something to delete."""
         if self.family == socket.AF_UNIX:
             self._clear_stale(str(self.target))
         s = socket.socket(self.family, socket.SOCK_STREAM)
         if self.family != socket.AF_UNIX:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        old_umask = os.umask(0o177) if self.family == socket.AF_UNIX else None
         try:
-            s.bind(self.target)
+            s.bind(self.target)  # a Unix socket is created 0600: only its owner may command or feed this VMM
             s.listen(4)
         except OSError as e:
             s.close()
             raise InputError(f"cannot listen at {self}: {e.strerror or e}") from None
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
         return s
 
     def _clear_stale(self, path: str) -> None:

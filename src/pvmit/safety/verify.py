@@ -110,7 +110,7 @@ class Tally:
                 "violation_examples": [v.to_json() for v in self.violations[:limit]]}
 
 
-def promise_kept(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], Need] = need) -> list[str]:
+def promise_violations(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], Need] = need) -> list[str]:
     """Problems with the promise for `vm` on its current host: one per reported mitigation that is ineffective
     here while its control is not in effect in hardware, and is not covered by a reported operator override."""
     problems = []
@@ -150,7 +150,7 @@ def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int
     if ok != (not reported & ~vm.config.supported):
         violation("boot", f"CTRL write {reported:#x} {'accepted' if ok else 'refused'} against ENUM "
                           f"{vm.config.supported:#x}")
-    for p in promise_kept(vm, memo.need):
+    for p in promise_violations(vm, memo.need):
         violation("boot", p)
     state = json.loads(json.dumps(snapshot(vm)))
     verdict, moved = restore(state, dst.facts, decider=memo)
@@ -165,7 +165,7 @@ def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int
         tally.accepted_forced += 1
     if any(e.override for d in verdict.decisions for e in d.exposures):
         tally.overrides += 1
-    for p in promise_kept(moved, memo.need):
+    for p in promise_violations(moved, memo.need):
         violation("after migration", p)
     for value in LATER_WRITES:
         before = moved.vcpus[0].ctrl
@@ -173,7 +173,7 @@ def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int
         if not accepted and moved.vcpus[0].ctrl != before:
             violation("later write", f"refused CTRL write {value:#x} changed the register")
         moved.wrmsr(0, 0x48, 0)  # the guest tries to clear whatever is forced
-        for p in promise_kept(moved, memo.need):
+        for p in promise_violations(moved, memo.need):
             violation(f"later CTRL write {value:#x}", p)
 
 
