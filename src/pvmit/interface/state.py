@@ -95,6 +95,19 @@ def _parse(state: dict[str, Any]) -> tuple[InterfaceConfig, CpuFacts, OperatorSe
     return config, personality, settings, parsed
 
 
+def broken_promises(supported: int, host: CpuFacts) -> tuple[str, ...]:
+    """Why `host` cannot honour request bits the VM was promised in MITIGATION_ENUM (empty when it can): the guest
+    read them once at boot and may report any of them later, so each must stay effective or forceable here."""
+    reasons = []
+    for m in Mitigation:
+        if supported & m.request_bit:
+            ok, why = can_honour(host, m)
+            if not ok:
+                reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
+                               f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    return tuple(reasons)
+
+
 def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None) -> Verdict:
     """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
 
@@ -108,12 +121,7 @@ def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | No
     warnings: list[str] = []
     decisions: list[Decision] = []
     changes: list[Change] = []
-    for m in Mitigation:
-        if config.supported & m.request_bit:
-            ok, why = can_honour(host, m)
-            if not ok:
-                reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
-                               f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    reasons.extend(broken_promises(config.supported, host))
     for i, v in enumerate(vcpus):
         reliance = mitigations_from_bits(v["ctrl"]) if v["reported"] else None
         d = decide(host, reliance, personality, settings)
