@@ -54,6 +54,8 @@ def _register() -> None:
     cli.add_command(bench_cmd.bench)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
+    from pvmit.cli.fleet_cmd import fleet
+    cli.add_command(fleet)
 
 
 _register()
