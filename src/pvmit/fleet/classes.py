@@ -293,7 +293,7 @@ def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
     for i in range(src.num_rows):
         row = int(src.rows[i])
         problems: list[tuple[str, str | None]] = []
-        name = d["name"][i]
+        name = (d["name"][i] or "").strip()
         if not name:
             problems.append(("name", "required, but empty"))
         elif name in seen:
@@ -329,69 +329,94 @@ def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
 
 # --- VMs ------------------------------------------------------------------------------------------------------
 
+DUPLICATES_NAMED = 1000
+"""Duplicate VM names reported one by one with the earlier row; beyond that, one message for the rest."""
+
+
 def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray) -> None:
+    """Empty names, and every later row of a name an earlier row has. One sort of the names, no hash table."""
     col = src.data.column("name")
+    n = len(col)
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
     missing = empty.to_numpy(zero_copy_only=False) & ~bad
     if missing.any():
         errors.add(src.file, src.table, "name", "required, but empty", src.rows[missing])
         bad |= missing
-    if len(pc.unique(col)) == len(col):  # the common case, one hash pass (nulls were counted above)
+    if n < 2:
         return
-    counts = pc.value_counts(col)
-    dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    dup_rows = np.flatnonzero(pc.is_in(col, value_set=dups).to_numpy(zero_copy_only=False))
-    first: dict[str, int] = {}
-    for i in dup_rows:
-        name = col[int(i)].as_py()
-        if name in first:
-            if not bad[i]:
-                errors.add(src.file, src.table, "name", f"duplicate VM name {name!r} (first at row {first[name]})",
-                           [int(src.rows[i])])
-                bad[i] = True
-        else:
-            first[name] = int(src.rows[i])
+    order = pc.sort_indices(col)  # stable: of equal names, the earlier row comes first
+    ordered = col.take(order)
+    same = pc.fill_null(pc.equal(ordered.slice(1), ordered.slice(0, n - 1)), False)
+    same_np = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+    if not same_np.any():
+        return
+    order_np = np.asarray(order.to_numpy(zero_copy_only=False), dtype=np.int64)
+    pos = np.arange(n)
+    run_start = np.maximum.accumulate(np.where(np.r_[True, ~same_np], pos, 0))
+    later = np.flatnonzero(same_np) + 1
+    rows, firsts = order_np[later], order_np[run_start[later]]
+    keep = ~bad[rows]
+    rows, firsts = rows[keep], firsts[keep]
+    for r, f in zip(rows[:DUPLICATES_NAMED].tolist(), firsts[:DUPLICATES_NAMED].tolist(), strict=True):
+        errors.add(src.file, src.table, "name", f"duplicate VM name {col[r].as_py()!r} (first at row "
+                                                f"{int(src.rows[f])})", [int(src.rows[r])])
+    if rows.size > DUPLICATES_NAMED:
+        errors.add(src.file, src.table, "name", "duplicate VM name (an earlier row has it)",
+                   src.rows[rows[DUPLICATES_NAMED:]])
+    bad[rows] = True
 
 
 def _vm_hosts(src: TableSource, hosts: _Hosts, errors: ErrorLog, bad: BoolArray) -> IntArray:
-    col = src.data.column("host")
-    idx = pc.index_in(col, value_set=pa.array(hosts.names, type=pa.string()))
-    host: IntArray = np.asarray(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    unknown = (host < 0) & ~bad
-    if unknown.any():
-        sub = src.data.column("host").filter(pa.array(unknown))
-        values, codes = encode(sub)
-        messages: list[str | None] = []
-        for v in values:
-            if v in hosts.invalid:
-                messages.append(f"host {v!r} is wrong in its own row (hosts row {hosts.invalid[v]})")
-            else:
-                messages.append(f"no host named {v!r} in the inventory")
-        sub_src = TableSource(src.file, src.table, src.data, src.rows[unknown], src.bad, src.base_dir)
-        sub_bad = np.zeros(int(unknown.sum()), dtype=bool)
-        _log_by_code(errors, sub_src, "host", messages, codes, sub_bad)
-        nulls = codes < 0
-        if nulls.any():
-            errors.add(src.file, src.table, "host", "required, but empty", sub_src.rows[nulls])
-        bad |= unknown
+    """Each VM's host as an index into the valid hosts, through the column's distinct values (-1: none)."""
+    values, codes = encode(src.data.column("host"))
+    index = {name: i for i, name in enumerate(hosts.names)}
+    lookup = np.full(len(values) + 1, -1, dtype=np.int64)  # [-1] -> -1 for absent cells
+    messages: list[str | None] = []
+    for k, v in enumerate(values):
+        name = (v or "").strip()
+        if not name:
+            messages.append(None)
+        elif name in index:
+            lookup[k] = index[name]
+            messages.append(None)
+        elif name in hosts.invalid:
+            messages.append(f"host {name!r} is wrong in its own row (hosts row {hosts.invalid[name]})")
+        else:
+            messages.append(f"no host named {name!r} in the inventory")
+    host: IntArray = lookup[codes]
+    _log_by_code(errors, src, "host", messages, codes, bad)
+    blank = np.array([not (v or "").strip() for v in values] + [True], dtype=bool)
+    missing = blank[codes] & ~bad
+    if missing.any():
+        errors.add(src.file, src.table, "host", "required, but empty", src.rows[missing])
+        bad |= missing
     return host
 
 
 def _combine(codes: Sequence[IntArray]) -> tuple[IntArray, IntArray]:
-    """Rows with equal codes in every column -> one group: (index of a representative row per group, group of
-    each row), by mixed-radix keys where they fit in 63 bits, else by a row-wise unique."""
+    """Rows with equal codes in every column -> one group: (index of the first row of each group, group of each
+    row). Mixed-radix keys; a dense table of keys where the key space is small (no sort), else a sort."""
     n = codes[0].size if codes else 0
     if n == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     sizes = [int(c.max()) + 2 for c in codes]
-    if float(np.prod(np.array(sizes, dtype=np.float64))) < 2.0 ** 62:
-        key = np.zeros(n, dtype=np.int64)
-        for c, s in zip(codes, sizes, strict=True):
-            key = key * s + (c + 1)
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    else:
+    space = float(np.prod(np.array(sizes, dtype=np.float64)))
+    if space >= 2.0 ** 62:
         _, first, inverse = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_inverse=True)
-    return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+        return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+    key = np.zeros(n, dtype=np.int64)
+    for c, s in zip(codes, sizes, strict=True):
+        key = key * s + (c + 1)
+    if space > 4 * n + 1_000_000:
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+    first_of = np.full(int(space), n, dtype=np.int64)
+    np.minimum.at(first_of, key, np.arange(n, dtype=np.int64))
+    present = np.flatnonzero(first_of < n)
+    group_of = np.full(int(space), -1, dtype=np.int64)
+    order = np.argsort(first_of[present], kind="stable")  # groups numbered by their first row
+    group_of[present[order]] = np.arange(present.size, dtype=np.int64)
+    return first_of[present[order]], group_of[key]
 
 
 def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
