@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pvmit import __version__
+from pvmit.catalog.facts import CpuFacts
 from pvmit.fleet.plan import VERDICTS, Plan, Verdict
 
 MAX_VM_ROWS = 100_000
@@ -110,6 +111,7 @@ table.heatmap thead th div { writing-mode: vertical-rl; transform: rotate(180deg
 table.heatmap tbody th { left: 0; text-align: right; padding-right: 6px; z-index: 1; }
 table.heatmap td { width: 14px; min-width: 14px; height: 16px; cursor: pointer; border-radius: 2px; }
 table.heatmap td.sel { outline: 2px solid #1d2330; }
+table.heatmap td.w, .sw.w { background-image: radial-gradient(circle, #fff 2px, transparent 2.6px); }
 #cell-detail { margin-top: 10px; padding: 10px; border-left: 4px solid var(--line); background: #fafbfd;
                white-space: pre-wrap; min-height: 2em; }
 .bars .row { display: grid; grid-template-columns: 60px 1fr 120px; align-items: center; gap: 8px; margin: 3px 0; }
@@ -218,20 +220,27 @@ def _card(n: int, label: str, tone: str = "") -> str:
 def _heatmap(plan: Plan, max_columns: int) -> str:
     f = plan.fleet
     nvc = len(f.vm_classes)
-    cols = [int(i) for i in np.argsort(-plan.vm_class_size, kind="stable")[:max_columns]] if nvc else []
+    largest = [int(i) for i in np.argsort(-plan.vm_class_size, kind="stable")[:max_columns]] if nvc else []
+
+    def cpu_order(facts: CpuFacts, label: str) -> tuple[str, int, int, str]:
+        return facts.vendor, facts.family, facts.model, label  # roughly by generation within a vendor
+
+    cols = sorted(largest, key=lambda i: (cpu_order(f.vm_classes[i].facts, f.vm_classes[i].label), i))
     head = "".join(f'<th title="{_e(f"C{i}: {f.vm_classes[i].label} ({int(plan.vm_class_size[i]):,} VMs)")}">'
                    f"<div>C{i} {_e(f.vm_classes[i].personality)} / {_e(f.vm_classes[i].mitigations)}</div></th>"
                    for i in cols)
-    # rows: host classes grouped by CPU model
-    order = sorted(range(len(f.host_classes)), key=lambda j: (f.host_classes[j].cpu, j))
+    order = sorted(range(len(f.host_classes)), key=lambda j: (cpu_order(f.host_classes[j].facts,
+                                                                       f.host_classes[j].label), j))
     body = []
     for j in order:
         hc = f.host_classes[j]
         cells = []
         for i in cols:
             m = plan.moves[int(plan.move_of[i, j])]
-            tip = m.verdict.word + (": " + ", ".join(m.forced) if m.forced else "")
-            cells.append(f'<td class="v-{m.verdict.word}" data-c="{i}" data-m="{int(plan.move_of[i, j])}" '
+            tip = m.verdict.word + (": " + ", ".join(m.forced) if m.forced else "") + \
+                (" (with warnings)" if m.warnings else "")
+            warned = " w" if m.warnings else ""
+            cells.append(f'<td class="v-{m.verdict.word}{warned}" data-c="{i}" data-m="{int(plan.move_of[i, j])}" '
                          f'title="{_e(tip)}"></td>')
         body.append(f'<tr data-h="{j}"><th title="{_e(hc.label)} ({int(plan.host_class_size[j]):,} hosts)">'
                     f"H{j} {_e(hc.label)} <span class='muted'>({int(plan.host_class_size[j]):,})</span></th>"
@@ -300,7 +309,8 @@ def render_report(plan: Plan, title: str = "pvmit fleet report", max_vm_rows: in
         strand_html = (f"<p><b>{stranded.size:,} VMs have no safe destination outside their host</b>, e.g. "
                        + _e(", ".join(names)) + ". Search the VMs table for <i>no</i> under “can move”.</p>")
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
-    legend = "".join(f'<span><i class="sw v-{v.word}"></i>{v.word}</span>' for v in VERDICTS)
+    legend = "".join(f'<span><i class="sw v-{v.word}"></i>{v.word}</span>' for v in VERDICTS) + \
+        '<span><i class="sw w" style="background-color:#777"></i>with warnings</span>'
     sources = ", ".join(f"{k}: {v}" for k, v in f.sources.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -311,7 +321,9 @@ def render_report(plan: Plan, title: str = "pvmit fleet report", max_vm_rows: in
 {err_html}
 <section id="heat"><h2>Host classes against VM classes</h2>
 <p class="legend muted">{legend} &middot; safe: nothing forced; forced: safe because IA32_SPEC_CTRL controls are forced
-there; exposed: a mitigation the VM relies on (or was promised) cannot be kept effective. Click a cell for the
+there; exposed: a mitigation the VM relies on (or was promised) cannot be kept effective. A dot: the policy
+warns (a trusted unenlightened guest probably relies on something ineffective there, or a forced control is only
+modelled). Rows: host classes (CPU, operator settings, hosts); columns: VM classes. Click a cell for the
 reasons.</p>{_heatmap(plan, max_heatmap_columns)}<div id="cell-detail" class="muted">Click a cell.</div></section>
 <section id="pools"><h2>Migration pools</h2>{_pools(plan)}</section>
 {_table("vms", "VMs", "VMs, hosts, classes, pools, verdicts")}
