@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -20,7 +20,9 @@ from rich.table import Table
 from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, err, esc, out, warn
 from pvmit.errors import InputError
-from pvmit.fleet.plan import VERDICTS, Plan
+
+if TYPE_CHECKING:  # numpy and pyarrow load only when a fleet command runs, not with every pvmit command
+    from pvmit.fleet.plan import Plan
 
 PROGRESS_FROM = 100_000
 """Rows from which stage progress is shown on stderr without --progress."""
@@ -198,6 +200,8 @@ def _print_summary(p: Plan) -> None:
 def _print_vm(p: Plan, name: str) -> None:
     import numpy as np
     import pyarrow.compute as pc
+
+    from pvmit.fleet.plan import VERDICTS
 
     f = p.fleet
     i = pc.index(f.vm_names, name).as_py()
