@@ -43,7 +43,7 @@ class Stages:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            err.print(esc(f"fleet: {message}"))
+            click.echo(f"fleet: {message}", err=True)
 
     def done(self, stage: str, message: str) -> None:
         now = time.perf_counter()
@@ -134,7 +134,7 @@ def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: s
         paths = write_tables(p, output, fmt, per_vm)
         stages.done("write", f"wrote {len(paths)} tables to {output}")
         if not json_out:
-            err.print(esc(f"pvmit: wrote {', '.join(str(x) for x in paths)}"))
+            click.echo(f"pvmit: wrote {', '.join(str(x) for x in paths)}", err=True)
     if json_out:
         from pvmit.fleet.document import plan_document
 
