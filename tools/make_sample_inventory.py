@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from pvmit.catalog.loader import load_catalog
-from pvmit.fleet.generate import _records, generate
+from pvmit.fleet.generate import as_records, generate
 from pvmit.fleet.inventory import SCHEMA
 
 OUT = Path(__file__).resolve().parent.parent / "src" / "pvmit" / "fleet" / "data" / "sample-inventory.json"
@@ -47,13 +47,13 @@ def main() -> None:
     catalog = load_catalog()
     hosts, vms = generate(catalog, 300, 40, seed=7, sites=2)
     host_doc = json.loads(args.host_json.read_text())
-    host_rows = _records(hosts) + [{"name": "lab-epyc-01", "cpu": host_doc["facts"], "cluster": "lab"}]
+    host_rows = as_records(hosts) + [{"name": "lab-epyc-01", "cpu": host_doc["facts"], "cluster": "lab"}]
     first_of = {}  # the first host of each catalog model, for the hand-written VMs ("{model}" in EXTRA_VMS)
     for h in host_rows:
         if isinstance(h["cpu"], str):
             first_of.setdefault("{" + h["cpu"] + "}", h["name"])
     extra = [{**v, "host": first_of.get(v["host"], v["host"])} for v in EXTRA_VMS]
-    doc = {"schema": SCHEMA, "hosts": host_rows, "vms": _records(vms) + extra}
+    doc = {"schema": SCHEMA, "hosts": host_rows, "vms": as_records(vms) + extra}
     text = json.dumps(doc, indent=1)
     args.output.write_text(text + "\n", encoding="utf-8")
     print(f"wrote {args.output}: {len(host_rows)} hosts, {len(doc['vms'])} VMs")

@@ -68,7 +68,7 @@ def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, s
     if vms < 0 or hosts < 1 or cores < 1:
         raise click.BadParameter("--vms must be >= 0, --hosts and --cores >= 1")
     doc = run_fleet(st.catalog, None if inventory else vms, None if inventory else hosts, cores, inventory, seed,
-                    tuple(st.catalogs), progress=lambda m: err.print(esc(f"bench: {m}")))
+                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {m}", err=True))
     if json_out:
         emit_json(doc)
         return 0 if doc["within_targets"] else 1

@@ -188,7 +188,9 @@ def _print_summary(p: Plan) -> None:
                   f"{pl.forcing_hosts:,}")
     out.print(t)
     stranded = p.stranded
-    if stranded.size:
+    if not f.num_vms:
+        out.print("No VMs to plan.")
+    elif stranded.size:
         names = f.vm_names.take(stranded[:SHOWN]).to_pylist()
         more = f" and {stranded.size - SHOWN:,} more" if stranded.size > SHOWN else ""
         out.print(f"[red]{stranded.size:,} VMs have no safe destination outside their host:[/] "

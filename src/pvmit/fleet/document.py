@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from pvmit.errors import InputError
 from pvmit.fleet.plan import VERDICTS, Plan
+from pvmit.fleet.tables import MOVES_LIMIT
 
 SCHEMA = "pvmit.fleet-plan/1"
 ERRORS_SHOWN = 1000
@@ -20,6 +22,9 @@ ERRORS_SHOWN = 1000
 
 def plan_document(plan: Plan, per_vm: bool = False) -> dict[str, Any]:
     f = plan.fleet
+    if per_vm and f.num_vms * max(f.num_hosts - 1, 0) > MOVES_LIMIT:
+        raise InputError(f"per-VM destination lists would name {f.num_vms * (f.num_hosts - 1):,} hosts (VMs x "
+                         f"hosts), more than {MOVES_LIMIT:,}; the per-class answers in the document hold the same")
     pools = [p.id for p in plan.pools]
     hosts_by_class: list[list[str]] = [[] for _ in f.host_classes]
     for name, k in zip(f.host_names, f.host_class.tolist(), strict=True):

@@ -164,7 +164,7 @@ def generate(catalog: Catalog, vms: int, hosts: int, seed: int = 1, passthrough:
 def write_inventory(hosts: pa.Table, vms: pa.Table, out: Path, fmt: str = "parquet") -> list[Path]:
     """A .json path gets one JSON inventory; any other path is a directory with hosts.<fmt> and vms.<fmt>."""
     if out.suffix.lower() == ".json":
-        doc = {"schema": SCHEMA, "hosts": _records(hosts), "vms": _records(vms)}
+        doc = {"schema": SCHEMA, "hosts": as_records(hosts), "vms": as_records(vms)}
         out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         return [out]
     if fmt not in ("parquet", "csv", "json"):
@@ -180,7 +180,8 @@ def _plain(t: pa.Table) -> pa.Table:
     return pa.table({c: t.column(c).cast(pa.string()) for c in t.column_names})
 
 
-def _records(t: pa.Table) -> list[dict[str, Any]]:
+def as_records(t: pa.Table) -> list[dict[str, Any]]:
+    """Rows as JSON objects, absent cells left out."""
     return [{k: v for k, v in r.items() if v is not None} for r in _plain(t).to_pylist()]
 
 
@@ -190,4 +191,4 @@ def sample_path() -> Path:
     return Path(str(p))
 
 
-__all__ = ["MIX", "Kind", "generate", "sample_path", "write_inventory"]
+__all__ = ["MIX", "Kind", "as_records", "generate", "sample_path", "write_inventory"]

@@ -200,7 +200,11 @@ function setupTable(id) {
     if (spec.total > spec.rows.length) text += "; the report holds " + spec.rows.length + " of " + spec.total;
     count.textContent = text;
   }
-  input.addEventListener("input", render);
+  let timer = 0;  // large tables: filter once typing pauses, not on every key
+  input.addEventListener("input", () => {
+    clearTimeout(timer);
+    if (spec.rows.length < 20000) render(); else timer = setTimeout(render, 150);
+  });
   render();
 }
 setupHeatmap();
