@@ -100,7 +100,7 @@ class Resolver:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self._hosts: dict[tuple[str, Path], tuple[str, str, CpuFacts]] = {}
-        self._personalities: dict[tuple[str, Path], tuple[str, str, CpuFacts]] = {}
+        self._personalities: dict[tuple[str, Path], tuple[str, str, CpuFacts] | str] = {}  # str: why not
 
     def host_cpu(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
         """(key, label, facts) for a catalog model name, inline facts JSON, or a path to `pvmit host --json`."""
@@ -149,14 +149,13 @@ class Resolver:
                 name = str(base / name)
             try:
                 p = resolve(self.catalog, name)
-            except PvmitError as e:
-                self._personalities[k] = ("", str(e), CpuFacts("intel", 0, 0, None, {}))
-            else:
                 self._personalities[k] = (p.origin, p.name, p.facts)
-        key, label, facts = self._personalities[k]
-        if not key:
-            raise ValueError(label)
-        return key, label, facts
+            except PvmitError as e:
+                self._personalities[k] = str(e)
+        got = self._personalities[k]
+        if isinstance(got, str):
+            raise ValueError(got)
+        return got
 
 
 @dataclass

@@ -8,6 +8,7 @@ hosts  name         unique host name
        cpu          a catalog model (any name `pvmit catalog` accepts), or the JSON `pvmit host --json` writes
                     (the whole document or its `facts`), inline or as a path to a .json file
        cluster      optional: the hosts among which the VMM computes MITIGATION_ENUM for the VMs booted there
+                    (hosts without one form one cluster together)
        force_on, force_off, unreported
                     optional operator settings for every VM on this host (`pvmit policy` spells them the same);
                     where given they replace the VM's own, as `interface.state.check` takes the destination's
