@@ -187,3 +187,22 @@ def test_report_in_headless_chromium(catalog: Catalog, tmp_path: Path, browser: 
     # pools
     assert len(d.find_elements(By.CSS_SELECTOR, "#pools .row[data-pool]")) == len(p.pools)
     assert [e for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_screenshot_tool(catalog: Catalog, tmp_path: Path) -> None:
+    """tools/screenshot_report.py writes a PNG of the whole page."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _driver(tmp_path / "probe").quit()  # skips where there is no browser
+    report = tmp_path / "r.html"
+    report.write_text(render_report(_fleet(catalog, tmp_path)))
+    out = tmp_path / "r.png"
+    subprocess.run([sys.executable, str(REPO / "tools" / "screenshot_report.py"), str(report), "-o", str(out),
+                    "--width", "900"], check=True, capture_output=True, timeout=120)
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 880 and height > 1000  # the whole page, not just the window

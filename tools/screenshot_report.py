@@ -9,6 +9,7 @@ Without REPORT.html, writes the report of the shipped sample inventory first. Th
 from __future__ import annotations
 
 import argparse
+import base64
 import shutil
 import subprocess
 import sys
@@ -47,12 +48,15 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "pvmit", "fleet", "report", "--quiet", "-o", str(report),
                             str(Path(__file__).resolve().parent.parent / "src/pvmit/fleet/data/sample-inventory.json")],
                            check=True)
-        d = chrome(Path(tmp) / "profile", args.width, 900)
+        d = chrome(Path(tmp) / "profile", args.width, 1000)
         try:
             d.get(report.resolve().as_uri())
-            height = d.execute_script("return document.documentElement.scrollHeight")
-            d.set_window_size(args.width, min(int(height) + 40, 16000))
-            d.save_screenshot(str(args.output))
+            # the whole page at this viewport (so tables keep their 60vh height), through the DevTools protocol
+            size = d.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+            shot = d.execute_cdp_cmd("Page.captureScreenshot", {
+                "format": "png", "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 16000), "scale": 1}})
+            args.output.write_bytes(base64.b64decode(shot["data"]))
         finally:
             d.quit()
     print(f"wrote {args.output}")

@@ -315,7 +315,9 @@ def render_report(plan: Plan, title: str = "pvmit fleet report", max_vm_rows: in
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     legend = "".join(f'<span><i class="sw v-{v.word}"></i>{v.word}</span>' for v in VERDICTS) + \
         '<span><i class="sw w" style="background-color:#777"></i>with warnings</span>'
-    sources = ", ".join(f"{k}: {v}" for k, v in f.sources.items())
+    files = set(f.sources.values())
+    sources = f"inventory: {next(iter(files))}" if len(files) == 1 else \
+        ", ".join(f"{k}: {v}" for k, v in f.sources.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title><style>{_CSS}</style></head>
