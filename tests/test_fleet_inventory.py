@@ -199,3 +199,17 @@ def test_error_log_orders_hosts_first_then_rows() -> None:
                                                                 ("vms", 2, "name"), ("vms", 5, "host")]
     assert log.total == 4 and len(log.first(2)) == 2
     assert str(RowError("f.csv", "vms", 3, "form", "bad")) == "f.csv: vms row 3: field 'form': bad"
+
+
+def test_live_hosts_with_the_same_bits_are_one_class(catalog: Catalog, tmp_path: Path) -> None:
+    facts = catalog.get("sapphirerapids").facts.to_json()
+    other_source = json.loads(json.dumps(facts))
+    other_source["identity_source"] = "another reading"
+    for r in other_source["registers"].values():
+        r["sources"] = {"*": "read on another day"}
+    other_bits = json.loads(json.dumps(facts))
+    other_bits["registers"]["cpuid_7_2_edx"]["value"] = "0x0"
+    hosts = [host("a", facts), host("b", other_source), host("c", other_bits)]
+    f = load(catalog, write_json(tmp_path / "inv.json", hosts, [vm("v", "a", "icelake-sp", "none")]))
+    assert not f.errors
+    assert f.host_class.tolist() == [0, 0, 1]

@@ -94,6 +94,15 @@ class VmClass:
                 "settings": self.settings.to_json(), "label": self.label}
 
 
+def facts_digest(facts: CpuFacts) -> str:
+    """What makes two CPUs' facts the same for the policy: identity and every register's known, set and inferred
+    bits. Source texts are left out, so hosts read the same way collapse into one class (reasons then cite the
+    sources of the first such host)."""
+    regs = {k: [r.value, r.known, r.inferred] for k, r in sorted(facts.registers.items())}
+    ident = [facts.vendor, facts.family, facts.model, facts.stepping]
+    return hashlib.sha256(json.dumps([ident, regs]).encode()).hexdigest()[:10]
+
+
 class Resolver:
     """Cell values -> CPU facts through the catalog and the files cells name (relative to the table's file)."""
 
@@ -130,7 +139,7 @@ class Resolver:
                     raise ValueError("the `pvmit host` document has no facts (that host's CPU could not be read)")
                 doc = doc["facts"]
             facts = CpuFacts.from_json(doc)
-            digest = hashlib.sha256(json.dumps(facts.to_json(), sort_keys=True).encode()).hexdigest()[:10]
+            digest = facts_digest(facts)
             near = self.catalog.by_identity(facts.vendor, facts.family, facts.model)
             like = near[0].id if len(near) == 1 else f"{facts.vendor} {facts.family:#x}/{facts.model:#x}"
             return f"facts:{digest}", f"{like} (host facts {digest[:6]})", facts
