@@ -124,7 +124,8 @@ def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: s
              vms: tuple[str, ...], strict: bool, progress: bool | None, json_out: bool) -> int:
     """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files): per
     VM the destinations that are safe as they are, safe only with forced controls (which, and why), or would
-    leave it exposed (why); the migration pools; the VMs with no safe destination outside their host."""
+    leave it exposed (why); the migration pools; the VMs with no safe destination outside their host. Exit 2 when
+    some rows were wrong: they are named on stderr and left out, and the rest is planned."""
     stages = Stages(progress)
     p = load_plan(st, inventory, strict, stages)
     _report_errors(p)
