@@ -59,6 +59,8 @@ def _register() -> None:
     cli.add_command(verify_cmd.verify)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
+    from pvmit.cli.fleet_cmd import fleet
+    cli.add_command(fleet)
 
 
 _register()

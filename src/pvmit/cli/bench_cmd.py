@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pvmit.cli.app import State, json_option, pass_state
@@ -75,3 +77,41 @@ def migrate(st: State, sizes: str, repeats: int, json_out: bool) -> int:
     out.print(f"medians of {repeats} runs. checks: pvmit's interface checks after the pause (target under 1% of the "
               "downtime); apply: putting the forced controls into KVM (MSR filter, IA32_SPEC_CTRL)")
     return 0
+
+
+@bench.command("fleet")
+@click.option("--vms", default=1_000_000, show_default=True, help="VMs in the generated inventory.")
+@click.option("--hosts", default=10_000, show_default=True, help="Hosts in the generated inventory.")
+@click.option("--cores", default=2, show_default=True, help="CPUs the planner process is pinned to.")
+@click.option("--inventory", type=click.Path(exists=True, path_type=Path), default=None, metavar="PATH",
+              help="Plan this inventory instead of generating one.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the generated fleet.")
+@json_option
+@pass_state
+def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, seed: int, json_out: bool) -> int:
+    """Plan a large fleet end to end (a generated 1M-VM, 10k-host Parquet inventory by default) in a fresh
+    process pinned to --cores CPUs; print seconds and peak memory against the targets (10 s, 2 GiB). Exit 1 when
+    a target is missed or the planner fails."""
+    from pvmit.bench.fleet import run as run_fleet
+
+    if vms < 0 or hosts < 1 or cores < 1:
+        raise click.BadParameter("--vms must be >= 0, --hosts and --cores >= 1")
+    doc = run_fleet(st.catalog, None if inventory else vms, None if inventory else hosts, cores, inventory, seed,
+                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {m}", err=True))
+    if json_out:
+        emit_json(doc)
+        return 0 if doc["within_targets"] else 1
+    n_vms = f"{doc['vms']:,}" if doc["vms"] is not None else "?"
+    n_hosts = f"{doc['hosts']:,}" if doc["hosts"] is not None else "?"
+    out.print(f"fleet plan of {n_vms} VMs over {n_hosts} hosts, end to end on {doc['cores']} cores "
+              f"(CPUs {doc['cpus']}), Parquet inventory of {doc['inventory_bytes'] / 2**20:.1f} MiB")
+    out.print(f"  seconds:   {doc['seconds']:7.2f} s    target < {doc['target_seconds']:.0f} s    "
+              f"ratio {doc['seconds_ratio']:.3f}")
+    out.print(f"  CPU time:  {doc['cpu_seconds']:7.2f} s    (user + system; load average "
+              f"{doc['load_average'][0]:.2f} on this machine)")
+    out.print(f"  peak RSS:  {doc['peak_rss_bytes'] / 2**20:7.0f} MiB  target < "
+              f"{doc['target_rss_bytes'] / 2**20:.0f} MiB  ratio {doc['rss_ratio']:.3f}")
+    if doc["exit_status"] != 0:
+        out.print(f"[red]the planner exited with status {doc['exit_status']}[/]")
+    out.print("[green]within targets[/]" if doc["within_targets"] else "[red]target missed[/]")
+    return 0 if doc["within_targets"] else 1

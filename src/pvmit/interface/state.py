@@ -103,6 +103,19 @@ def _parse_vcpus(state: dict[str, Any], config: InterfaceConfig) -> list[dict[st
     return parsed
 
 
+def broken_promises(supported: int, host: CpuFacts) -> tuple[str, ...]:
+    """Why `host` cannot honour request bits the VM was promised in MITIGATION_ENUM (empty when it can): the guest
+    read them once at boot and may report any of them later, so each must stay effective or forceable here."""
+    reasons = []
+    for m in Mitigation:
+        if supported & m.request_bit:
+            ok, why = can_honour(host, m)
+            if not ok:
+                reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
+                               f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    return tuple(reasons)
+
+
 @dataclass
 class Prepared:
     """A destination's view of a VM, worked out before the source pauses: every decision the guest's vCPUs can
@@ -128,13 +141,7 @@ def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | 
     `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
     settings = settings if settings is not None else carried  # the operator's settings travel with the VM
-    reasons = []
-    for m in Mitigation:
-        if config.supported & m.request_bit:
-            ok, why = can_honour(host, m)
-            if not ok:
-                reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
-                               f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
+    reasons = list(broken_promises(config.supported, host))
     offered = [m for m in Mitigation if config.supported & m.request_bit]
     reports: list[frozenset[Mitigation] | None] = [None] + [
         frozenset(m for j, m in enumerate(offered) if k >> j & 1) for k in range(1 << len(offered))]

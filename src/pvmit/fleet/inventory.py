@@ -1,0 +1,479 @@
+"""The fleet inventory: a table of hosts and a table of VMs, read from JSON, CSV or Parquet.
+
+An inventory is one JSON file `{"hosts": [...], "vms": [...]}`, or a directory holding `hosts.<ext>` and
+`vms.<ext>` (ext: parquet, csv or json, each table on its own), or the two table files named in that order.
+Every cell is text (lists are also accepted in JSON); empty cells are absent. Columns:
+
+hosts  name         unique host name
+       cpu          a catalog model (any name `pvmit catalog` accepts), or the JSON `pvmit host --json` writes
+                    (the whole document or its `facts`), inline or as a path to a .json file
+       cluster      optional: the hosts among which the VMM computes MITIGATION_ENUM for the VMs booted there
+                    (hosts without one form one cluster together)
+       force_on, force_off, unreported
+                    optional operator settings for every VM on this host (`pvmit policy` spells them the same);
+                    where given they replace the VM's own, as `interface.state.check` takes the destination's
+vms    name         unique VM name
+       host         the host it runs on now
+       personality  the CPU personality it was booted with: catalog model, built-in template or .toml file
+       mitigations  what it reported through the interface: retpoline, bhb-short, both (comma-separated), none,
+                    or unenlightened (it never reported)
+       form         the interface form its VMM offers: intel, kvm, neutral, or none (then it is unenlightened)
+       supported    optional MITIGATION_ENUM it was promised; by default what every host of its host's cluster
+                    can honour (`policy.supported_requests`), plus anything it reported (a guest can only report
+                    bits it was offered)
+       force_on, force_off, unreported
+                    optional operator settings that travel with the VM
+
+Readers only turn files into string tables and row numbers; what a value means is checked by `classes`, once per
+distinct value. A wrong row is reported with file, row and field, and the other rows are still used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pvmit.derive import Mitigation, mitigations_to_bits
+from pvmit.errors import InputError
+from pvmit.interface.forms import Form
+from pvmit.interface.policy import FORCEABLE, OperatorSettings
+from pvmit.x86.bits import SpecCtrl
+
+SCHEMA = "pvmit.fleet-inventory/1"
+SETTINGS_COLUMNS = ("force_on", "force_off", "unreported")
+HOST_COLUMNS: dict[str, bool] = {"name": True, "cpu": True, "cluster": False,
+                                 **dict.fromkeys(SETTINGS_COLUMNS, False)}
+VM_COLUMNS: dict[str, bool] = {"name": True, "host": True, "personality": True, "mitigations": True, "form": True,
+                               "supported": False, **dict.fromkeys(SETTINGS_COLUMNS, False)}
+COLUMNS = {"hosts": HOST_COLUMNS, "vms": VM_COLUMNS}
+"""Column name -> required, per table."""
+TABLE_EXTENSIONS = (".parquet", ".csv", ".json")
+UNENLIGHTENED = ("unenlightened", "unreported")
+
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One wrong cell: `row` counts data rows from 1 in the file (0: the file or its header)."""
+
+    file: str
+    table: str
+    row: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.table} row {self.row}" if self.row else self.table
+        return f"{self.file}: {where}: field {self.field!r}: {self.message}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"file": self.file, "table": self.table, "row": self.row, "field": self.field,
+                "message": self.message}
+
+
+@dataclass
+class ErrorLog:
+    """Row errors grouped by (file, table, field, message), each with the rows it applies to, so that a
+    million rows with one bad value cost an array rather than a million objects."""
+
+    groups: list[tuple[str, str, str, str, IntArray]] = field(default_factory=list)
+
+    def add(self, file: str, table: str, field_: str, message: str, rows: Iterable[int] | IntArray) -> None:
+        arr = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64)
+        if arr.size:
+            self.groups.append((file, table, field_, message, arr))
+
+    @property
+    def total(self) -> int:
+        return sum(int(g[4].size) for g in self.groups)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def first(self, n: int | None = None) -> list[RowError]:
+        """The first `n` errors (all when None), hosts before VMs, in row order."""
+        if not self.groups:
+            return []
+        order = {"hosts": 0, "vms": 1}
+        tbl = np.concatenate([np.full(g[4].size, order.get(g[1], 2), dtype=np.int64) for g in self.groups])
+        rows = np.concatenate([g[4] for g in self.groups])
+        gid = np.concatenate([np.full(g[4].size, i, dtype=np.int64) for i, g in enumerate(self.groups)])
+        idx = np.lexsort((gid, rows, tbl))
+        if n is not None:
+            idx = idx[:n]
+        return [RowError(self.groups[int(gid[i])][0], self.groups[int(gid[i])][1], int(rows[i]),
+                         self.groups[int(gid[i])][2], self.groups[int(gid[i])][3]) for i in idx]
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """One table of the inventory as read: every known column as strings (null where absent or empty)."""
+
+    file: str
+    table: str
+    data: pa.Table
+    rows: IntArray  # the row number in the file of each table row (rows the reader dropped are missing)
+    bad: BoolArray  # rows the reader already found wrong (their errors are logged)
+    base_dir: Path  # relative paths in cells are read from here
+    ignored: tuple[str, ...] = ()  # columns pvmit does not know (reported as a warning)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.data.num_rows)
+
+
+@dataclass(frozen=True)
+class RawInventory:
+    hosts: TableSource
+    vms: TableSource
+    errors: ErrorLog
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{t.file}: {t.table}: column {c!r} is not part of the inventory schema and is ignored"
+                for t in (self.hosts, self.vms) for c in t.ignored]
+
+    def sources(self) -> dict[str, str]:
+        return {"hosts": self.hosts.file, "vms": self.vms.file}
+
+
+# --- values ---------------------------------------------------------------------------------------------------
+
+_SPLIT = re.compile(r"[\s,|;+]+")
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in _SPLIT.split(text.strip()) if w]
+
+
+def parse_mitigations(text: str) -> frozenset[Mitigation] | None:
+    """'retpoline,bhb-short' -> mitigations; 'none' -> empty; 'unenlightened' -> None (never reported)."""
+    words = [w.lower() for w in _words(text)]
+    if len(words) == 1 and words[0] in UNENLIGHTENED:
+        return None
+    if words == ["none"]:
+        return frozenset()
+    if not words:
+        raise ValueError("empty: give retpoline, bhb-short, both, none or unenlightened")
+    out: set[Mitigation] = set()
+    for w in words:
+        try:
+            out.add(Mitigation(w))
+        except ValueError:
+            raise ValueError(f"{w!r} is not one of {', '.join(m.value for m in Mitigation)}, none, "
+                             "unenlightened") from None
+    return frozenset(out)
+
+
+def parse_supported(text: str) -> int:
+    """MITIGATION_ENUM as request bits, from mitigation names or 'none'."""
+    got = parse_mitigations(text)
+    if got is None:
+        raise ValueError("supported names request bits: retpoline, bhb-short, both or none")
+    return mitigations_to_bits(got)
+
+
+def parse_form(text: str) -> Form | None:
+    t = text.strip().lower()
+    if t == "none":
+        return None
+    try:
+        return Form(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not one of {', '.join(f.value for f in Form)}, none") from None
+
+
+def parse_bits(text: str) -> int:
+    """IA32_SPEC_CTRL bit names ('RRSBA_DIS_S,BHI_DIS_S', or 'none') -> mask of controls pvmit can force."""
+    words = _words(text)
+    if [w.lower() for w in words] == ["none"]:
+        return 0
+    mask = 0
+    for w in words:
+        try:
+            mask |= int(SpecCtrl[w.upper()])
+        except KeyError:
+            raise ValueError(f"IA32_SPEC_CTRL has no bit named {w!r}") from None
+    if mask & ~int(FORCEABLE):
+        raise ValueError(f"{SpecCtrl(mask & ~int(FORCEABLE))!r} is not a control pvmit can force")
+    return mask
+
+
+def parse_unreported(text: str) -> str:
+    t = text.strip().lower()
+    if t not in ("trust", "assume-worst"):
+        raise ValueError(f"{text!r} is not trust or assume-worst")
+    return t
+
+
+@dataclass(frozen=True, order=True)
+class PartialSettings:
+    """Operator settings as given in one row: a field that is None was not given there."""
+
+    force_on: int | None = None
+    force_off: int | None = None
+    unreported: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.force_on and self.force_off and self.force_on & self.force_off:
+            raise ValueError(f"{SpecCtrl(self.force_on & self.force_off)!r} is forced both on and off")
+
+    @property
+    def given(self) -> bool:
+        return (self.force_on, self.force_off, self.unreported) != (None, None, None)
+
+    def over(self, carried: PartialSettings) -> OperatorSettings:
+        """These (the destination's) settings over the ones that travel with the VM, field by field; a bit the
+        destination forces one way is dropped from the VM's opposite field. Unset fields take the defaults."""
+        on, off = self.force_on, self.force_off
+        if on is None:
+            on = (carried.force_on or 0) & ~(off or 0)
+        if off is None:
+            off = (carried.force_off or 0) & ~on
+        unreported = self.unreported or carried.unreported or OperatorSettings().unreported
+        return OperatorSettings(on, off, unreported)  # type: ignore[arg-type]
+
+    def label(self) -> str:
+        parts = []
+        if self.force_on:
+            parts.append("force_on " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_on))
+        if self.force_off:
+            parts.append("force_off " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_off))
+        if self.unreported:
+            parts.append(f"unreported {self.unreported}")
+        return ", ".join(parts) or "-"
+
+    def to_json(self) -> dict[str, object]:
+        def names(m: int | None) -> list[str] | None:
+            return None if m is None else [str(b.name) for b in SpecCtrl if b & m]
+        return {"force_on": names(self.force_on), "force_off": names(self.force_off), "unreported": self.unreported}
+
+
+def mitigations_label(ms: frozenset[Mitigation] | None) -> str:
+    if ms is None:
+        return "unenlightened"
+    return ",".join(sorted(m.value for m in ms)) or "none"
+
+
+def bits_label(bits: int) -> str:
+    from pvmit.derive import mitigations_from_bits
+    return mitigations_label(mitigations_from_bits(bits))
+
+
+# --- readers --------------------------------------------------------------------------------------------------
+
+def _cell(value: Any, column: str, table: str) -> str | None:
+    """One JSON cell as text; ValueError when its type cannot be a cell of this column."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value) if value else "none"
+    if isinstance(value, dict) and table == "hosts" and column == "cpu":
+        return json.dumps(value)
+    want = "a string, a CPU facts object" if column == "cpu" and table == "hosts" else "a string or a list of strings"
+    raise ValueError(f"must be {want}, not {type(value).__name__}")
+
+
+def table_from_records(records: Sequence[Any], file: str, table: str, base_dir: Path,
+                       errors: ErrorLog) -> TableSource:
+    """Rows given as JSON objects -> a TableSource; rows with a cell of the wrong type are marked bad."""
+    known = COLUMNS[table]
+    cols: dict[str, list[str | None]] = {c: [] for c in known}
+    bad = np.zeros(len(records), dtype=bool)
+    ignored: dict[str, None] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            errors.add(file, table, "(row)", f"expected a JSON object, got {type(rec).__name__}", [i + 1])
+            bad[i] = True
+            rec = {}
+        for key in rec:
+            if key not in known:
+                ignored[key] = None
+        for c in known:
+            try:
+                cols[c].append(_cell(rec.get(c), c, table))
+            except ValueError as e:
+                errors.add(file, table, c, str(e), [i + 1])
+                bad[i] = True
+                cols[c].append(None)
+    data = pa.table({c: pa.array(v, type=pa.string()) for c, v in cols.items()})
+    return TableSource(file, table, data, np.arange(1, len(records) + 1, dtype=np.int64), bad, base_dir,
+                       tuple(ignored))
+
+
+def _as_strings(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
+    """A Parquet column as (dictionary-encoded) strings: lists are joined with ',', numbers become text."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        if pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type):
+            return col
+        col = col.cast(t.value_type)
+        t = col.type
+    if pa.types.is_string(t):
+        return col
+    if pa.types.is_large_string(t):
+        return col.cast(pa.string())
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pc.binary_join(col, ",").cast(pa.string())
+    if pa.types.is_null(t):
+        return pa.chunked_array([pa.nulls(len(col), pa.string())])
+    try:
+        return col.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(f"{where}: column {name!r} has type {t}, which cannot be read as text") from None
+
+
+def _finish(file: str, table: str, data: pa.Table, rows: IntArray, base_dir: Path, errors: ErrorLog,
+            cast: bool) -> TableSource:
+    known = COLUMNS[table]
+    present = set(data.column_names)
+    missing = [c for c, req in known.items() if req and c not in present]
+    if missing:
+        raise InputError(f"{file}: {table}: required column(s) {', '.join(map(repr, missing))} missing; "
+                         f"columns are {', '.join(known)}")
+    cols = {}
+    for c in known:
+        if c in present:
+            col = data.column(c)
+            cols[c] = _as_strings(col, c, file) if cast else col
+        else:
+            cols[c] = pa.chunked_array([pa.nulls(data.num_rows, pa.string())])
+    ignored = tuple(c for c in data.column_names if c not in known)
+    return TableSource(file, table, pa.table(cols), rows, np.zeros(data.num_rows, dtype=bool), base_dir, ignored)
+
+
+def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
+    """One table file (Parquet, CSV or a JSON list of rows)."""
+    file = str(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            # categorical columns come back dictionary-encoded: each distinct value is then checked once
+            names = [c for c in pq.read_schema(path).names if c in COLUMNS[table]]
+            data = pq.read_table(path, columns=names, read_dictionary=[c for c in names if c != "name"])
+            return _finish(file, table, data, np.arange(1, data.num_rows + 1, dtype=np.int64), path.parent,
+                           errors, cast=True)
+        if suffix == ".csv":
+            return _read_csv(path, table, errors)
+        if suffix == ".json":
+            doc = _load_json(path)
+            if isinstance(doc, dict) and table in doc:
+                doc = doc[table]
+            if not isinstance(doc, list):
+                raise InputError(f"{file}: expected a JSON list of {table} rows")
+            return table_from_records(doc, file, table, path.parent, errors)
+    except FileNotFoundError:
+        raise InputError(f"{file}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{file}: cannot read {table} table: {e}") from None
+    raise InputError(f"{file}: a {table} table must be .parquet, .csv or .json")
+
+
+def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
+    file = str(path)
+    dropped: list[int] = []
+
+    def invalid(row: pacsv.InvalidRow) -> str:
+        line = int(row.number or 0)
+        dropped.append(line - 1)
+        errors.add(file, table, "(row)", f"has {row.actual_columns} cells, the header has {row.expected_columns}",
+                   [line - 1])
+        return "skip"
+
+    data = pacsv.read_csv(
+        path, read_options=pacsv.ReadOptions(use_threads=False),  # single-threaded: dropped rows keep numbers
+        parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS[table], pa.string()),
+                                             strings_can_be_null=True, null_values=[""]))
+    rows = np.arange(1, data.num_rows + 1, dtype=np.int64)
+    for d in sorted(dropped):
+        rows[rows >= d] += 1
+    return _finish(file, table, pa.table({c: _blank_to_null(data.column(c)) for c in data.column_names}), rows,
+                   path.parent, errors, cast=True)
+
+
+def _blank_to_null(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Surrounding spaces stripped and blank cells made absent, so ' icx ' and 'icx' are one value."""
+    if not pa.types.is_string(col.type):
+        return col
+    col = pc.utf8_trim_whitespace(col)
+    return pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+
+
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text: {e}") from None
+
+
+def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
+    """An inventory from one JSON file, a directory with hosts.* and vms.*, or a hosts file and a VMs file."""
+    errors = ErrorLog()
+    ps = [Path(p) for p in paths]
+    if len(ps) == 2:
+        return RawInventory(read_table(ps[0], "hosts", errors), read_table(ps[1], "vms", errors), errors)
+    if len(ps) != 1:
+        raise InputError("give one inventory (a JSON file or a directory), or a hosts table and a VMs table")
+    p = ps[0]
+    if p.is_dir():
+        found = {}
+        for t in ("hosts", "vms"):
+            cands = [p / f"{t}{ext}" for ext in TABLE_EXTENSIONS if (p / f"{t}{ext}").is_file()]
+            if len(cands) != 1:
+                what = "no" if not cands else "more than one"
+                raise InputError(f"{p}: {what} {t} table; expected exactly one of "
+                                 + ", ".join(f"{t}{e}" for e in TABLE_EXTENSIONS))
+            found[t] = read_table(cands[0], t, errors)
+        return RawInventory(found["hosts"], found["vms"], errors)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if p.suffix.lower() != ".json":
+        raise InputError(f"{p}: a single-file inventory is JSON ({{\"hosts\": [...], \"vms\": [...]}}); Parquet and "
+                         "CSV hold one table per file: give a directory with hosts.* and vms.*, or both files")
+    doc = _load_json(p)
+    if not isinstance(doc, dict):
+        raise InputError(f"{p}: expected a JSON object with 'hosts' and 'vms'")
+    if "schema" in doc and doc["schema"] != SCHEMA:
+        raise InputError(f"{p}: schema {doc['schema']!r} is not {SCHEMA!r}")
+    tables = {}
+    for t in ("hosts", "vms"):
+        rows = doc.get(t)
+        if not isinstance(rows, list):
+            raise InputError(f"{p}: field {t!r} must be a list of rows")
+        tables[t] = table_from_records(rows, str(p), t, p.parent, errors)
+    return RawInventory(tables["hosts"], tables["vms"], errors)
+
+
+# --- writers --------------------------------------------------------------------------------------------------
+
+def write_table(data: pa.Table, path: Path) -> None:
+    """A table as Parquet, CSV or JSON rows, by the file's extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        pq.write_table(data, path, compression="zstd")
+    elif suffix == ".csv":
+        pacsv.write_csv(data, path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(data.to_pylist(), indent=1) + "\n", encoding="utf-8")
+    else:
+        raise InputError(f"{path}: write .parquet, .csv or .json")

@@ -1,0 +1,232 @@
+"""The fleet plan: for every (VM class, host class) pair, what moving there means; then per VM and per pool.
+
+A pair is judged with the interface's own rules and nothing else: `policy.decide` for the controls the
+destination forces and the exposures it leaves, and `state.broken_promises` for MITIGATION_ENUM bits it cannot
+honour, exactly as `state.check` answers a migration. Verdicts:
+
+  safe     nothing would be forced and nothing is exposed
+  forced   safe only because IA32_SPEC_CTRL controls are forced there (which, and why, are given)
+  exposed  `check` would refuse the VM there, or an operator setting leaves a mitigation it relies on
+           ineffective (`check` accepts that, the operator chose it, but the VM is unprotected: the planner says so)
+
+Pure and columnar: pairs are decided once per class pair (and the decision once per distinct input to `decide`),
+then per-VM answers come from array lookups: a VM's destination counts are its class's counts over host classes,
+less its own host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from pvmit.catalog.facts import CpuFacts
+from pvmit.derive import Mitigation
+from pvmit.fleet.classes import Fleet, HostClass, VmClass
+from pvmit.fleet.inventory import IntArray
+from pvmit.interface.policy import Decision, OperatorSettings, decide
+from pvmit.interface.state import broken_promises
+
+Decide = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
+Progress = Callable[[str], None]
+
+
+class Verdict(IntEnum):
+    SAFE = 0
+    FORCED = 1
+    EXPOSED = 2
+
+    @property
+    def word(self) -> str:
+        return self.name.lower()
+
+
+VERDICTS = tuple(Verdict)
+
+
+@dataclass(frozen=True)
+class Move:
+    """What moving a VM of one class onto a host of one class means."""
+
+    verdict: Verdict
+    accepted: bool  # what interface.state.check answers
+    forced: tuple[str, ...]  # IA32_SPEC_CTRL controls held on there
+    reasons: tuple[str, ...]  # why forced, why exposed, or why nothing is needed
+    warnings: tuple[str, ...] = ()
+    assumed: tuple[str, ...] = ()  # unknown facts taken conservatively
+
+    def to_json(self) -> dict[str, object]:
+        return {"verdict": self.verdict.word, "accepted_by_check": self.accepted, "forced": list(self.forced),
+                "reasons": list(self.reasons), "warnings": list(self.warnings), "assumed_facts": list(self.assumed)}
+
+
+class Judge:
+    """Judges class pairs with `decide` and `broken_promises`, remembering each distinct input once.
+
+    `decisions` counts calls of `decide`: at most one per class pair, fewer where classes share what decide sees.
+    """
+
+    def __init__(self, decide_fn: Decide = decide) -> None:
+        self._decide = decide_fn
+        self._decisions: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings], Decision] = {}
+        self._promises: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.decisions = 0
+
+    def __call__(self, vm: VmClass, host: HostClass) -> Move:
+        settings = host.settings.over(vm.settings)
+        k = (host.cpu_key, vm.personality_key, vm.reported, settings)
+        d = self._decisions.get(k)
+        if d is None:
+            d = self._decisions[k] = self._decide(host.facts, vm.reported, vm.facts, settings)
+            self.decisions += 1
+        pk = (host.cpu_key, vm.supported)
+        broken = self._promises.get(pk)
+        if broken is None:
+            broken = self._promises[pk] = broken_promises(vm.supported, host.facts)
+        return move_from(d, broken)
+
+
+def move_from(d: Decision, broken: tuple[str, ...]) -> Move:
+    """A Move from the policy's decision and the broken promises, as `state.check` reads them."""
+    accepted = d.safe and not broken
+    exposed = tuple(("operator override: " if e.override else "") + e.reason for e in d.exposures) + broken
+    forced = tuple(f for f in d.forced if f.on)
+    names = tuple(str(f.control.name) for f in forced)
+    if exposed:
+        return Move(Verdict.EXPOSED, accepted, names, exposed, d.warnings, d.assumed)
+    if forced:
+        return Move(Verdict.FORCED, accepted, names,
+                    tuple(f"{f.control.name} ({f.why.value}): {f.reason}" for f in forced), d.warnings, d.assumed)
+    return Move(Verdict.SAFE, accepted, (), d.notes or ("relies on nothing this host must make up for",),
+                d.warnings, d.assumed)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Hosts among which every VM of the listed classes may move freely (safe, or safe with forced controls)."""
+
+    id: str
+    host_classes: tuple[int, ...]
+    vm_classes: tuple[int, ...]
+    hosts: int
+    vms: int
+    forcing_hosts: int  # hosts of the pool on which some of its VM classes would have controls forced
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "host_classes": list(self.host_classes), "vm_classes": list(self.vm_classes),
+                "hosts": self.hosts, "vms": self.vms, "hosts_forcing_controls": self.forcing_hosts}
+
+
+Int8Array = npt.NDArray[np.int8]
+Int32Array = npt.NDArray[np.int32]
+
+
+@dataclass
+class Plan:
+    """The plan for a fleet; per-VM arrays are aligned with `fleet`'s VM arrays."""
+
+    fleet: Fleet
+    verdict: Int8Array  # [vm class, host class]
+    move_of: Int32Array  # [vm class, host class] -> index into moves
+    moves: list[Move]
+    host_class_size: IntArray
+    vm_class_size: IntArray
+    class_counts: IntArray  # [vm class, verdict]: hosts of each verdict (all hosts)
+    vm_here: Int8Array  # verdict on the VM's own host
+    vm_counts: Int32Array  # [vm, verdict]: destinations of each verdict, own host excluded
+    vm_class_pool: IntArray  # [vm class] -> index into pools, -1 where no host would take it
+    pools: list[Pool]
+    decisions: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> int:
+        return int(self.verdict.size)
+
+    @property
+    def movable(self) -> IntArray:
+        """Per VM: destinations other than its own host where it stays protected (safe or forced)."""
+        return (self.vm_counts[:, Verdict.SAFE].astype(np.int64) + self.vm_counts[:, Verdict.FORCED])
+
+    @property
+    def stranded(self) -> IntArray:
+        """Indices of VMs with no safe destination outside their own host."""
+        return np.flatnonzero(self.movable == 0)
+
+    def counts(self) -> dict[str, object]:
+        here = np.bincount(self.vm_here, minlength=3) if self.vm_here.size else np.zeros(3, dtype=np.int64)
+        stranded = self.stranded
+        return {
+            "hosts": self.fleet.num_hosts, "vms": self.fleet.num_vms,
+            "host_rows_read": self.fleet.hosts_read, "vm_rows_read": self.fleet.vms_read,
+            "row_errors": self.fleet.errors.total,
+            "host_classes": len(self.fleet.host_classes), "vm_classes": len(self.fleet.vm_classes),
+            "class_pairs": self.pairs, "decisions": self.decisions, "pools": len(self.pools),
+            "vms_by_verdict_on_own_host": {v.word: int(here[v]) for v in VERDICTS},
+            "vms_without_safe_destination": int(stranded.size),
+            "vms_in_no_pool": int(self.vm_class_size[self.vm_class_pool < 0].sum()),
+            "unenlightened_vms": int(self.vm_class_size[[c.reported is None for c in self.fleet.vm_classes]].sum())
+            if self.fleet.vm_classes else 0,
+        }
+
+
+def plan(fleet: Fleet, judge: Judge | None = None, progress: Progress | None = None) -> Plan:
+    """Decide every class pair, then derive per-VM answers and pools with array operations."""
+    judge = judge or Judge()
+    say = progress or (lambda _m: None)
+    nvc, nhc = len(fleet.vm_classes), len(fleet.host_classes)
+    say(f"deciding {nvc * nhc:,} class pairs ({nvc:,} VM classes x {nhc:,} host classes)")
+    verdict = np.zeros((nvc, nhc), dtype=np.int8)
+    move_of = np.zeros((nvc, nhc), dtype=np.int32)
+    moves: list[Move] = []
+    seen: dict[Move, int] = {}
+    step = max(1, nvc // 10)
+    for i, vc in enumerate(fleet.vm_classes):
+        for j, hc in enumerate(fleet.host_classes):
+            m = judge(vc, hc)
+            verdict[i, j] = m.verdict
+            move_of[i, j] = seen.setdefault(m, len(seen))
+        if progress and nvc >= 50 and (i + 1) % step == 0:
+            say(f"  {i + 1:,}/{nvc:,} VM classes decided")
+    moves = list(seen)
+
+    host_class_size = np.bincount(fleet.host_class, minlength=nhc).astype(np.int64)
+    vm_class_size = np.bincount(fleet.vm_class, minlength=nvc).astype(np.int64)
+    class_counts = np.stack([(verdict == v).astype(np.int64) @ host_class_size for v in VERDICTS], axis=1) \
+        if nvc else np.zeros((0, 3), dtype=np.int64)
+
+    say(f"expanding to {fleet.num_vms:,} VMs")
+    own = fleet.host_class[fleet.vm_host] if fleet.num_vms else np.empty(0, dtype=np.int64)
+    vm_here = verdict[fleet.vm_class, own] if fleet.num_vms else np.empty(0, dtype=np.int8)
+    vm_counts = class_counts[fleet.vm_class].astype(np.int32) if fleet.num_vms else np.zeros((0, 3), np.int32)
+    if fleet.num_vms:
+        vm_counts[np.arange(fleet.num_vms), vm_here] -= 1  # not a destination: it is already there
+
+    pools, vm_class_pool = _pools(verdict, host_class_size, vm_class_size)
+    return Plan(fleet, verdict, move_of, moves, host_class_size, vm_class_size, class_counts, vm_here, vm_counts,
+                vm_class_pool, pools, judge.decisions)
+
+
+def _pools(verdict: Int8Array, host_size: IntArray, vm_size: IntArray) -> tuple[list[Pool], IntArray]:
+    """Group VM classes by the set of host classes that would take them; each distinct set is a pool."""
+    groups: dict[bytes, list[int]] = {}
+    movable = verdict <= Verdict.FORCED
+    for i in range(verdict.shape[0]):
+        if movable[i].any():
+            groups.setdefault(np.packbits(movable[i]).tobytes(), []).append(i)
+    raw = []
+    for members in groups.values():
+        hcs = np.flatnonzero(movable[members[0]])
+        forcing = (verdict[np.ix_(np.array(members), hcs)] == Verdict.FORCED).any(axis=0)
+        raw.append((tuple(int(h) for h in hcs), tuple(members), int(host_size[hcs].sum()),
+                    int(vm_size[members].sum()), int(host_size[hcs][forcing].sum())))
+    raw.sort(key=lambda p: (-p[2], -p[3], p[0]))
+    vm_class_pool = np.full(verdict.shape[0], -1, dtype=np.int64)
+    pools = []
+    for n, (hcs_t, members_t, hosts, vms, forcing_hosts) in enumerate(raw):
+        pools.append(Pool(f"P{n + 1}", hcs_t, members_t, hosts, vms, forcing_hosts))
+        vm_class_pool[list(members_t)] = n
+    return pools, vm_class_pool
