@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pvmit.catalog.loader import builtin_files
 from pvmit.interface import Form, InterfaceConfig, VmInterface, snapshot
 from pvmit.migration.stream import encode_header, encode_json, encode_pages
-from pvmit.safety.fuzz_targets import _CATALOG, TARGETS, run
+from pvmit.safety.fuzz_targets import _CATALOG, TARGETS, run, small_tables
 
 CRASHERS = Path(__file__).parent / "fixtures" / "crashers"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -30,12 +30,16 @@ def valid_samples() -> dict[str, list[bytes]]:
     pers = json.dumps(resolve(cat, "icelake-server-v2").to_json()).encode()
     stream = encode_header({"vm": {}}) + encode_json(b"HELO", json.loads(state)) + encode_pages(1, bytes(8192))
     template = (Path(__file__).parent.parent / "src/pvmit/vmm/personalities/icelake-server-v2.toml").read_bytes()
+    inv = json.loads((Path(__file__).parent.parent / "src/pvmit/fleet/data/sample-inventory.json").read_text())
     return {
         "stream": [stream], "interface_state": [state], "personality": [pers],
         "catalog_file": [builtin_files()[1][1].encode()[:6000]], "personality_template": [template],
         "kernel_cmdline": [b"quiet spectre_v2=retpoline spectre_bhi=vmexit retbleed=off mitigations=auto"],
         "sysfs_line": [b"Mitigation: Enhanced / Automatic IBRS; IBPB: conditional; BHI: BHI_DIS_S"],
         "guest_msrs": [bytes(range(256))],
+        "inventory_json": [json.dumps({"hosts": inv["hosts"][:12], "vms": inv["vms"][:40]}).encode()],
+        "inventory_csv": [b"\0" + small_tables(".csv")["vms"], b"\1" + small_tables(".csv")["hosts"]],
+        "inventory_parquet": [b"\0" + small_tables(".parquet")["vms"], b"\1" + small_tables(".parquet")["hosts"]],
     }
 
 

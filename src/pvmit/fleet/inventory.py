@@ -30,6 +30,7 @@ distinct value. A wrong row is reported with file, row and field, and the other 
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -365,7 +366,9 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
         if suffix == ".parquet":
             # categorical columns come back dictionary-encoded: each distinct value is then checked once
             names = [c for c in pq.read_schema(path).names if c in COLUMNS[table]]
+            _unique_columns(names, file, table)
             data = pq.read_table(path, columns=names, read_dictionary=[c for c in names if c != "name"])
+            data.validate(full=True)  # found by fuzzing: Parquet strings are not checked for UTF-8 on reading
             return _finish(file, table, data, np.arange(1, data.num_rows + 1, dtype=np.int64), path.parent,
                            errors, cast=True)
         if suffix == ".csv":
@@ -379,13 +382,42 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
             return table_from_records(doc, file, table, path.parent, errors)
     except FileNotFoundError:
         raise InputError(f"{file}: no such file") from None
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise InputError(f"{file}: cannot read {table} table: {e}") from None
+    except UnicodeDecodeError as e:  # found by fuzzing: a CSV header that is not UTF-8
+        raise InputError(f"{file}: {table} table is not UTF-8 text: {e}") from None
     raise InputError(f"{file}: a {table} table must be .parquet, .csv or .json")
+
+
+def _check_utf8(path: Path, table: str) -> None:
+    """A CSV file must be UTF-8 throughout (pyarrow would fail deep inside on a bad header or row otherwise)."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            try:
+                dec.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}: {table} table is not UTF-8 text: byte {offset + e.start} "
+                                 f"({chunk[e.start:e.start + 1]!r})") from None
+            offset += len(chunk)
+    try:
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: {table} table is not UTF-8 text: it ends inside a character") from None
+
+
+def _unique_columns(names: Sequence[str], file: str, table: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise InputError(f"{file}: {table} table: column {n!r} appears more than once in the header")
+        seen.add(n)
 
 
 def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
     file = str(path)
+    _check_utf8(path, table)
     dropped: list[int] = []
 
     def invalid(row: pacsv.InvalidRow) -> str:
@@ -400,6 +432,7 @@ def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
         parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS[table], pa.string()),
                                              strings_can_be_null=True, null_values=[""]))
+    _unique_columns(data.column_names, file, table)
     rows = np.arange(1, data.num_rows + 1, dtype=np.int64)
     for d in sorted(dropped):
         rows[rows >= d] += 1

@@ -122,6 +122,64 @@ def guest_msrs(data: bytes) -> None:
         assert not promise_violations(vm)
 
 
+def _plan(paths: list[Path]) -> None:
+    """Read an inventory, collapse it into classes and plan it, as `pvmit fleet plan` does."""
+    from pvmit.fleet.classes import Resolver, collapse
+    from pvmit.fleet.inventory import read_inventory
+    from pvmit.fleet.plan import plan
+
+    plan(collapse(read_inventory(paths), Resolver(_CATALOG())))
+
+
+def inventory_json(data: bytes) -> None:
+    """A whole fleet inventory as one JSON file."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "inventory.json"
+        p.write_bytes(data)
+        _plan([p])
+
+
+def _two_tables(data: bytes, ext: str) -> None:
+    """The first byte picks which table the rest of the input is (hosts or VMs); the other is a small valid one."""
+    with tempfile.TemporaryDirectory() as d:
+        fuzzed, fixed = ("hosts", "vms") if data[:1] and data[0] & 1 else ("vms", "hosts")
+        (Path(d) / f"{fuzzed}{ext}").write_bytes(data[1:])
+        (Path(d) / f"{fixed}{ext}").write_bytes(small_tables(ext)[fixed])
+        _plan([Path(d)])
+
+
+def inventory_csv(data: bytes) -> None:
+    _two_tables(data, ".csv")
+
+
+def inventory_parquet(data: bytes) -> None:
+    _two_tables(data, ".parquet")
+
+
+def small_tables(ext: str) -> dict[str, bytes]:
+    """A hosts table and a VMs table (the first rows of the shipped sample) as `ext` file contents."""
+    if ext not in _tables_cache:
+        from importlib import resources
+
+        import pyarrow as pa
+
+        from pvmit.fleet.inventory import write_table
+
+        doc = json.loads((resources.files("pvmit.fleet") / "data" / "sample-inventory.json").read_text())
+        out = {}
+        with tempfile.TemporaryDirectory() as d:
+            for t in ("hosts", "vms"):
+                rows = doc[t][:12]
+                cols = sorted({k for r in rows for k in r})
+                table = pa.table({c: [r.get(c) for r in rows] for c in cols})
+                p = Path(d) / f"{t}{ext}"
+                write_table(table, p)
+                out[t] = p.read_bytes()
+        _tables_cache[ext] = out
+    return _tables_cache[ext]
+
+
+_tables_cache: dict[str, dict[str, bytes]] = {}
 _catalog_cache: list[Any] = []
 
 
@@ -140,6 +198,9 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], tuple[type[BaseException], ...
     "kernel_cmdline": (kernel_cmdline, (InputError,)),
     "sysfs_line": (sysfs_line, ()),
     "guest_msrs": (guest_msrs, ()),
+    "inventory_json": (inventory_json, (InputError,)),
+    "inventory_csv": (inventory_csv, (InputError,)),
+    "inventory_parquet": (inventory_parquet, (InputError,)),
 }
 """name -> (target, the errors it may raise)."""
 
