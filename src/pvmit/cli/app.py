@@ -46,7 +46,17 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import bench_cmd, catalog_cmd, demo_cmd, host_cmd, policy_cmd, run_cmd, verify_cmd, vmm_cmd
+    from pvmit.cli import (
+        bench_cmd,
+        catalog_cmd,
+        demo_cmd,
+        guest_cmd,
+        host_cmd,
+        policy_cmd,
+        run_cmd,
+        verify_cmd,
+        vmm_cmd,
+    )
 
     cli.add_command(catalog_cmd.catalog)
     cli.add_command(policy_cmd.policy)
@@ -59,6 +69,7 @@ def _register() -> None:
     cli.add_command(verify_cmd.verify)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
+    cli.add_command(guest_cmd.guest)
     from pvmit.cli.fleet_cmd import fleet
     cli.add_command(fleet)
 
