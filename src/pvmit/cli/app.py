@@ -52,6 +52,7 @@ def _register() -> None:
         demo_cmd,
         guest_cmd,
         host_cmd,
+        oracle_cmd,
         policy_cmd,
         run_cmd,
         verify_cmd,
@@ -70,6 +71,7 @@ def _register() -> None:
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
     cli.add_command(guest_cmd.guest)
+    cli.add_command(oracle_cmd.oracle)
     from pvmit.cli.fleet_cmd import fleet
     cli.add_command(fleet)
 
