@@ -148,3 +148,11 @@ def test_oracle_cli_errors(cli) -> None:  # type: ignore[no-untyped-def]
     assert r.code == 2 and r.stdout == "" and "no case or CPU model 'pentium'" in r.stderr
     r = cli("oracle", "linux", "--cases", "qemu64:auto", "--qemu", "/nonexistent/qemu", "--json")
     assert r.code == 1 and r.stdout == "" and "apt-get install" in r.stderr
+
+
+def test_parse_a_real_serial_log() -> None:
+    """A whole serial log of one boot (tests/fixtures/oracle_serial.txt, CRLF and all) reads as the record."""
+    seen = parse((Path(__file__).parent / "fixtures" / "oracle_serial.txt").read_text())
+    o, rec = observed(seen), RECORDED["skylake-server:retpoline-lfence"]["observed"]
+    assert seen.release == DOC["kernel"]["release"] and o["sysfs"] == rec["sysfs"] and o["cpu"] == rec["cpu"]
+    assert o["agent"]["relies_on"] == ["bhb-short"] and o["agent"]["exit_status"] == 6

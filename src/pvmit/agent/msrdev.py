@@ -129,8 +129,17 @@ def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int
 
 
 def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,5' -> [0, 1, 2, 3, 5]; AgentError for anything else (the kernel never writes it)."""
     cpus: list[int] = []
     for part in filter(None, text.strip().split(",")):
         lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            first, last = 0, -1
+        if not 0 <= first <= last < 1 << 16:
+            raise AgentError(Status.FAILED, f"the online CPU list {text.strip()[:80]!r} is not a list of CPU ranges")
+        cpus.extend(range(first, last + 1))
+    if not cpus:
+        raise AgentError(Status.FAILED, "no CPU is online, says /sys/devices/system/cpu/online")
     return cpus

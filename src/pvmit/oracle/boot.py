@@ -84,17 +84,20 @@ def parse(output: str) -> Seen:
         elif key == "@@lockdown":
             seen.lockdown = rest
         elif key == "@@agent-exit":
-            seen.agent_exit = int(rest)
+            seen.agent_exit = int(rest) if rest.isdigit() else None
         elif key == "@@agent-json":
             agent_json.append(rest)
         elif key == "@@agent-err":
             seen.agent_stderr.append(rest)
     if agent_json:
         try:
-            seen.agent = json.loads("\n".join(agent_json))
-        except json.JSONDecodeError as e:
+            doc = json.loads("\n".join(agent_json))
+        except (ValueError, RecursionError) as e:
             raise BootFailed(f"the agent's JSON in the guest did not parse ({e}); stderr: "
                              f"{' | '.join(seen.agent_stderr)}") from None
+        if not isinstance(doc, dict):
+            raise BootFailed("the agent's JSON in the guest is not an object")
+        seen.agent = doc
     return seen
 
 
