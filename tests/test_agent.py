@@ -481,3 +481,13 @@ def test_pvmit_guest_cli(cli, tmp_path: Path) -> None:  # type: ignore[no-untype
 def test_mode_and_bhi_are_reported(catalog: Catalog) -> None:
     r = decide(EIBRS_LOOP)
     assert (r.mode, r.bhi) == (V2Mode.EIBRS, Bhi.SW_LOOP)
+
+
+def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+    import shutil
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed: cannot check the unit file with systemd")
+    unit = tmp_path / "pvmit-guest-agent.service"
+    unit.write_text(unit_text())
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "pvmit-guest-agent" not in p.stderr, p.stderr
