@@ -31,15 +31,25 @@ def valid_samples() -> dict[str, list[bytes]]:
     stream = encode_header({"vm": {}}) + encode_json(b"HELO", json.loads(state)) + encode_pages(1, bytes(8192))
     template = (Path(__file__).parent.parent / "src/pvmit/vmm/personalities/icelake-server-v2.toml").read_bytes()
     inv = json.loads((Path(__file__).parent.parent / "src/pvmit/fleet/data/sample-inventory.json").read_text())
+    tcg = (Path(__file__).parent.parent / "src/pvmit/vmm/personalities/qemu-tcg-qemu64.toml").read_bytes()
+    # words 0-39: CPUID leaves 0, 1, 7, 0x80000000, 0x80000008, 0x80000021, 0x40000000, 0x40000001, 0x40000100,
+    # 0x40000101 (the neutral form there, offering both bits); 40-49: MSR values; the last: writes are kept
+    words = [7, 0, 0, 0] + [0, 0, 1 << 31, 0] + [0] * 24 + [0x40000101, 0x74726956, 0x6974694D, 0x6C744367] \
+        + [1, 0x50000002, 3, 0] + [1, 0] * 5 + [1]
+    agent_offer = b"".join(w.to_bytes(4, "little") for w in words)
     return {
         "stream": [stream], "interface_state": [state], "personality": [pers],
-        "catalog_file": [builtin_files()[1][1].encode()[:6000]], "personality_template": [template],
+        "catalog_file": [builtin_files()[1][1].encode()[:6000]], "personality_template": [template, tcg],
         "kernel_cmdline": [b"quiet spectre_v2=retpoline spectre_bhi=vmexit retbleed=off mitigations=auto"],
         "sysfs_line": [b"Mitigation: Enhanced / Automatic IBRS; IBPB: conditional; BHI: BHI_DIS_S"],
         "guest_msrs": [bytes(range(256))],
         "inventory_json": [json.dumps({"hosts": inv["hosts"][:12], "vms": inv["vms"][:40]}).encode()],
         "inventory_csv": [b"\0" + small_tables(".csv")["vms"], b"\1" + small_tables(".csv")["hosts"]],
         "inventory_parquet": [b"\0" + small_tables(".parquet")["vms"], b"\1" + small_tables(".parquet")["hosts"]],
+        "agent_decision": [b"Vulnerable: LFENCE; STIBP: disabled; BHI: SW loop, KVM: SW loop\nspectre_v2=retpoline"],
+        "agent_hypervisor": [agent_offer],
+        "oracle_serial": [(Path(__file__).parent / "fixtures" / "oracle_serial.txt").read_bytes()],
+        "cpu_list": [b"0-3,5,7-8\n"],
     }
 
 

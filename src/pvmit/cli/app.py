@@ -46,7 +46,18 @@ def cli(ctx: click.Context, catalogs: tuple[Path, ...]) -> None:
 
 
 def _register() -> None:
-    from pvmit.cli import bench_cmd, catalog_cmd, demo_cmd, host_cmd, policy_cmd, run_cmd, verify_cmd, vmm_cmd
+    from pvmit.cli import (
+        bench_cmd,
+        catalog_cmd,
+        demo_cmd,
+        guest_cmd,
+        host_cmd,
+        oracle_cmd,
+        policy_cmd,
+        run_cmd,
+        verify_cmd,
+        vmm_cmd,
+    )
 
     cli.add_command(catalog_cmd.catalog)
     cli.add_command(policy_cmd.policy)
@@ -59,6 +70,8 @@ def _register() -> None:
     cli.add_command(verify_cmd.verify)
     cli.add_command(catalog_cmd.decode_cmd)
     cli.add_command(host_cmd.host)
+    cli.add_command(guest_cmd.guest)
+    cli.add_command(oracle_cmd.oracle)
     from pvmit.cli.fleet_cmd import fleet
     cli.add_command(fleet)
 

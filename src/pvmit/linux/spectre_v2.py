@@ -50,7 +50,7 @@ class Bhi(Enum):
 MODE_STRINGS: dict[V2Mode, str] = {
     V2Mode.NONE: "Vulnerable",
     V2Mode.RETPOLINE: "Mitigation: Retpolines",
-    V2Mode.LFENCE: "Mitigation: LFENCE",
+    V2Mode.LFENCE: "Vulnerable: LFENCE",  # since 2025 (bugs.c d1cc1bae); Debian's 6.1.192 prints it too
     V2Mode.EIBRS: "Mitigation: Enhanced / Automatic IBRS",
     V2Mode.EIBRS_LFENCE: "Mitigation: Enhanced / Automatic IBRS + LFENCE",
     V2Mode.EIBRS_RETPOLINE: "Mitigation: Enhanced / Automatic IBRS + Retpolines",
@@ -64,7 +64,7 @@ _OLD_HEADS = {
     "Mitigation: Enhanced IBRS + Retpolines": V2Mode.EIBRS_RETPOLINE,
     "Mitigation: Full generic retpoline": V2Mode.RETPOLINE,  # before v5.17
     "Mitigation: Full AMD retpoline": V2Mode.LFENCE,
-    "Vulnerable: LFENCE": V2Mode.LFENCE,  # since 2025 (bugs.c d1cc1bae)
+    "Mitigation: LFENCE": V2Mode.LFENCE,  # before 2025 (bugs.c d1cc1bae)
 }
 
 

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pvmit.agent.errors import AgentError
 from pvmit.catalog.loader import load_catalog
 from pvmit.errors import InputError, PvmitError
 from pvmit.migration.stream import Header, Section, StreamDecoder, StreamError, decode_pages
+from pvmit.oracle.boot import BootFailed
 
 MAX_INPUT = 1 << 20
 
@@ -180,6 +182,104 @@ def small_tables(ext: str) -> dict[str, bytes]:
 
 
 _tables_cache: dict[str, dict[str, bytes]] = {}
+def agent_decision(data: bytes) -> None:
+    """The guest agent's reading of a spectre_v2 line and a kernel command line (first line, the rest)."""
+    from pvmit.agent.decide import decide
+
+    line, _, cmdline = _text(data).partition("\n")
+    decide(line, cmdline)
+
+
+class _HostileMsr:
+    """RDMSR/WRMSR answered from the fuzz input: a value or #GP per MSR; writes refused, ignored or kept."""
+
+    def __init__(self, values: dict[int, int | None], accept: int) -> None:
+        self.values, self.accept = values, accept
+
+    def read(self, cpu: int, index: int) -> int | None:
+        return self.values.get(index)
+
+    def write(self, cpu: int, index: int, value: int) -> None:
+        from pvmit.agent.msrdev import write_faulted
+
+        if self.accept == 0:
+            raise write_faulted(cpu, index, value)
+        if self.accept == 1:
+            self.values[index] = value
+
+
+class _HostileGuest:
+    """A guest whose hypervisor answers CPUID and the interface's MSRs from the fuzz input (`agent_hypervisor`)."""
+
+    LEAVES = (0, 1, 7, 0x80000000, 0x80000008, 0x80000021, 0x40000000, 0x40000001, 0x40000100, 0x40000101)
+    MSRS = (0x10A, 0x50000000, 0x50000001, 0x50000002, 0x4B564D80)
+
+    def __init__(self, data: bytes) -> None:
+        w = [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data) - 3, 4)] or [0]
+        self.table = {leaf: (w[4 * n % len(w)], w[(4 * n + 1) % len(w)], w[(4 * n + 2) % len(w)],
+                             w[(4 * n + 3) % len(w)]) for n, leaf in enumerate(self.LEAVES)}
+        values: dict[int, int | None] = {}
+        for n, m in enumerate(self.MSRS):
+            hi, lo = w[(40 + 2 * n) % len(w)], w[(41 + 2 * n) % len(w)]
+            values[m] = (hi << 32 | lo) if hi % 5 else None  # some MSRs fault
+        self._msr = _HostileMsr(values, w[-1] % 3)
+        self.cpus = [0, 1] if w[0] & 1 else [0]
+
+    def euid(self) -> int:
+        return 0
+
+    def release(self) -> str:
+        return "fuzz"
+
+    def read(self, path: str) -> str | None:
+        return "Mitigation: Retpolines; BHI: SW loop, KVM: SW loop" if "spectre_v2" in path else ""
+
+    def cpuid(self) -> tuple[Callable[[int, int], tuple[int, int, int, int]], str]:
+        def cpuid(leaf: int, sub: int = 0) -> tuple[int, int, int, int]:
+            return self.table.get(leaf, (0, 0, 0, 0))
+        return cpuid, "fuzz"
+
+    def msr(self) -> _HostileMsr:
+        return self._msr
+
+    def online_cpus(self) -> list[int]:
+        return self.cpus
+
+    def lockdown(self) -> str | None:
+        return None
+
+    def allow_writes(self) -> str | None:
+        return None
+
+
+def agent_hypervisor(data: bytes) -> None:
+    """The guest agent against a hostile or broken hypervisor (CPUID leaves, MSR values, refused or ignored
+    writes from the input): it must end with one of its exit statuses and one JSON document, never an exception."""
+    import io
+
+    from pvmit.agent.errors import Status
+    from pvmit.agent.main import main
+
+    out = io.StringIO()
+    code = main(["report", "--json"], machine=_HostileGuest(data), out=out, err=io.StringIO())
+    assert code in {int(s) for s in Status}, code
+    assert json.loads(out.getvalue())["outcome"]["status"] == code
+
+
+def oracle_serial(data: bytes) -> None:
+    """What a guest printed on its serial console, as the Linux oracle reads it."""
+    from pvmit.oracle.boot import parse
+
+    parse(_text(data))
+
+
+def cpu_list(data: bytes) -> None:
+    """/sys/devices/system/cpu/online as the agent reads it."""
+    from pvmit.agent.msrdev import parse_cpu_list
+
+    parse_cpu_list(_text(data))
+
+
 _catalog_cache: list[Any] = []
 
 
@@ -201,6 +301,10 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], tuple[type[BaseException], ...
     "inventory_json": (inventory_json, (InputError,)),
     "inventory_csv": (inventory_csv, (InputError,)),
     "inventory_parquet": (inventory_parquet, (InputError,)),
+    "agent_decision": (agent_decision, ()),
+    "agent_hypervisor": (agent_hypervisor, ()),
+    "oracle_serial": (oracle_serial, (BootFailed,)),
+    "cpu_list": (cpu_list, (AgentError,)),
 }
 """name -> (target, the errors it may raise)."""
 

@@ -5,9 +5,11 @@ and may apply Firecracker-style CPUID bitmaps last. `build_cpuid` turns it, with
 into the CPUID table given to KVM. Templates are TOML files (src/pvmit/vmm/personalities/ holds pvmit's own):
 
     name = "icelake-server-v2"
-    base = "icelake-sp"                       # catalog model
+    base = "icelake-sp"                       # catalog model; optional when vendor, family and model are given
     description = "QEMU Icelake-Server-v2: no IA32_ARCH_CAPABILITIES"
-    [show]                                    # register.bit = shown or not
+    [registers]                               # optional: whole registers exactly as the guest sees them
+    cpuid_7_2_edx = 0x0
+    [show]                                    # register.bit = shown or not (applied after [registers])
     "cpuid_7_0_edx.ARCH_CAPABILITIES" = false
     [[cpuid]]                                 # optional, applied last; MSB first, 0/1 force a bit, x keeps it
     leaf = 0x7
@@ -115,18 +117,35 @@ def load_template(catalog: Catalog, path: str | Path, text: str | None = None) -
         raise InputError(f"{where}: not valid TOML: {e}") from None
     except RecursionError:
         raise InputError(f"{where}: not valid TOML: nested too deeply") from None
-    unknown = set(doc) - {"name", "base", "description", "show", "cpuid", "vendor", "family", "model", "stepping"}
+    unknown = set(doc) - {"name", "base", "description", "show", "cpuid", "vendor", "family", "model", "stepping",
+                          "registers"}
     if unknown:
         raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")
-    for field in ("name", "base"):
-        if not isinstance(doc.get(field), str):
-            raise InputError(f"{where}: field {field!r} must be a string")
-    try:
-        base = catalog.get(doc["base"])
-    except UnknownModelError as e:
-        raise InputError(f"{where}: field 'base': {e}") from None
-    facts = base.facts
+    if not isinstance(doc.get("name"), str):
+        raise InputError(f"{where}: field 'name' must be a string")
+    if "base" in doc:
+        if not isinstance(doc["base"], str):
+            raise InputError(f"{where}: field 'base' must be a string")
+        try:
+            facts = catalog.get(doc["base"]).facts
+        except UnknownModelError as e:
+            raise InputError(f"{where}: field 'base': {e}") from None
+    elif {"vendor", "family", "model"} <= set(doc):  # a CPU the catalog does not describe (QEMU's qemu64)
+        facts = CpuFacts("intel", 0, 0, None, {}, f"personality {where}")
+    else:
+        raise InputError(f"{where}: give 'base' (a catalog model) or 'vendor', 'family' and 'model'")
     regs = dict(facts.registers)
+    exact = doc.get("registers", {})
+    if not isinstance(exact, dict):
+        raise InputError(f"{where}: [registers] must be a table of register = value")
+    for key, value in exact.items():
+        reg = REGISTERS.get(key)
+        if reg is None or reg not in CPU_FACT_REGISTERS:
+            raise InputError(f"{where}: registers.{key}: unknown register; known: "
+                             f"{', '.join(r.key for r in CPU_FACT_REGISTERS)}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= reg.mask:
+            raise InputError(f"{where}: registers.{key} must be an unsigned {reg.width}-bit integer")
+        regs[key] = RegisterFacts.exact(reg, value, f"personality {where}")
     show = doc.get("show", {})
     if not isinstance(show, dict):
         raise InputError(f"{where}: [show] must be a table of register.bit = true/false")

@@ -1,0 +1,5 @@
+import sys
+
+from pvmit.agent.main import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""The files the agent needs in a guest, and installing them with the systemd unit into a root directory (a
+guest's /, or a mounted image).
+
+A guest needs python3 and these files only: pvmit/__init__.py, pvmit/agent/*.py, pvmit/linux/__init__.py and
+pvmit/linux/spectre_v2.py. The unit sets PYTHONPATH to LIB_DIR, so a copied bundle works without pip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pvmit
+
+UNIT_NAME = "pvmit-guest-agent.service"
+LIB_DIR = Path("usr/local/lib/pvmit-agent")
+UNIT_DIR = Path("etc/systemd/system")
+
+
+def agent_files() -> dict[str, bytes]:
+    """Path inside the bundle (e.g. 'pvmit/agent/run.py') -> contents."""
+    pkg = Path(pvmit.__file__).parent
+    names = ["__init__.py", "linux/__init__.py", "linux/spectre_v2.py"]
+    names += sorted(f"agent/{p.name}" for p in (pkg / "agent").glob("*.py"))
+    return {f"pvmit/{n}": (pkg / n).read_bytes() for n in names}
+
+
+def unit_text() -> str:
+    return (Path(__file__).parent / UNIT_NAME).read_text(encoding="utf-8")
+
+
+def install(root: Path) -> list[Path]:
+    """Write the bundle under root/LIB_DIR and the unit under root/UNIT_DIR; the paths written."""
+    written = []
+    for rel, data in agent_files().items():
+        dest = root / LIB_DIR / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        written.append(dest)
+    unit = root / UNIT_DIR / UNIT_NAME
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(unit_text(), encoding="utf-8")
+    written.append(unit)
+    return written
