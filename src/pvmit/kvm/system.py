@@ -10,6 +10,7 @@ from typing import Any
 
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError, KvmUnavailable
+from pvmit.kvm.handle import FdHandle
 
 KVM_DEVICE = "/dev/kvm"
 
@@ -36,7 +37,7 @@ class CpuidEntry:
         return int(getattr(self, reg))
 
 
-class Kvm:
+class Kvm(FdHandle):
     """An open /dev/kvm. Close it (or use `with`) when done."""
 
     def __init__(self, path: str = KVM_DEVICE) -> None:
@@ -52,21 +53,6 @@ class Kvm:
         if version != abi.KVM_API_VERSION:
             self.close()
             raise KvmUnavailable(f"{path}: KVM API version {version}, pvmit needs {abi.KVM_API_VERSION}")
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            self.close()
 
     def api_version(self) -> int:
         return ioctl(self.fd, abi.KVM_GET_API_VERSION)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError
+from pvmit.kvm.handle import FdHandle
 from pvmit.kvm.system import CpuidEntry, ioctl
 
 REG_NAMES: tuple[str, ...] = tuple(f[0] for f in abi.KvmRegs._fields_)
@@ -117,7 +118,7 @@ class Regs:
     rflags: int = 2
 
 
-class Vcpu:
+class Vcpu(FdHandle):
     """One vCPU of a VM."""
 
     def __init__(self, fd: int, index: int, mmap_size: int) -> None:
@@ -164,12 +165,6 @@ class Vcpu:
             os.close(self.fd)
             self.fd = -1
 
-    def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            try:
-                self.close()
-            except (BufferError, ValueError):
-                pass
 
     # --- running -----------------------------------------------------------------------------------------------
     def run(self) -> Exit:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes as C
 import mmap
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pvmit.kvm import abi
+from pvmit.kvm.handle import FdHandle
 from pvmit.kvm.system import Kvm, ioctl
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class MsrRange:
     write: bool = True
 
 
-class Vm:
+class Vm(FdHandle):
     """One KVM VM. Owns its fd; close it (or use `with`) when done. vCPUs are separate handles."""
 
     def __init__(self, kvm: Kvm) -> None:
@@ -58,21 +58,6 @@ class Vm:
         self.fd = kvm.create_vm_fd()
         self.memory: dict[int, tuple[int, GuestMemory, int]] = {}  # slot -> (gpa, memory, flags)
         self._filter_keepalive: list[object] = []
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Vm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
-            self.close()
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
