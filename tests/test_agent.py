@@ -58,7 +58,12 @@ BOTH = ("Mitigation: Enhanced / Automatic IBRS + Retpolines; IBPB: conditional; 
      "BHI: Vulnerable, KVM: SW loop", wire.RETPOLINE_S_USED, ()),
     ("Vulnerable; IBPB: disabled; STIBP: disabled; PBRSB-eIBRS: Not affected; BHI: Vulnerable", 0, ()),
     ("Mitigation: Full generic retpoline, IBPB: conditional, IBRS_FW, STIBP: disabled, RSB filling",
-     wire.RETPOLINE_S_USED, ()),  # a 2019 kernel: no BHI field, so no loop
+     wire.REQUEST_BITS, ("bhb-short",)),  # a 2019 kernel: no BHI field, which some newer lines leave out too
+    ("Vulnerable: eIBRS with unprivileged eBPF", wire.BHB_CLEAR_SEQ_S_USED, ("bhb-short",)),  # bugs.c:3213
+    ("Vulnerable: eIBRS+LFENCE with unprivileged eBPF and SMT", wire.BHB_CLEAR_SEQ_S_USED, ("bhb-short",)),
+    ("Vulnerable: LFENCE", wire.BHB_CLEAR_SEQ_S_USED, ("bhb-short",)),  # 6.9-era kernels: no BHI field
+    ("", wire.REQUEST_BITS, ("retpoline", "bhb-short")),
+    ("Vulnerable: something new", wire.REQUEST_BITS, ("retpoline", "bhb-short")),
     ("Not affected", 0, ()),
     ("Mitigation: Something New; BHI: Long loop", wire.REQUEST_BITS, ("retpoline", "bhb-short")),
 ])

@@ -74,8 +74,13 @@ def decide(spectre_v2: str, cmdline: str = "") -> Reliance:
         assumed.append("bhb-short")
         why.append("BHI field not understood: assumed the short BHB-clearing loop, which protects the guest")
     elif seen.bhi is Bhi.NOT_REPORTED:
-        bhb = False
-        why.append("no BHI field: a kernel before the 2024 BHI mitigation, which has no BHB-clearing loop")
+        # Either a kernel from before the 2024 BHI mitigation (no loop), or a line that leaves the field out while
+        # the loop may run: "Vulnerable: eIBRS with unprivileged eBPF" (bugs.c:3213 in 6.1.192, whose
+        # bhi_select_mitigation() still sets CLEAR_BHB_LOOP, bugs.c:1815), "Vulnerable: LFENCE" on 6.9-era kernels.
+        bhb = True
+        assumed.append("bhb-short")
+        why.append("no BHI field: a kernel from before the 2024 BHI mitigation, or a line that leaves it out while "
+                   "the loop may run: assumed the short BHB-clearing loop, which protects the guest")
     else:
         bhb = seen.bhi.uses_short_loop
         why.append(f"BHI: {seen.bhi.value}: " + (

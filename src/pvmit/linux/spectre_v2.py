@@ -38,7 +38,8 @@ class Bhi(Enum):
     VMEXIT_ONLY = "Vulnerable, KVM: SW loop"
     VULNERABLE = "Vulnerable"
     SYSCALL_HARDENING = "Syscall hardening, KVM: SW loop"  # 6.9-era kernels
-    NOT_REPORTED = "not reported"  # kernels before the 2024 BHI mitigation print no BHI field (and run no loop)
+    NOT_REPORTED = "not reported"  # no BHI field: kernels before the 2024 BHI mitigation (no loop), and lines that
+    # omit it (WHOLE_LINES; "Vulnerable: LFENCE" on kernels from 6.9 until 2025), whose kernel may run the loop
     UNKNOWN = "unknown"
 
     @property
@@ -67,6 +68,13 @@ _OLD_HEADS = {
     "Mitigation: LFENCE": V2Mode.LFENCE,  # before 2025 (bugs.c d1cc1bae)
 }
 
+WHOLE_LINES = {
+    "Vulnerable: eIBRS with unprivileged eBPF": V2Mode.EIBRS,
+    "Vulnerable: eIBRS+LFENCE with unprivileged eBPF and SMT": V2Mode.EIBRS_LFENCE,
+}
+"""bugs.c spectre_v2_show_state() (6.1.192: bugs.c:3212-3217): lines printed instead of the usual ones, with no
+other field (no BHI field either), while unprivileged eBPF is enabled. The mode is still the one named."""
+
 
 @dataclass(frozen=True)
 class SysfsSpectreV2:
@@ -84,10 +92,10 @@ def parse_spectre_v2(line: str) -> SysfsSpectreV2:
     if ", " in head:  # kernels before v5.x separated every field with ", "
         head, *more = [p.strip() for p in head.split(", ")]
         fields = more + fields
-    known = {s: m for m, s in MODE_STRINGS.items()} | _OLD_HEADS
+    known = {s: m for m, s in MODE_STRINGS.items()} | _OLD_HEADS | WHOLE_LINES
     mode = known.get(head)
-    if mode is None and head.startswith("Vulnerable"):
-        mode = V2Mode.NONE
+    if mode is None and (head == "Vulnerable" or head.startswith("Vulnerable,")):
+        mode = V2Mode.NONE  # only the bare word: any other "Vulnerable: ..." is a mode pvmit does not know
     bhi = Bhi.NOT_REPORTED
     for f in fields:
         if f.startswith("BHI:"):
