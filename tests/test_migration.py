@@ -183,12 +183,13 @@ def test_operator_settings_travel_with_the_guest(pair) -> None:  # type: ignore[
     assert dst.status()["spec_ctrl"]["forced_mask"] == "0x44"  # SSBD still forced, and RRSBA_DIS_S added here
 
 
-def test_settings_given_on_the_destination_replace_the_carried_ones(pair) -> None:  # type: ignore[no-untyped-def]
-    src, dst, to = pair([*RETPOLINE_GUEST, "--force-on", "SSBD"], ["--host-cpu", "sapphirerapids",
-                                                                  "--unreported", "trust"])
+def test_settings_given_on_the_destination_go_over_the_carried_ones(pair) -> None:  # type: ignore[no-untyped-def]
+    src, dst, to = pair([*RETPOLINE_GUEST, "--force-on", "SSBD", "--unreported", "trust"],
+                        ["--host-cpu", "sapphirerapids", "--force-off", "SSBD"])
     assert migrate(src, to).returncode == 0
-    assert dst.status()["spec_ctrl"]["forced_mask"] == "0x40"
-    assert "replace the VM's own" in dst.text()
+    st = dst.status()["spec_ctrl"]
+    assert (st["forced_mask"], st["forced_value"]) == ("0x44", "0x40")  # SSBD now held off, RRSBA_DIS_S on
+    assert "over the VM's own" in dst.text() and "'unreported': 'trust'" in dst.text()  # the field not given stays
 
 
 def test_a_silent_control_client_stalls_nothing(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

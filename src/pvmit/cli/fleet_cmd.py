@@ -65,11 +65,9 @@ def load_plan(st: State, inventory: tuple[Path, ...], strict: bool, stages: Stag
     n = raw.vms.num_rows
     stages.size(n)
     stages.done("read", f"read {raw.hosts.num_rows:,} host rows and {n:,} VM rows")
-    if strict and raw.errors:
-        raise InputError(str(raw.errors.first(1)[0]))
-    fleet = collapse(raw, Resolver(catalog))
+    fleet = collapse(raw, Resolver(catalog))  # checks every value; its errors join the reader's in raw.errors
     if strict and fleet.errors:
-        raise InputError(str(fleet.errors.first(1)[0]))
+        raise InputError(str(fleet.errors.first(1)[0]))  # the first wrong row of all, by table and row
     stages.done("classes", f"{fleet.num_hosts:,} hosts in {len(fleet.host_classes):,} classes, {fleet.num_vms:,} VMs "
                            f"in {len(fleet.vm_classes):,} classes")
     p = plan(fleet, progress=stages.say)
@@ -126,25 +124,40 @@ def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: s
     VM the destinations that are safe as they are, safe only with forced controls (which, and why), or would
     leave it exposed (why); the migration pools; the VMs with no safe destination outside their host. Exit 2 when
     some rows were wrong: they are named on stderr and left out, and the rest is planned."""
+    from pvmit.fleet.document import vm_detail
+
+    format_given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
+    if format_given and output is None:
+        raise InputError("--format chooses the format of the tables --output writes; give --output DIR")
     stages = Stages(progress)
     p = load_plan(st, inventory, strict, stages)
+    details = [vm_detail(p, name) for name in vms]  # unknown names are bad input, whatever the output
     _report_errors(p)
     if output is not None:
         from pvmit.fleet.tables import write_tables
 
-        paths = write_tables(p, output, fmt, per_vm)
+        try:
+            paths = write_tables(p, output, fmt, per_vm)
+        except OSError as e:
+            raise InputError(f"{e.filename or output}: cannot write the plan's tables: {e.strerror or e}") from None
         stages.done("write", f"wrote {len(paths)} tables to {output}")
         if not json_out:
             click.echo(f"pvmit: wrote {', '.join(str(x) for x in paths)}", err=True)
     if json_out:
         from pvmit.fleet.document import plan_document
 
-        emit_json(plan_document(p, per_vm))
+        doc = plan_document(p, per_vm)
+        if details:
+            doc["vm_details"] = details
+        emit_json(doc)
         stages.done("json", "wrote the JSON document")
         return _exit_code(p)
     _print_summary(p)
-    for name in vms:
-        _print_vm(p, name)
+    for d in details:
+        _print_vm(d)
+    if per_vm and output is None:
+        err.print("pvmit: --per-vm lists destinations in --json and in the tables --output writes; "
+                  "--vm NAME shows one VM here")
     return _exit_code(p)
 
 
@@ -200,34 +213,20 @@ def _print_summary(p: Plan) -> None:
         out.print("[green]Every VM has at least one safe destination outside its host.[/]")
 
 
-def _print_vm(p: Plan, name: str) -> None:
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from pvmit.fleet.plan import VERDICTS
-
-    f = p.fleet
-    i = pc.index(f.vm_names, name).as_py()
-    if i is None or i < 0:
-        raise InputError(f"--vm: no VM named {name!r} in the plan (it may be in a row with errors)")
-    cls, own = int(f.vm_class[i]), int(f.vm_host[i])
-    vc = f.vm_classes[cls]
-    out.print(esc(f"\nVM {name} on {f.host_names[own]} (class C{cls}: {vc.label}); "
-                  f"where it runs: {VERDICTS[int(p.vm_here[i])].word}"))
-    for v in VERDICTS:
-        out.print(f"  {v.word} destinations: {int(p.vm_counts[i, v]):,}")
-    t = Table(title=f"Destinations of {esc(name)} by host class (its own host left out)")
+def _print_vm(d: dict[str, Any]) -> None:
+    out.print(esc(f"\nVM {d['name']} on {d['host']} (class C{d['class']}: {d['class_label']}); "
+                  f"where it runs: {d['verdict_here']}"))
+    for word, n in d["destinations_by_verdict"].items():
+        out.print(f"  {word} destinations: {n:,}")
+    t = Table(title=f"Destinations of {esc(d['name'])} by host class (its own host left out)")
     for col in ("host class", "verdict", "hosts", "forced", "why"):
         t.add_column(col)
-    colour = {0: "green", 1: "yellow", 2: "red"}
-    for j, hc in enumerate(f.host_classes):
-        hosts = [f.host_names[int(h)] for h in np.flatnonzero(f.host_class == j) if int(h) != own]
-        if not hosts:
-            continue
-        m = p.moves[int(p.move_of[cls, j])]
+    colour = {"safe": "green", "forced": "yellow", "exposed": "red"}
+    for m in d["destinations"]:
+        hosts = m["hosts"]
         shown = ", ".join(hosts[:4]) + (f" +{len(hosts) - 4:,}" if len(hosts) > 4 else "")
-        t.add_row(esc(f"H{j} {hc.label}"), f"[{colour[m.verdict]}]{m.verdict.word}[/]", esc(shown),
-                  esc(", ".join(m.forced) or "-"), esc("\n".join(m.reasons + m.warnings)))
+        t.add_row(esc(f"H{m['host_class']} {m['label']}"), f"[{colour[m['verdict']]}]{m['verdict']}[/]", esc(shown),
+                  esc(", ".join(m["forced"]) or "-"), esc("\n".join(m["reasons"] + m["warnings"])))
     out.print(t)
 
 
@@ -272,7 +271,10 @@ def generate_cmd(st: State, n_vms: int, n_hosts: int, output: Path, fmt: str, se
     from pvmit.fleet.generate import generate, write_inventory
 
     hosts, vms = generate(st.catalog, n_vms, n_hosts, seed)
-    paths = write_inventory(hosts, vms, output, fmt)
+    try:
+        paths = write_inventory(hosts, vms, output, fmt)
+    except OSError as e:
+        raise InputError(f"{e.filename or output}: cannot write the inventory: {e.strerror or e}") from None
     err.print(esc(f"pvmit: wrote {n_hosts:,} hosts and {n_vms:,} VMs to {', '.join(map(str, paths))}"))
 
 

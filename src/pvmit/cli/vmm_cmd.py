@@ -12,7 +12,7 @@ from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
 from pvmit.errors import InputError, PvmitError
 from pvmit.interface.forms import Form, InterfaceConfig
-from pvmit.interface.policy import supported_requests
+from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.kvm.system import Kvm
 from pvmit.linux.model import predict
 from pvmit.migration.source import FAULTS, allow_fault
@@ -55,13 +55,17 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: bool, fault: str | None,
         force_on: str, force_off: str, unreported: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) or receive one (--incoming), and serve commands
-    on the control socket until told to quit. A guest received keeps the operator settings it had on its source
-    unless --force-on, --force-off or --unreported are given here."""
+    on the control socket until told to quit. A guest received keeps the operator settings it had on its source;
+    --force-on, --force-off or --unreported given here replace those fields only."""
     catalog = st.catalog
     settings = settings_from_options(force_on, force_off, unreported)
     ctx = click.get_current_context()
-    given = [o for o in ("force_on", "force_off", "unreported")
-             if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]
+    given = {o for o in ("force_on", "force_off", "unreported")
+             if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT}
+    # An incoming VM keeps the operator settings it carries; the options given here go over them, field by field.
+    here = PartialSettings(settings.force_on if "force_on" in given else None,
+                           settings.force_off if "force_off" in given else None,
+                           settings.unreported if "unreported" in given else None)
     allow_fault(fault)
     control_addr = Address.parse(control)
     incoming_addr = Address.parse(incoming) if incoming else None
@@ -76,8 +80,7 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
     for n in notes:
         say(f"vmm: host reading: {n}")
     with Kvm() as kvm:
-        # An incoming VM keeps the operator settings it carries unless this command line sets some.
-        proc = VmmProcess(kvm, host, control_addr, say, settings if incoming_addr and given else None, fault)
+        proc = VmmProcess(kvm, host, control_addr, say, here if incoming_addr and given else None, fault)
         say(f"vmm: control socket {control_addr}, pid {__import__('os').getpid()}")
         if incoming_addr is not None:
             proc.wait_incoming(incoming_addr)

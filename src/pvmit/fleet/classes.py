@@ -31,7 +31,6 @@ from pvmit.fleet.inventory import (
     BoolArray,
     ErrorLog,
     IntArray,
-    PartialSettings,
     RawInventory,
     TableSource,
     bits_label,
@@ -43,7 +42,7 @@ from pvmit.fleet.inventory import (
     parse_unreported,
 )
 from pvmit.interface.forms import Form
-from pvmit.interface.policy import supported_requests
+from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.vmm.personality import resolve
 
 T = TypeVar("T")

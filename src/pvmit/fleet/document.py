@@ -69,3 +69,24 @@ def plan_document(plan: Plan, per_vm: bool = False) -> dict[str, Any]:
         "vms_without_safe_destination": [names[int(i)] for i in plan.stranded],
         "vms": vms,
     }
+
+
+def vm_detail(plan: Plan, name: str) -> dict[str, Any]:
+    """One VM's destinations by host class, its own host left out (`pvmit fleet plan --vm NAME`)."""
+    import pyarrow.compute as pc
+
+    f = plan.fleet
+    i = pc.index(f.vm_names, name).as_py()
+    if i is None or i < 0:
+        raise InputError(f"--vm: no VM named {name!r} in the plan (it may be in a row with errors)")
+    cls, own = int(f.vm_class[i]), int(f.vm_host[i])
+    destinations = []
+    for j, hc in enumerate(f.host_classes):
+        hosts = [f.host_names[int(h)] for h in np.flatnonzero(f.host_class == j) if int(h) != own]
+        if hosts:
+            m = plan.moves[int(plan.move_of[cls, j])]
+            destinations.append({"host_class": j, "label": hc.label, "hosts": hosts, **m.to_json()})
+    return {"name": name, "host": f.host_names[own], "class": cls, "class_label": f.vm_classes[cls].label,
+            "verdict_here": VERDICTS[int(plan.vm_here[i])].word,
+            "destinations_by_verdict": {v.word: int(plan.vm_counts[i, v]) for v in VERDICTS},
+            "destinations": destinations}

@@ -11,7 +11,8 @@ hosts  name         unique host name
                     (hosts without one form one cluster together)
        force_on, force_off, unreported
                     optional operator settings for every VM on this host (`pvmit policy` spells them the same);
-                    where given they replace the VM's own, as `interface.state.check` takes the destination's
+                    where given they go over the VM's own field by field (`policy.PartialSettings.over`), as
+                    on a migration destination (`pvmit vmm --incoming --force-on ...`)
 vms    name         unique VM name
        host         the host it runs on now
        personality  the CPU personality it was booted with: catalog model, built-in template or .toml file
@@ -48,7 +49,7 @@ import pyarrow.parquet as pq
 from pvmit.derive import Mitigation, mitigations_to_bits
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
-from pvmit.interface.policy import FORCEABLE, OperatorSettings
+from pvmit.interface.policy import FORCEABLE
 from pvmit.x86.bits import SpecCtrl
 
 SCHEMA = "pvmit.fleet-inventory/1"
@@ -167,21 +168,28 @@ def parse_mitigations(text: str) -> frozenset[Mitigation] | None:
         return None
     if words == ["none"]:
         return frozenset()
+    if words == ["both"]:
+        return frozenset(Mitigation)
     if not words:
         raise ValueError("empty: give retpoline, bhb-short, both, none or unenlightened")
     out: set[Mitigation] = set()
     for w in words:
+        if w in ("none", "both") or w in UNENLIGHTENED:
+            raise ValueError(f"{w!r} stands alone; it cannot be combined with other words")
         try:
             out.add(Mitigation(w))
         except ValueError:
-            raise ValueError(f"{w!r} is not one of {', '.join(m.value for m in Mitigation)}, none, "
+            raise ValueError(f"{w!r} is not one of {', '.join(m.value for m in Mitigation)}, both, none, "
                              "unenlightened") from None
     return frozenset(out)
 
 
 def parse_supported(text: str) -> int:
     """MITIGATION_ENUM as request bits, from mitigation names or 'none'."""
-    got = parse_mitigations(text)
+    try:
+        got = parse_mitigations(text)
+    except ValueError:
+        got = None
     if got is None:
         raise ValueError("supported names request bits: retpoline, bhb-short, both or none")
     return mitigations_to_bits(got)
@@ -209,7 +217,8 @@ def parse_bits(text: str) -> int:
         except KeyError:
             raise ValueError(f"IA32_SPEC_CTRL has no bit named {w!r}") from None
     if mask & ~int(FORCEABLE):
-        raise ValueError(f"{SpecCtrl(mask & ~int(FORCEABLE))!r} is not a control pvmit can force")
+        names = "+".join(str(b.name) for b in SpecCtrl if b & mask & ~int(FORCEABLE))
+        raise ValueError(f"{names} is not a control pvmit can force")
     return mask
 
 
@@ -219,48 +228,6 @@ def parse_unreported(text: str) -> str:
         raise ValueError(f"{text!r} is not trust or assume-worst")
     return t
 
-
-@dataclass(frozen=True, order=True)
-class PartialSettings:
-    """Operator settings as given in one row: a field that is None was not given there."""
-
-    force_on: int | None = None
-    force_off: int | None = None
-    unreported: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.force_on and self.force_off and self.force_on & self.force_off:
-            raise ValueError(f"{SpecCtrl(self.force_on & self.force_off)!r} is forced both on and off")
-
-    @property
-    def given(self) -> bool:
-        return (self.force_on, self.force_off, self.unreported) != (None, None, None)
-
-    def over(self, carried: PartialSettings) -> OperatorSettings:
-        """These (the destination's) settings over the ones that travel with the VM, field by field; a bit the
-        destination forces one way is dropped from the VM's opposite field. Unset fields take the defaults."""
-        on, off = self.force_on, self.force_off
-        if on is None:
-            on = (carried.force_on or 0) & ~(off or 0)
-        if off is None:
-            off = (carried.force_off or 0) & ~on
-        unreported = self.unreported or carried.unreported or OperatorSettings().unreported
-        return OperatorSettings(on, off, unreported)  # type: ignore[arg-type]
-
-    def label(self) -> str:
-        parts = []
-        if self.force_on:
-            parts.append("force_on " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_on))
-        if self.force_off:
-            parts.append("force_off " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_off))
-        if self.unreported:
-            parts.append(f"unreported {self.unreported}")
-        return ", ".join(parts) or "-"
-
-    def to_json(self) -> dict[str, object]:
-        def names(m: int | None) -> list[str] | None:
-            return None if m is None else [str(b.name) for b in SpecCtrl if b & m]
-        return {"force_on": names(self.force_on), "force_off": names(self.force_off), "unreported": self.unreported}
 
 
 def mitigations_label(ms: frozenset[Mitigation] | None) -> str:

@@ -27,7 +27,7 @@ from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation
 from pvmit.fleet.classes import Fleet, HostClass, VmClass
 from pvmit.fleet.inventory import IntArray
-from pvmit.interface.policy import Decision, OperatorSettings, decide
+from pvmit.interface.policy import Decision, OperatorSettings, Why, decide
 from pvmit.interface.state import broken_promises
 
 Decide = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
@@ -97,10 +97,11 @@ def move_from(d: Decision, broken: tuple[str, ...]) -> Move:
     names = tuple(str(f.control.name) for f in forced)
     if exposed:
         return Move(Verdict.EXPOSED, accepted, names, exposed, d.warnings, d.assumed)
-    if forced:
-        return Move(Verdict.FORCED, accepted, names,
-                    tuple(f"{f.control.name} ({f.why.value}): {f.reason}" for f in forced), d.warnings, d.assumed)
-    return Move(Verdict.SAFE, accepted, (), d.notes or ("relies on nothing this host must make up for",),
+    why = tuple(f"{f.control.name} ({f.why.value}): {f.reason}" for f in forced)
+    if any(f.why is not Why.OPERATOR for f in forced):  # safe only because the policy holds a control
+        return Move(Verdict.FORCED, accepted, names, why, d.warnings, d.assumed)
+    # safe as it is: controls an operator forces on every VM there are listed, but the guest needs none of them
+    return Move(Verdict.SAFE, accepted, names, (d.notes or ("relies on nothing this host must make up for",)) + why,
                 d.warnings, d.assumed)
 
 

@@ -39,7 +39,8 @@ class OperatorSettings:
 
     def __post_init__(self) -> None:
         if self.force_on & self.force_off:
-            raise ValueError(f"bits {SpecCtrl(self.force_on & self.force_off)!r} are forced both on and off")
+            both = "+".join(str(b.name) for b in SpecCtrl if b & self.force_on & self.force_off)
+            raise ValueError(f"{both} cannot be forced both on and off")
         bad = (self.force_on | self.force_off) & ~int(FORCEABLE)
         if bad:
             raise ValueError(f"IA32_SPEC_CTRL bits {bad:#x} are not controls pvmit can force")
@@ -66,6 +67,51 @@ class OperatorSettings:
 
         return cls(bits(doc.get("force_on", [])), bits(doc.get("force_off", [])),
                    str(doc.get("unreported", "assume-worst")))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, order=True)
+class PartialSettings:
+    """Operator settings as given in one row: a field that is None was not given there."""
+
+    force_on: int | None = None
+    force_off: int | None = None
+    unreported: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.force_on and self.force_off and self.force_on & self.force_off:
+            both = "+".join(str(b.name) for b in SpecCtrl if b & self.force_on & self.force_off)
+            raise ValueError(f"{both} cannot be forced both on and off")
+
+    @property
+    def given(self) -> bool:
+        return (self.force_on, self.force_off, self.unreported) != (None, None, None)
+
+    def over(self, carried: PartialSettings | OperatorSettings) -> OperatorSettings:
+        """These (the destination's) settings over the ones that travel with the VM, field by field; a bit the
+        destination forces one way is dropped from the VM's opposite field. Fields set nowhere take the defaults.
+        The one rule for combining them: the migration destination and the fleet planner both use it."""
+        on, off = self.force_on, self.force_off
+        if on is None:
+            on = (carried.force_on or 0) & ~(off or 0)
+        if off is None:
+            off = (carried.force_off or 0) & ~on
+        unreported = self.unreported or carried.unreported or OperatorSettings().unreported
+        return OperatorSettings(on, off, unreported)  # type: ignore[arg-type]
+
+    def label(self) -> str:
+        parts = []
+        if self.force_on:
+            parts.append("force_on " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_on))
+        if self.force_off:
+            parts.append("force_off " + "+".join(str(b.name) for b in SpecCtrl if b & self.force_off))
+        if self.unreported:
+            parts.append(f"unreported {self.unreported}")
+        return ", ".join(parts) or "-"
+
+    def to_json(self) -> dict[str, object]:
+        def names(m: int | None) -> list[str] | None:
+            return None if m is None else [str(b.name) for b in SpecCtrl if b & m]
+        return {"force_on": names(self.force_on), "force_off": names(self.force_off), "unreported": self.unreported}
 
 
 class Why(Enum):

@@ -16,7 +16,7 @@ from pvmit.derive import Mitigation, mitigations_from_bits
 from pvmit.errors import InputError
 from pvmit.interface.core import VmInterface
 from pvmit.interface.forms import InterfaceConfig
-from pvmit.interface.policy import Decision, OperatorSettings, can_honour, decide
+from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, can_honour, decide
 from pvmit.x86.bits import SpecCtrl
 
 SCHEMA = "pvmit.interface-state/1"
@@ -135,12 +135,25 @@ class Prepared:
 Decider = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
 
 
-def prepare(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
-            decider: Decider = decide) -> Prepared:
+Settings = OperatorSettings | PartialSettings | None
+"""The destination's operator settings for a VM: None keeps the ones that travel with it, PartialSettings go over
+them field by field (`PartialSettings.over`), OperatorSettings replace them whole."""
+
+
+def settings_here(carried: OperatorSettings, given: Settings) -> OperatorSettings:
+    """The settings a VM has on this host, from those it carries and those the destination gives."""
+    if given is None:
+        return carried
+    if isinstance(given, PartialSettings):
+        return given.over(carried)
+    return given
+
+
+def prepare(state: dict[str, Any], host: CpuFacts, settings: Settings = None, decider: Decider = decide) -> Prepared:
     """Parse the VM's description in `state` and decide every possible vCPU report against `host`. Pure.
     `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
-    settings = settings if settings is not None else carried  # the operator's settings travel with the VM
+    settings = settings_here(carried, settings)  # the operator's settings travel with the VM
     reasons = list(broken_promises(config.supported, host))
     offered = [m for m in Mitigation if config.supported & m.request_bit]
     reports: list[frozenset[Mitigation] | None] = [None] + [
@@ -216,8 +229,7 @@ def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterf
     return verdict, vm
 
 
-def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
-          decider: Decider = decide) -> Verdict:
+def check(state: dict[str, Any], host: CpuFacts, settings: Settings = None, decider: Decider = decide) -> Verdict:
     """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
 
     Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
@@ -227,7 +239,7 @@ def check(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | No
     return verdict_for(prepare(state, host, settings, decider), state)
 
 
-def restore(state: dict[str, Any], host: CpuFacts, settings: OperatorSettings | None = None,
+def restore(state: dict[str, Any], host: CpuFacts, settings: Settings = None,
             decider: Decider = decide) -> tuple[Verdict, VmInterface | None]:
     """Recreate the VM's interface on `host` if `check` accepts it; (verdict, None) when refused."""
     return finish(prepare(state, host, settings, decider), state)

@@ -18,7 +18,7 @@ from typing import Any
 from pvmit.catalog.facts import CpuFacts
 from pvmit.errors import PvmitError
 from pvmit.interface.forms import InterfaceConfig
-from pvmit.interface.policy import OperatorSettings
+from pvmit.interface.policy import PartialSettings
 from pvmit.interface.state import finish, prepare, verdict_for
 from pvmit.kvm.system import Kvm
 from pvmit.migration import vmstate
@@ -85,12 +85,13 @@ def _cpuid_differences(source: dict[str, int], here: dict[str, int]) -> list[str
             for k, v in source.items() if here.get(k) != v]
 
 
-def receive(chan: Channel, kvm: Kvm, host: Host, settings: OperatorSettings | None,
+def receive(chan: Channel, kvm: Kvm, host: Host, settings: PartialSettings | None,
             progress: Callable[[str], None] = lambda m: None,
             on_line: Callable[[str], None] | None = None, fault: str | None = None) -> Arrival:
     """Take one incoming guest over `chan`. Never raises for a bad stream: the reason comes back in Arrival.
 
-    `settings` replaces the operator settings the VM carries (None: keep the VM's own)."""
+    `settings` are this VMM's operator settings; they go over those the VM carries, field by field
+    (`PartialSettings.over`); None keeps the VM's own."""
     vmm: Vmm | None = None
     arrival = Arrival(None)
     held: list[str] | None = []  # the VMM's messages while the source is paused, printed after the commit
@@ -123,8 +124,9 @@ def receive(chan: Channel, kvm: Kvm, host: Host, settings: OperatorSettings | No
         hello = chan.expect(b"HELO").json()
         _same_vm(hello, personality, config)
         prepared = prepare(hello, host.facts, settings)  # every decision this VM can need here, before the pause
-        if settings is not None and prepared.vm_fields[2] != settings.to_json():
-            progress(f"operator settings here {settings.to_json()} replace the VM's own {prepared.vm_fields[2]}")
+        if settings is not None and prepared.vm_fields[2] != prepared.settings.to_json():
+            progress(f"operator settings given here ({settings.label()}) over the VM's own "
+                     f"{prepared.vm_fields[2]}: now {prepared.settings.to_json()}")
         verdict = verdict_for(prepared, hello)
         verdict_doc: dict[str, Any] = verdict.to_json()
         candidate: tuple[Any, Any] | None = None

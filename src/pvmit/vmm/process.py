@@ -24,7 +24,7 @@ from typing import Any
 from pvmit.derive import Mitigation, mitigations_to_bits
 from pvmit.guest import program
 from pvmit.interface.forms import InterfaceConfig
-from pvmit.interface.policy import OperatorSettings
+from pvmit.interface.policy import OperatorSettings, PartialSettings
 from pvmit.kvm.system import Kvm
 from pvmit.migration.destination import receive
 from pvmit.migration.source import migrate_out
@@ -60,7 +60,7 @@ class VmmProcess:
     """The state of one `pvmit vmm` process: waiting for a guest, running one, or done (halted or migrated)."""
 
     def __init__(self, kvm: Kvm, host: Host, control: Address, say: Callable[[str], None],
-                 settings: OperatorSettings | None = None, fault: str | None = None) -> None:
+                 settings: PartialSettings | None = None, fault: str | None = None) -> None:
         self.kvm = kvm
         self.host = host
         self.say = say
