@@ -179,7 +179,7 @@ def _print_summary(p: Plan) -> None:
     out.print(t)
     if len(f.host_classes) > SHOWN * 2:
         out.print(f"  ... {len(f.host_classes) - SHOWN * 2:,} more host classes (--json or --output lists them)")
-    t = Table(title="VM classes, largest first: destination hosts by verdict")
+    t = Table(title="VM classes, largest first: hosts by verdict for a VM of the class (its own host included)")
     for col in ("class", "personality", "reported", "form", "enum", "VMs", "safe", "forced", "exposed", "pool"):
         t.add_column(col, justify="right" if col in ("VMs", "safe", "forced", "exposed") else "left")
     order = sorted(range(len(f.vm_classes)), key=lambda i: (-int(p.vm_class_size[i]), i))
