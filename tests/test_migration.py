@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pvmit.kvm.system import kvm_available
-from pvmit.vmm.cluster import VmmHandle
-from pvmit.vmm.process import DEFAULT_HEARTBEAT
+from pvmit.node.cluster import VmmHandle
+from pvmit.node.process import DEFAULT_HEARTBEAT
 
 USABLE, WHY = kvm_available()
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not USABLE, reason=f"needs a usable /dev/kvm: {WHY}")]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pvmit.vmm.cluster import PAUSED, RESUMED, VmmHandle
+from pvmit.node.cluster import PAUSED, RESUMED, VmmHandle
 
 
 def one(size: str, work: Path, catalogs: list[str]) -> dict[str, Any]:

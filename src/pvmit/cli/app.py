@@ -11,27 +11,8 @@ from pathlib import Path
 import click
 
 from pvmit import __version__
-from pvmit.catalog.loader import Catalog, load_catalog
+from pvmit.cli.state import State
 from pvmit.errors import PvmitError
-
-json_option = click.option("--json", "json_out", is_flag=True, help="Write one JSON document on stdout.")
-
-
-class State:
-    """Options every command shares, set by the root group."""
-
-    def __init__(self, catalogs: list[Path]) -> None:
-        self.catalogs = catalogs
-        self._catalog: Catalog | None = None
-
-    @property
-    def catalog(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = load_catalog(self.catalogs)
-        return self._catalog
-
-
-pass_state = click.make_pass_decorator(State)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

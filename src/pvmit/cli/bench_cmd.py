@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.state import State, json_option, pass_state
 
 
 @click.group("bench")

@@ -8,8 +8,8 @@ import click
 from rich.table import Table
 
 from pvmit.catalog.loader import CpuModel, load_catalog
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import derived_table, emit_json, esc, out
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.derive import (
     Mitigation,
     cpu_summary,

@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, esc, out
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.kvm.system import Kvm
-from pvmit.vmm.cluster import PAUSED, RESUMED, VmmHandle
-from pvmit.vmm.process import DEFAULT_HEARTBEAT
+from pvmit.node.cluster import PAUSED, RESUMED, VmmHandle
+from pvmit.node.process import DEFAULT_HEARTBEAT
 
 GUEST, SOURCE, TARGET, REFUSER = "icelake-server-v2", "icelake-sp", "sapphirerapids", "cascadelake-sp"
 

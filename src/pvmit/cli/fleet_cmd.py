@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, err, esc, out, warn
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
 
 if TYPE_CHECKING:  # numpy and pyarrow load only when a fleet command runs, not with every pvmit command

@@ -11,8 +11,8 @@ import click
 from pvmit.agent import main as agent
 from pvmit.agent.bundle import LIB_DIR, UNIT_NAME, install
 from pvmit.agent.errors import status_table
-from pvmit.cli.app import json_option
 from pvmit.cli.output import emit_json, err, esc
+from pvmit.cli.state import json_option
 from pvmit.errors import PvmitError
 
 EPILOG = "\b\nExit status (status, report):\n" + status_table()

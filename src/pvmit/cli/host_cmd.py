@@ -7,8 +7,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import derived_table, emit_json, esc, out
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.host.inspect import inspect_host
 from pvmit.x86.registers import CPU_FACT_REGISTERS
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, esc, out, yes_no
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.derive import Mitigation
 from pvmit.errors import InputError
 from pvmit.interface.policy import OperatorSettings, decide

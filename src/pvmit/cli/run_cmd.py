@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
 from pvmit.kvm.system import Kvm

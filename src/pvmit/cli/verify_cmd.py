@@ -7,8 +7,8 @@ import time
 import click
 from rich.table import Table
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.state import State, json_option, pass_state
 
 
 @click.command("verify")

@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from pvmit.cli.app import State, json_option, pass_state
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
+from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings, supported_requests
@@ -17,10 +17,10 @@ from pvmit.kvm.system import Kvm
 from pvmit.linux.model import predict
 from pvmit.migration.source import FAULTS, allow_fault
 from pvmit.migration.transport import Address
+from pvmit.node.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
-from pvmit.vmm.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
 
 
 def parse_size(text: str) -> int:
