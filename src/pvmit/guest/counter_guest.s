@@ -39,12 +39,10 @@ inner:
     call puts
     mov rax, qword ptr [rip + gp_count]
     call puthex
-    mov al, 10
-    mov dx, 0x3f8
-    out dx, al
+    call newline
     jmp outer
 
-.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex, newline and their data
 
 s_start: .asciz "guest: counting\n"
 s_count: .asciz "guest: count "

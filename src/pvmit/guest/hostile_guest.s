@@ -50,9 +50,7 @@ next:
     call puts
     mov rax, qword ptr [rip + gp_count]
     call puthex
-    mov dx, 0x3f8
-    mov al, 10
-    out dx, al
+    call newline
 halt:
     hlt
     jmp halt
@@ -71,7 +69,7 @@ random:
     mov rax, r14
     ret
 
-.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex, newline and their data
 
 s_done: .asciz "guest: hostile done gp "
     .align 8

@@ -83,6 +83,17 @@ puthex_next:
     pop rax
     ret
 
+; newline: a line feed to COM1; every register is kept
+newline:
+    push rax
+    push rdx
+    mov dx, 0x3f8
+    mov al, 10
+    out dx, al
+    pop rdx
+    pop rax
+    ret
+
     .align 8
 gp_count: .quad 0
 idtr: .word 223

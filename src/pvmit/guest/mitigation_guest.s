@@ -313,17 +313,7 @@ fail:
     call puts
     ret
 
-newline:
-    push rax
-    push rdx
-    mov dx, 0x3f8
-    mov al, 10
-    out dx, al
-    pop rdx
-    pop rax
-    ret
-
-.include "lib.s"  ; gp_handler, install_idt, puts, puthex and their data
+.include "lib.s"  ; gp_handler, install_idt, puts, puthex, newline and their data
 
 ; --- data ----------------------------------------------------------------------------------------------------
 s_hello: .asciz "guest: booted in long mode\n"

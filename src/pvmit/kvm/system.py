@@ -23,6 +23,17 @@ def ioctl(fd: int, request: int, arg: Any = 0) -> int:
         raise KvmError(abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}"), e.errno or 0) from None
 
 
+def get_msrs(fd: int, indices: list[int]) -> dict[int, int]:
+    """KVM_GET_MSRS on a system or vCPU fd. KVM stops at the first MSR it does not know: those from there on are
+    left out of the answer."""
+    buf = abi.kvm_msrs(len(indices))()
+    buf.nmsrs = len(indices)
+    for i, idx in enumerate(indices):
+        buf.entries[i].index = idx
+    n = ioctl(fd, abi.KVM_GET_MSRS, buf)
+    return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+
+
 @dataclass(frozen=True)
 class CpuidEntry:
     function: int
@@ -107,12 +118,7 @@ class Kvm(FdHandle):
 
     def feature_msrs(self, indices: list[int]) -> dict[int, int]:
         """System-level KVM_GET_MSRS: the value of each feature MSR KVM would offer a guest."""
-        buf = abi.kvm_msrs(len(indices))()
-        buf.nmsrs = len(indices)
-        for i, idx in enumerate(indices):
-            buf.entries[i].index = idx
-        n = ioctl(self.fd, abi.KVM_GET_MSRS, buf)
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+        return get_msrs(self.fd, indices)
 
     def create_vm_fd(self) -> int:
         """KVM_CREATE_VM; the VM handle (`pvmit.kvm.vm.Vm`) wraps the returned fd."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError
 from pvmit.kvm.handle import FdHandle
-from pvmit.kvm.system import CpuidEntry, ioctl
+from pvmit.kvm.system import CpuidEntry, get_msrs, ioctl
 
 REG_NAMES: tuple[str, ...] = tuple(f[0] for f in abi.KvmRegs._fields_)
 
@@ -290,13 +290,7 @@ class Vcpu(FdHandle):
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS; an MSR KVM does not know stops the list there: those missing are left out."""
-        indices = list(indices)
-        buf = abi.kvm_msrs(len(indices))()
-        buf.nmsrs = len(indices)
-        for i, idx in enumerate(indices):
-            buf.entries[i].index = idx
-        n = ioctl(self.fd, abi.KVM_GET_MSRS, buf)
-        return {buf.entries[i].index: buf.entries[i].data for i in range(n)}
+        return get_msrs(self.fd, list(indices))
 
     def set_msrs(self, values: dict[int, int]) -> int:
         """KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""
