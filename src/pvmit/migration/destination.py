@@ -19,7 +19,7 @@ from pvmit.catalog.facts import CpuFacts
 from pvmit.errors import PvmitError
 from pvmit.interface.forms import InterfaceConfig
 from pvmit.interface.policy import PartialSettings
-from pvmit.interface.state import finish, prepare, verdict_for
+from pvmit.interface.state import finish, prepare
 from pvmit.kvm.system import Kvm
 from pvmit.migration import vmstate
 from pvmit.migration.stream import Header, StreamError, decode_pages, encode_json
@@ -123,26 +123,25 @@ def receive(chan: Channel, kvm: Kvm, host: Host, settings: PartialSettings | Non
                  f"{memory >> 20} MiB)")
         hello = chan.expect(b"HELO").json()
         _same_vm(hello, personality, config)
-        prepared = prepare(hello, host.facts, settings)  # every decision this VM can need here, before the pause
+        # Every decision this VM can need here, before the pause: `prepared` stays for a final state that differs
+        # from HELO; a second one is finished now into the guest's interface for the HELO state (`finish` fills in
+        # the one it is given). After the pause, when the final state is the same, nothing is left to decide.
+        prepared = prepare(hello, host.facts, settings)
         if settings is not None and prepared.vm_fields[2] != prepared.settings.to_json():
             progress(f"operator settings given here ({settings.label()}) over the VM's own "
                      f"{prepared.vm_fields[2]}: now {prepared.settings.to_json()}")
-        verdict = verdict_for(prepared, hello)
+        verdict, core = finish(prepare(hello, host.facts, settings), hello)
         verdict_doc: dict[str, Any] = verdict.to_json()
         candidate: tuple[Any, Any] | None = None
-        if verdict.accepted:
+        if core is not None:
             vmm = Vmm(kvm, personality, host, config, prepared.settings, memory_size=memory, on_line=line)
             differ = _cpuid_differences(source_cpuid, vmm.guest_cpuid())
             if differ:
                 verdict_doc = {**verdict_doc, "accepted": False,
                                "reasons": ["the guest would see a different CPU here: " + "; ".join(differ)]}
             else:
-                # Build the guest's interface now, from the state before the pause (a second `prepare`: `finish`
-                # fills in the one it is given). After the pause, when the final state is the same, there is
-                # nothing left to decide.
-                candidate = finish(prepare(hello, host.facts, settings), hello)
-                if candidate[1] is not None:
-                    vmm.install_core(candidate[1])  # MSR filter and controls in place ahead; the guest is not here
+                candidate = (verdict, core)
+                vmm.install_core(core)  # MSR filter and controls in place ahead; the guest is not here yet
         arrival.verdict = verdict_doc
         chan.send(encode_json(b"VRDT", {**verdict_doc, "host": host.name}))
         if not verdict_doc["accepted"]:
