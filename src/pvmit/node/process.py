@@ -122,6 +122,7 @@ class VmmProcess:
                         return
         finally:
             server.close()
+            listen.unlink()  # as the control socket is: no path is left behind
 
     # --- the main loop -----------------------------------------------------------------------------------------
     def serve(self) -> None:
