@@ -31,6 +31,7 @@ def _register() -> None:
         bench_cmd,
         catalog_cmd,
         demo_cmd,
+        fleet_cmd,
         guest_cmd,
         host_cmd,
         oracle_cmd,
@@ -53,8 +54,7 @@ def _register() -> None:
     cli.add_command(host_cmd.host)
     cli.add_command(guest_cmd.guest)
     cli.add_command(oracle_cmd.oracle)
-    from pvmit.cli.fleet_cmd import fleet
-    cli.add_command(fleet)
+    cli.add_command(fleet_cmd.fleet)
 
 
 _register()
