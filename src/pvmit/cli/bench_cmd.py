@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from pvmit.cli.fleet_cmd import MAX_HOSTS, MAX_SEED, MAX_VMS
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 
 
@@ -16,8 +18,9 @@ def bench() -> None:
 
 
 @bench.command("exits")
-@click.option("--iterations", default=20_000, show_default=True, help="RDMSRs per loop.")
-@click.option("--repeats", default=3, show_default=True, help="Interleaved repeats of the four loops.")
+@click.option("--iterations", type=BoundedInt(1, 10 ** 9), default=20_000, show_default=True, help="RDMSRs per loop.")
+@click.option("--repeats", type=BoundedInt(1, 1000), default=3, show_default=True,
+              help="Interleaved repeats of the four loops.")
 @click.option("--guest-cpu", default="EPYC-Milan", show_default=True, metavar="MODEL", help="Guest personality.")
 @json_option
 @pass_state
@@ -28,8 +31,6 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
     from pvmit.vmm.hosts import this_machine
     from pvmit.vmm.personality import resolve
 
-    if iterations < 1 or repeats < 1:
-        raise click.BadParameter("--iterations and --repeats must be at least 1")
     personality = resolve(st.catalog, guest_cpu)
     host, _ = this_machine(st.catalog)
     with Kvm() as kvm:
@@ -52,7 +53,7 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
 
 @bench.command("migrate")
 @click.option("--sizes", default="64M,512M", show_default=True, help="Guest memory sizes, comma-separated.")
-@click.option("--repeats", default=3, show_default=True)
+@click.option("--repeats", type=BoundedInt(1, 1000), default=3, show_default=True)
 @json_option
 @pass_state
 def migrate(st: State, sizes: str, repeats: int, json_out: bool) -> int:
@@ -80,12 +81,15 @@ def migrate(st: State, sizes: str, repeats: int, json_out: bool) -> int:
 
 
 @bench.command("fleet")
-@click.option("--vms", default=1_000_000, show_default=True, help="VMs in the generated inventory.")
-@click.option("--hosts", default=10_000, show_default=True, help="Hosts in the generated inventory.")
-@click.option("--cores", default=2, show_default=True, help="CPUs the planner process is pinned to.")
+@click.option("--vms", type=BoundedInt(0, MAX_VMS), default=1_000_000, show_default=True,
+              help="VMs in the generated inventory.")
+@click.option("--hosts", type=BoundedInt(1, MAX_HOSTS), default=10_000, show_default=True,
+              help="Hosts in the generated inventory.")
+@click.option("--cores", type=BoundedInt(1, 4096), default=2, show_default=True,
+              help="CPUs the planner process is pinned to.")
 @click.option("--inventory", type=click.Path(exists=True, path_type=Path), default=None, metavar="PATH",
               help="Plan this inventory instead of generating one.")
-@click.option("--seed", default=1, show_default=True, help="Seed of the generated fleet.")
+@click.option("--seed", type=BoundedInt(0, MAX_SEED), default=1, show_default=True, help="Seed of the generated fleet.")
 @json_option
 @pass_state
 def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, seed: int, json_out: bool) -> int:
@@ -94,8 +98,6 @@ def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, s
     a target is missed or the planner fails."""
     from pvmit.bench.fleet import run as run_fleet
 
-    if vms < 0 or hosts < 1 or cores < 1:
-        raise click.BadParameter("--vms must be >= 0, --hosts and --cores >= 1")
     doc = run_fleet(st.catalog, None if inventory else vms, None if inventory else hosts, cores, inventory, seed,
                     tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {m}", err=True))
     if json_out:

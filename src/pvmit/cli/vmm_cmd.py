@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from pvmit.cli import params
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
 from pvmit.cli.state import State, json_option, pass_state
@@ -18,20 +19,20 @@ from pvmit.linux.model import predict
 from pvmit.migration.source import FAULTS, allow_fault
 from pvmit.migration.transport import Address
 from pvmit.node.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
+from pvmit.safetext import quoted
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
 
+MAX_HEARTBEAT = 10 ** 9
+
 
 def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise InputError(f"{text!r} is not a size (for example 64M or 512M)") from None
+    """Guest memory: a multiple of 2 MiB from 4 MiB to MAX_MEMORY."""
+    value = params.parse_size(text, "guest memory")
     if value < 4 << 20 or value > MAX_MEMORY or value % (2 << 20):
-        raise InputError(f"guest memory {text!r} must be a multiple of 2 MiB from 4 MiB to {MAX_MEMORY >> 30} GiB")
+        raise InputError(f"guest memory {quoted(text)} must be a multiple of 2 MiB from 4 MiB to "
+                         f"{MAX_MEMORY >> 30} GiB")
     return value
 
 
@@ -45,14 +46,16 @@ def parse_size(text: str) -> int:
               help="What the guest reports: retpoline,bhb-short | none | unreported (default: what a Linux "
                    "guest shown the personality would use).")
 @click.option("--pool", default="", metavar="MODELS", help="Catalog models this VM may run on (MITIGATION_ENUM).")
-@click.option("--memory", default="64M", show_default=True, help="Guest memory.")
-@click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True, help="Guest iterations per heartbeat.")
+@click.option("--memory", type=params.Converted(parse_size, "size"), default="64M", show_default=True,
+              help="Guest memory: a multiple of 2 MiB from 4 MiB to 1 GiB.")
+@click.option("--heartbeat", type=params.BoundedInt(1, MAX_HEARTBEAT), default=DEFAULT_HEARTBEAT,
+              show_default=True, help="Guest iterations per heartbeat.")
 @click.option("--fill-memory", is_flag=True, help="Fill the guest's free memory with data (for benchmarks).")
 @click.option("--fault", type=click.Choice(["die-after-pages", "die-after-state"]), hidden=True)
 @operator_options
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
-        uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: bool, fault: str | None,
+        uses: str | None, pool: str, memory: int, heartbeat: int, fill_memory: bool, fault: str | None,
         force_on: str, force_off: str, unreported: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) or receive one (--incoming), and serve commands
     on the control socket until told to quit. A guest received keeps the operator settings it had on its source;
@@ -90,7 +93,7 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
             relied = parse_uses(uses) if uses is not None else predict(personality.facts).relies_on
             hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
             config = InterfaceConfig(Form(form), supported_requests(hosts))
-            proc.boot(Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory))
+            proc.boot(Boot(personality, config, settings, relied, memory, heartbeat, fill_memory))
         proc.serve()
     return 0
 

@@ -18,6 +18,7 @@ from pvmit.oracle import initramfs
 from pvmit.oracle.boot import BASE_APPEND, BootFailed, Seen, boot, find_qemu, qemu_version
 from pvmit.oracle.cases import Case
 from pvmit.oracle.compare import evaluate
+from pvmit.userfiles import write_atomic
 
 SCHEMA = "pvmit.linux-oracle/1"
 
@@ -108,7 +109,7 @@ def ok(doc: dict[str, Any]) -> bool:
 
 
 def record(doc: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def verdict(r: dict[str, Any]) -> str:
