@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from pvmit.agent.cpuiddev import open_cpuid
 from pvmit.agent.discover import Cpuid
@@ -56,8 +56,15 @@ class LinuxMachine:
         return read_param(MSR_ALLOW_WRITES)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage error, with what was given escaped and shortened."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {clean_message(message)}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m pvmit.agent", description=DESCRIPTION,
+    p = _Parser(prog="python3 -m pvmit.agent", description=DESCRIPTION,
                                 epilog="exit status:\n" + status_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("status", "report"))

@@ -10,6 +10,7 @@ from pvmit.cli.fleet_cmd import MAX_HOSTS, MAX_SEED, MAX_VMS
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
+from pvmit.safetext import safe_text
 
 
 @click.group("bench")
@@ -99,7 +100,7 @@ def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, s
     from pvmit.bench.fleet import run as run_fleet
 
     doc = run_fleet(st.catalog, None if inventory else vms, None if inventory else hosts, cores, inventory, seed,
-                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {m}", err=True))
+                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {safe_text(m)}", err=True))
     if json_out:
         emit_json(doc)
         return 0 if doc["within_targets"] else 1

@@ -20,7 +20,7 @@ from pvmit.cli.output import emit_json, err, esc, out, warn
 from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
-from pvmit.safetext import clean_message
+from pvmit.safetext import clean_message, safe_text
 from pvmit.userfiles import write_atomic
 
 if TYPE_CHECKING:  # numpy and pyarrow load only when a fleet command runs, not with every pvmit command
@@ -47,7 +47,7 @@ class Stages:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            click.echo(f"fleet: {message}", err=True)
+            click.echo(f"fleet: {safe_text(message)}", err=True)
 
     def done(self, stage: str, message: str) -> None:
         now = time.perf_counter()
@@ -146,7 +146,7 @@ def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: s
             raise InputError(f"{e.filename or output}: cannot write the plan's tables: {e.strerror or e}") from None
         stages.done("write", f"wrote {len(paths)} tables to {output}")
         if not json_out:
-            click.echo(f"pvmit: wrote {', '.join(str(x) for x in paths)}", err=True)
+            click.echo(f"pvmit: wrote {safe_text(', '.join(str(x) for x in paths))}", err=True)
     if json_out:
         from pvmit.fleet.document import plan_document
 

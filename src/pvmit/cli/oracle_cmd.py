@@ -13,6 +13,7 @@ from pvmit.cli.params import BoundedFloat, BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.oracle import linux
 from pvmit.oracle.cases import select
+from pvmit.safetext import safe_text
 
 
 @click.group("oracle")
@@ -55,7 +56,7 @@ def linux_cmd(st: State, names: str | None, kernel: Path | None, python: Path | 
     if json_out:
         emit_json(doc)
     elif markdown:
-        click.echo(linux.markdown_table(doc))
+        click.echo(safe_text(linux.markdown_table(doc), lines=True))
     else:
         print_table(doc)
     return 0 if linux.ok(doc) else 1

@@ -19,7 +19,7 @@ from pvmit.linux.model import predict
 from pvmit.migration.source import FAULTS, allow_fault
 from pvmit.migration.transport import Address
 from pvmit.node.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
-from pvmit.safetext import quoted
+from pvmit.safetext import quoted, safe_text
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
@@ -78,7 +78,7 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
     host = stand_in(catalog, host_cpu, real) if host_cpu else real
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        print(safe_text(line), flush=True)  # guest output and peers' names included: escaped for the terminal
 
     for n in notes:
         say(f"vmm: host reading: {n}")
