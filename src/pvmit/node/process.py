@@ -412,6 +412,7 @@ class VmmProcess:
         vmm = self.vmm
         if outcome.migrated:
             if vmm is not None:
+                vmm.serial.partial = ""  # the unfinished line went with the guest: it is printed there, not here
                 vmm.close()
             self.vmm = None
             self.say(f"vmm: vm {self.vm_id} left for {m.to if m else '?'} (migration {outcome.migration}, "
