@@ -175,8 +175,9 @@ def test_another_user_is_refused_by_peer_credentials() -> None:
         h.wait_counts(2)
         path = h.control.removeprefix("unix:")
         os.chmod(path, 0o666)
-        code = ("import socket; s=socket.socket(socket.AF_UNIX); s.connect(%r); "
-                "s.sendall(b'{\"cmd\": \"quit\", \"force\": true}\\n'); print(s.recv(300))" % path)
+        command = b'{"cmd": "quit", "force": true}\n'
+        code = (f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({path!r}); s.sendall({command!r}); "
+                "print(s.recv(300))")
         r = subprocess.run([str(SYSTEM_PYTHON), "-c", code], capture_output=True, text=True, timeout=30, user=65534,
                            group=65534, cwd="/")
         assert "permission denied" in r.stdout and "uid 65534" in r.stdout, r.stdout + r.stderr
