@@ -478,6 +478,7 @@ class VmmProcess:
                 pass
             self.say(f"vmm: incoming: refused {peer.who}: {reason}")
             return
+        self.say(f"vmm: incoming: connection from {peer.who}")
         peer_host = peer.who.split(" ", 1)[0]
         receiver.control = str(self.control_address)
 
