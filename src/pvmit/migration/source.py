@@ -53,7 +53,7 @@ DEFAULT_STALL = 30.0
 SETTLE_NOTICE = 60.0
 FAULTS = ("flip-memory", "flip-state", "truncate", "wrong-version", "die-after-pause", "unknown-section",
           "stop-and-copy", "report-meanwhile", "drop-before-commit", "die-before-commit", "lose-commit-ack",
-          "die-after-commit")
+          "die-after-commit", "pause-mid-line")
 """Failures a test can make the source produce on purpose (`--fault`); never used otherwise."""
 FAULT_ENV = "PVMIT_FAULT_INJECTION"
 
