@@ -44,6 +44,9 @@ def test_versions_are_read_from_what_debian_prints() -> None:
     assert V("6.12.117+deb12-amd64") == KernelVersion(6, 12, 117)
     assert V("Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org) (gcc-12 ...) #1 SMP PREEMPT_DYNAMIC "
              "Debian 6.1.192-2 (2026-11-16)") == KernelVersion(6, 1, 192)
+    # a kernel built elsewhere with Debian's compiler: "Debian 12.2.0" is gcc's, not the kernel's
+    assert V("Linux version 6.18.44 (builder@host) (gcc (Debian 12.2.0-14) 12.2.0, GNU ld (GNU Binutils for Debian) "
+             "2.40) #1 SMP PREEMPT_DYNAMIC") == KernelVersion(6, 18, 44)
     assert V("6.18") == KernelVersion(6, 18, 0) and V("5.10.0") < V("5.10.1") < V("6.1")
     for bad in ("4.19.311", "7.0.9", "", "linux", "6"):
         with pytest.raises(InputError, match="kernel version"):
