@@ -58,8 +58,8 @@ def _its_reason(its: Its) -> str:
     if its is Its.UNKNOWN:
         return "indirect_target_selection: text pvmit does not know (reported as is)"
     return f"indirect_target_selection: {its.value}" + (
-        ": under a hypervisor, Linux trusts ITS_NO or BHI_CTRL to stay true on every host it may run on"
-        if its is Its.NOT_AFFECTED else "")
+        " (an Intel guest says so only when shown ITS_NO or BHI_CTRL, which must then stay true on every host it "
+        "may run on)" if its is Its.NOT_AFFECTED else "")
 
 
 def decide(spectre_v2: str, cmdline: str = "", its_line: str | None = None) -> Reliance:
