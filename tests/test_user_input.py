@@ -209,10 +209,12 @@ def test_escape_sequences_in_names_are_shown_escaped(cli, tmp_path: Path) -> Non
 
 
 def test_numeric_options_have_ranges(cli) -> None:  # type: ignore[no-untyped-def]
+    from pvmit.node.process import MAX_HEARTBEAT
+
     for value in ("0", "-1", str(2 ** 64)):
         r = cli("vmm", "--control", "unix:/nonexistent/x", "--guest-cpu", "icelake-sp", "--heartbeat", value)
-        assert r.code == 2 and "Invalid value for '--heartbeat'" in r.stderr and "1<=x<=1000000000" in r.stderr, \
-            r.stderr
+        assert r.code == 2 and "Invalid value for '--heartbeat'" in r.stderr, r.stderr
+        assert f"1<=x<={MAX_HEARTBEAT}" in r.stderr, r.stderr
     r = cli("oracle", "linux", "--timeout", "nan")
     assert r.code == 2 and "'--timeout'" in r.stderr and "5<=x<=3600" in r.stderr, r.stderr
     r = cli("fleet", "generate", "--vms", "\u0661\u0662", "--hosts", "1", "-o", "/nonexistent/x.json")
@@ -252,7 +254,7 @@ def test_long_inputs_are_shortened_in_messages(cli) -> None:  # type: ignore[no-
                  ("fleet", "plan", long)):  # the last through the CLI's net for every message (`clean_message`)
         r = cli(*args)
         assert r.code == 2 and "(5,000 characters)" in r.stderr and long not in r.stderr, (args, r.stderr[:300])
-        assert max(len(line) for line in r.stderr.splitlines()) < 600
+        assert max(len(line) for line in r.stderr.splitlines()) < 1000  # the list of oracle cases is the longest
 
 
 def test_safe_text() -> None:

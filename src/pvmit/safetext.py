@@ -10,16 +10,11 @@ output, and every error message passes `clean_message`). Standard library only: 
 from __future__ import annotations
 
 import re
+import unicodedata
 
-# C0 and C1 controls and DEL; the Unicode format characters that reorder or hide text (bidi embeddings,
-# overrides and isolates, marks, zero-width characters, line and paragraph separators, BOM, interlinear
-# annotations, tags); lone surrogates.
-_UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f"
-    "\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]")
-_UNSAFE_KEEP_LINES = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f"
-    "\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]")
+_HIDDEN = frozenset(("Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+"""Categories escaped although str.isprintable() may pass them: format characters (bidi overrides and isolates,
+zero-width characters, tags), surrogates, private use, unassigned, line and paragraph separators."""
 _LONG_TOKEN = re.compile(r"\S{201,}")
 _END_PUNCTUATION = ":;,.'\")]"
 
@@ -27,15 +22,20 @@ DEFAULT_LIMIT = 80
 """Characters of an outside value shown in a message before it is cut."""
 
 
-def _escape(m: re.Match[str]) -> str:
-    c = ord(m.group())
+def _escape(ch: str) -> str:
+    c = ord(ch)
     return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
 
 
 def safe_text(text: str, *, lines: bool = False) -> str:
-    """`text` with every control and invisible formatting character written as a Python escape (\\x1b,
-    \\u202e); with lines=True newlines and tabs are kept (multi-line text of pvmit's own)."""
-    return (_UNSAFE_KEEP_LINES if lines else _UNSAFE).sub(_escape, text)
+    """`text` with every character that is not safe on a terminal (controls, escape sequences' ESC among them,
+    and the invisible and reordering characters of `_HIDDEN`) written as a Python escape (\\x1b, \\u202e); with
+    lines=True newlines and tabs are kept (multi-line text of pvmit's own). The result is printable, so escaping
+    it again changes nothing."""
+    if text.isascii() and text.isprintable():
+        return text  # the common case, quickly
+    return "".join(ch if (ch.isprintable() and unicodedata.category(ch) not in _HIDDEN)
+                   or (lines and ch in "\n\t") else _escape(ch) for ch in text)
 
 
 def shorten(text: str, limit: int = DEFAULT_LIMIT) -> str:
