@@ -15,7 +15,7 @@ import unicodedata
 _HIDDEN = frozenset(("Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 """Categories escaped although str.isprintable() may pass them: format characters (bidi overrides and isolates,
 zero-width characters, tags), surrogates, private use, unassigned, line and paragraph separators."""
-_LONG_TOKEN = re.compile(r"\S{201,}")
+_LONG_TOKEN = re.compile(r"\S{401,}")
 _END_PUNCTUATION = ":;,.'\")]"
 
 DEFAULT_LIMIT = 80
@@ -51,7 +51,7 @@ def quoted(text: str, limit: int = DEFAULT_LIMIT) -> str:
 
 
 def clean_message(message: str) -> str:
-    """An error message as it may reach a terminal or log: runs of more than 200 characters without a space cut
+    """An error message as it may reach a terminal or log: runs of more than 400 characters without a space cut
     to `DEFAULT_LIMIT` (a 5000-digit number, a path of junk; punctuation that ends the run is kept), controls
     escaped, newlines kept."""
     def cut(m: re.Match[str]) -> str:
