@@ -25,7 +25,7 @@ def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
     assert ident["family"] > 0 and ident["signature"] != "0x00000000" and ident["cpuid_method"]
     regs = doc["facts"]["registers"]
     assert set(regs) == {"arch_capabilities", "cpuid_7_0_edx", "cpuid_7_2_edx", "cpuid_80000008_ebx",
-                         "cpuid_80000021_eax"}
+                         "cpuid_80000021_eax", "linux_blacklist"}
     for r_ in regs.values():  # each is either read in full or unknown with a reason
         assert r_["all_known"] or r_["unknown_reason"]
     for key in ("retpoline_effective", "bhb_short_effective"):
@@ -73,10 +73,13 @@ def test_msr_read_errors_are_explained() -> None:
 
 
 def _reading(**regs: int) -> CpuFacts:
+    """A live reading as read_cpu_facts makes it: the registers read, and Linux's lists for the identity."""
     from pvmit.catalog.facts import CpuFacts
+    from pvmit.catalog.linux_lists import blacklist_facts
 
-    return CpuFacts("intel", 6, 0x8F, 8, {k: RegisterFacts.exact(REGISTERS[k], v, "test reading")
-                                          for k, v in regs.items()})
+    return CpuFacts("intel", 6, 0x8F, 8, {"linux_blacklist": blacklist_facts("intel", 6, [0x8F], [8]),
+                                          **{k: RegisterFacts.exact(REGISTERS[k], v, "test reading")
+                                             for k, v in regs.items()}})
 
 
 def test_reconcile_does_not_trust_unsafe_zeros(catalog) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pvmit.catalog.facts import VENDOR_STRINGS, CpuFacts, RegisterFacts
+from pvmit.catalog.linux_lists import blacklist_facts
 from pvmit.catalog.loader import Catalog, CpuModel
 from pvmit.derive import Mitigation, cpu_summary, need
 from pvmit.host.cpuid import (
@@ -30,6 +31,7 @@ from pvmit.x86.registers import (
     CPUID_7_0_EDX,
     CPUID_7_2_EDX,
     KVM_FEATURES,
+    LINUX_BLACKLIST,
     MSR_IA32_ARCH_CAPABILITIES,
     Register,
 )
@@ -119,6 +121,11 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
     if vendor is None:
         unknowns.append({"what": "vendor",
                          "reason": f"unrecognised CPUID vendor {vstr!r}; decisions treat it as Intel"})
+    else:
+        core_type = None
+        if vendor == "intel" and max_leaf >= 0x1A:  # CPUID.1AH.EAX[31:24]: 0x20 Atom, 0x40 Core (hybrid parts)
+            core_type = {0x20: "atom", 0x40: "core"}.get(cpuid(0x1A)[0] >> 24)
+        regs[LINUX_BLACKLIST.key] = blacklist_facts(vendor, family, [model], [stepping], core_type)
     facts = CpuFacts(vendor or "intel", family, model, stepping, regs, method)
     return identity, facts
 
