@@ -187,7 +187,7 @@ def _build_model(path: str, label: str, e: CpuEntryIn, sources: dict[str, Source
             check_source(f"{reg.key}.{bit}.source", fact.source)
             known |= mask
             value |= mask if fact.value else 0
-            inferred |= mask if fact.inferred else 0
+            inferred |= mask if fact.inferred or fact.unverified else 0
             cites[bit] = fact.source
         registers[reg.key] = RegisterFacts(reg, value, known, cites, inferred=inferred)
     if e.vendor != "intel" and registers["arch_capabilities"].value:

@@ -28,6 +28,7 @@ class BitFactIn(BaseModel):
     value: bool
     source: str = Field(min_length=1)
     inferred: bool = False  # the source gives a rule for a class of parts; this applies it to one part
+    unverified: bool = False  # no primary source for this part: the guest-protecting value, used only that way
 
 
 RegisterIn = dict[str, BitFactIn]

@@ -141,8 +141,11 @@ def reconcile(reading: CpuFacts, model: CpuModel | None, under_hypervisor: bool)
     Microcode before 2023 did not enumerate RRSBA ("Other parts have differing enumeration with microcode
     version", Xen retpoline_calculations), old microcode lacks BHI_CTRL (seen on a real i7-12650H), and a hypervisor
     may hide either. So on Intel: RSBA/RRSBA read as 0 take the exact catalog model's value where it has one and
-    are unknown otherwise (RRSBA on eIBRS parts, RSBA on the others); RRSBA_CTRL/BHI_CTRL read as 0 are unknown
-    under a hypervisor or where the catalog model has them. Unknown facts are then decided conservatively downstream.
+    are unknown otherwise (RRSBA on eIBRS parts, RSBA on the others). The controls' enumeration depends on microcode
+    (Alder Lake), so this host's CPUID decides whether a control exists: RRSBA_CTRL read as 0 stays 0 on bare metal;
+    BHI_CTRL read as 0 where the catalog model has it becomes unknown (the control is then taken as absent, and the
+    part's long branch history is not forgotten); both are unknown under a hypervisor. Unknown facts are then
+    decided conservatively downstream.
     """
     if reading.vendor != "intel":
         return reading, []
@@ -182,8 +185,23 @@ def reconcile(reading: CpuFacts, model: CpuModel | None, under_hypervisor: bool)
         if under_hypervisor:
             edx = forget(edx, bit, "running under a hypervisor, which may hide it")
         elif catalog_fact is not None and catalog_fact.value:
-            edx = forget(edx, bit, f"the catalog's {model.id if model else ''} has it; this host's microcode does "
-                                   "not enumerate it")
+            # Microcode-dependent enumeration (Alder Lake: InstLatx64 dumps before 2023-06 show neither control):
+            # this host's CPUID wins for whether the control exists, and it does not here. RRSBA_CTRL says nothing
+            # else, so its 0 stands. BHI_CTRL also marks the long branch history of the part, which microcode does
+            # not shorten, so its 0 is not taken as "short history": it becomes unknown (control absent, short
+            # loop assumed ineffective).
+            if bit == "RRSBA_CTRL":
+                mask = edx.register.bit(bit)
+                notes.append(f"CPUID.(7,2).EDX.{bit}=0 read on this host wins over the catalog's "
+                             f"{model.id if model else ''} (1 with newer microcode): RRSBA_DIS_S does not exist here")
+                edx = RegisterFacts(edx.register, edx.value, edx.known, {
+                    **edx.sources, bit: f"this host's CPUID: its microcode does not enumerate {bit} (the catalog's "
+                                        f"{model.id if model else ''} has it with newer microcode)"},
+                    edx.unknown_reason, edx.inferred & ~mask)
+            else:
+                edx = forget(edx, bit, f"this host's microcode does not enumerate it, so BHI_DIS_S does not exist "
+                                       f"here (this host's CPUID wins); the catalog's {model.id if model else ''} "
+                                       "has it, so the part's branch history is the long one all the same")
     regs["arch_capabilities"], regs["cpuid_7_2_edx"] = arch, edx
     return CpuFacts(reading.vendor, reading.family, reading.model, reading.stepping, regs,
                     reading.identity_source), notes
