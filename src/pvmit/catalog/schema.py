@@ -58,6 +58,7 @@ class CpuEntryIn(BaseModel):
     cpuid_7_2_edx: RegisterIn = Field(default_factory=dict)
     cpuid_80000008_ebx: RegisterIn = Field(default_factory=dict)
     cpuid_80000021_eax: RegisterIn = Field(default_factory=dict)
+    cpuid_80000021_ecx: RegisterIn = Field(default_factory=dict)
     linux_blacklist: RegisterIn = Field(default_factory=dict)  # filled from the identity; bits here override
 
     @field_validator("model", mode="before")

@@ -27,6 +27,7 @@ from pvmit.x86 import bits, decode
 from pvmit.x86.registers import (
     AMD_80000008_EBX,
     AMD_80000021_EAX,
+    AMD_80000021_ECX,
     ARCH_CAPABILITIES,
     CPUID_7_0_EDX,
     CPUID_7_2_EDX,
@@ -106,6 +107,7 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
         CPUID_7_2_EDX.key: _cpuid_register(cpuid, CPUID_7_2_EDX, max_leaf >= 7 and max_sub7 >= 2, method),
         AMD_80000008_EBX.key: _cpuid_register(cpuid, AMD_80000008_EBX, max_ext >= 0x80000008, method),
         AMD_80000021_EAX.key: _cpuid_register(cpuid, AMD_80000021_EAX, max_ext >= 0x80000021, method),
+        AMD_80000021_ECX.key: _cpuid_register(cpuid, AMD_80000021_ECX, max_ext >= 0x80000021, method),
     }
     if not regs[CPUID_7_0_EDX.key].value & bits.Cpuid7_0Edx.ARCH_CAPABILITIES:
         regs[ARCH_CAPABILITIES.key] = RegisterFacts.exact(
@@ -228,7 +230,8 @@ def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
         try:
             entries = kvm.supported_cpuid()
             supported: dict[str, Any] = {}
-            for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, KVM_FEATURES):
+            for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, AMD_80000021_ECX,
+                        KVM_FEATURES):
                 ent = next((x for x in entries if x.function == reg.index and x.index == reg.subleaf), None)
                 supported[reg.key] = decode(reg, ent.out(reg.out)).to_json() if ent else None
             out["supported_cpuid"] = supported

@@ -142,6 +142,17 @@ class AmdCpuid80000021Eax(IntFlag):
     SRSO_MSR_FIX = 1 << 31  # cpufeatures.h X86_FEATURE_SRSO_BP_SPEC_REDUCE (20*32+31)
 
 
+class AmdCpuid80000021Ecx(IntFlag):
+    """CPUID 0x80000021.ECX: the Transient Scheduler Attack "not affected" bits (cpufeatures.h word 20 extension).
+
+    AMD's TSA guidance defines them for hypervisors to show guests on hosts that are not affected; real Zen 3/4/5
+    parts read 0 (InstLatx64 dumps of Milan, Genoa, Turin). Linux sets them itself on bare-metal parts that are not
+    Zen 3/4 (amd.c tsa_init) and forces X86_BUG_TSA on Zen guests that are not shown both (common.c)."""
+
+    TSA_SQ_NO = 1 << 1  # cpufeatures.h X86_FEATURE_TSA_SQ_NO (21*32+11, scattered): "AMD CPU not vulnerable to TSA-SQ"
+    TSA_L1_NO = 1 << 2  # cpufeatures.h X86_FEATURE_TSA_L1_NO (21*32+12, scattered): "... not vulnerable to TSA-L1"
+
+
 class LinuxVulnBlacklist(IntFlag):
     """The flags of a model's entry in Linux's cpu_vuln_blacklist[] (common.c): which bugs Linux sets for that
     family/model/stepping on bare metal. Not a hardware register: Linux's classification of a part, kept with the

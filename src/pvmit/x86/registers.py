@@ -98,6 +98,9 @@ AMD_80000008_EBX = Register(
 AMD_80000021_EAX = Register(
     "cpuid_80000021_eax", "CPUID.80000021H.EAX", "cpuid", 0x80000021, 0, "eax", bits.AmdCpuid80000021Eax, 32
 )
+AMD_80000021_ECX = Register(
+    "cpuid_80000021_ecx", "CPUID.80000021H.ECX", "cpuid", 0x80000021, 0, "ecx", bits.AmdCpuid80000021Ecx, 32
+)
 LINUX_BLACKLIST = Register(
     "linux_blacklist", "Linux cpu_vuln_blacklist", "linux", 0, layout=bits.LinuxVulnBlacklist, width=12
 )
@@ -120,13 +123,13 @@ REGISTERS: dict[str, Register] = {
     r.key: r
     for r in (
         SPEC_CTRL, ARCH_CAPABILITIES, CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX,
-        LINUX_BLACKLIST, VIRTUAL_ENUMERATION, VIRTUAL_MITIGATION_ENUM, VIRTUAL_MITIGATION_CTRL, KVM_FEATURES,
+        AMD_80000021_ECX, LINUX_BLACKLIST, VIRTUAL_ENUMERATION, VIRTUAL_MITIGATION_ENUM, VIRTUAL_MITIGATION_CTRL, KVM_FEATURES,
     )
 }
 """Every register pvmit names, by key."""
 
 CPU_FACT_REGISTERS = (ARCH_CAPABILITIES, CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX,
-                      LINUX_BLACKLIST)
+                      AMD_80000021_ECX, LINUX_BLACKLIST)
 """The registers a CPU catalog entry describes (and Linux's per-model classification, kept the same way)."""
 
 
