@@ -30,7 +30,7 @@ from pvmit.fleet.classes import Fleet, HostClass, VmClass
 from pvmit.fleet.inventory import IntArray
 from pvmit.interface.policy import Decision, OperatorSettings, Why, decide
 from pvmit.interface.state import broken_promises
-from pvmit.pool.rule import pool_bits, shown_bit_violations
+from pvmit.pool.rule import shown_bit_violations
 
 Decide = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
 Progress = Callable[[str], None]
