@@ -176,7 +176,8 @@ def test_partial_settings_mirror_cases() -> None:
     assert PartialSettings().over(PartialSettings()) == OperatorSettings()
     assert PartialSettings(force_off=R_DIS).over(PartialSettings(force_on=R_DIS | SSBD)) == \
         OperatorSettings(SSBD, R_DIS, "assume-worst")
-    assert not PartialSettings().given and PartialSettings(force_on=0).given and PartialSettings(unreported="trust").given
+    assert not PartialSettings().given and PartialSettings(force_on=0).given
+    assert PartialSettings(unreported="trust").given
 
 
 def test_the_mirror_case_decides_the_migration(f) -> None:  # type: ignore[no-untyped-def]

@@ -46,8 +46,8 @@ def verify(st: State, models: str, jobs: int, json_out: bool) -> int:
         emit_json(doc)
     else:
         t = Table(title="pvmit verify: the promise over every scenario")
-        for col in ("derivations checked", "pairs checked", "scenarios", "accepted", "accepted with forced controls", "refused",
-                    "operator overrides reported", "violations"):
+        for col in ("derivations checked", "pairs checked", "scenarios", "accepted", "accepted with forced controls",
+                    "refused", "operator overrides reported", "violations"):
             t.add_column(col, justify="right")
         t.add_row(str(doc["derivations_checked"]), str(doc["pairs"]), str(doc["scenarios"]), str(doc["accepted"]),
                   str(doc["accepted_with_forced_controls"]), str(doc["refused"]),
