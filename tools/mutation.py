@@ -21,6 +21,7 @@ shows one mutant, `mutmut browse` all of them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -114,9 +115,10 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     prepare(name, module, workdir)
     started = time.monotonic()
     log = workdir / "mutmut-run.log"
+    env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}  # tests/conftest.py: no shrinking, fixed seed
     with log.open("w") as out:
         p = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)], cwd=workdir,
-                           stdout=out, stderr=subprocess.STDOUT)
+                           stdout=out, stderr=subprocess.STDOUT, env=env)
     elapsed = time.monotonic() - started
     res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
                          capture_output=True, text=True)

@@ -47,55 +47,58 @@ TRUST: dict[tuple[str, str], str] = {
     ("control", "BHI_CTRL"): "0",
 }
 
-Rule = tuple[tuple[str, ...], bool, bool, str]
+Rule = tuple[tuple[str, ...], bool, tuple[str, ...], str]
 """(pattern, answer, assumed, source): the pattern has one entry per column ("1", "0", "?", a vendor, or "*");
-`assumed` marks an answer taken because a fact is unknown."""
+`assumed` names the facts an answer taken for want of knowledge rests on (those of them that are unknown are the
+ones the answer must name as assumed); empty when the answer rests on known facts only."""
+
+ALL3 = ("EIBRS", "RRSBA", "RSBA")
 
 RETPOLINE_COLUMNS = ("vendor", "RRSBA", "RSBA", "EIBRS")
 RETPOLINE: tuple[Rule, ...] = (
-    (("amd", "*", "*", "*"), True, False,
+    (("amd", "*", "*", "*"), True, (),
      "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true (RSBA/RRSBA are Intel behaviours)"),
-    (("hygon", "*", "*", "*"), True, False, "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true"),
-    (("intel", "1", "*", "*"), False, False,
+    (("hygon", "*", "*", "*"), True, (), "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true"),
+    (("intel", "1", "*", "*"), False, (),
      "Linux bugs.c spec_ctrl_disable_kernel_rrsba(): retpoline modes need RRSBA_DIS_S where ARCH_CAP_RRSBA is set"),
-    (("intel", "*", "1", "*"), False, False,
+    (("intel", "*", "1", "*"), False, (),
      "Xen spec_ctrl.c retpoline_calculations(): 'if ( cpu_has_rsba ) return false'; Linux common.c "
      "cpu_set_bug_bits(): ARCH_CAP_RSBA sets X86_BUG_RETBLEED"),
-    (("intel", "*", "*", "?"), False, True, "unknown eIBRS: the guest-protecting answer"),
-    (("intel", "?", "*", "1"), False, True,
+    (("intel", "*", "*", "?"), False, ALL3, "unknown eIBRS: the guest-protecting answer"),
+    (("intel", "?", "*", "1"), False, ("RRSBA",),
      "Xen spec_ctrl.c retpoline_calculations(): eIBRS parts are not guaranteed retpoline-safe; before the August "
      "2023 microcode many did not enumerate RRSBA"),
-    (("intel", "0", "*", "1"), True, False,
+    (("intel", "0", "*", "1"), True, (),
      "LKML 2024-04-11 (A. Cooper): ICX, TGL, RKL are non-RRSBA; an eIBRS part that enumerates RRSBA=0 is believed"),
-    (("intel", "*", "?", "0"), False, True,
+    (("intel", "*", "?", "0"), False, ("RSBA",),
      "Xen spec_ctrl.c retpoline_calculations(): without ARCH_CAPS, unrecognised models are 'not retpoline safe'"),
-    (("intel", "*", "0", "0"), True, False,
+    (("intel", "*", "0", "0"), True, (),
      "Xen spec_ctrl.c retpoline_calculations(): 'If ARCH_CAPS is visible, trust the absence of RSBA || RRSBA'"),
 )
 
 BHB_COLUMNS = ("vendor", "BHI_NO", "BHI_CTRL")
 BHB_SHORT: tuple[Rule, ...] = (
-    (("amd", "*", "*"), True, False, "Linux common.c cpu_vuln_whitelist: AMD carries NO_BHI"),
-    (("hygon", "*", "*"), True, False, "Linux common.c cpu_vuln_whitelist: Hygon carries NO_BHI"),
-    (("intel", "1", "*"), True, False,
+    (("amd", "*", "*"), True, (), "Linux common.c cpu_vuln_whitelist: AMD carries NO_BHI"),
+    (("hygon", "*", "*"), True, (), "Linux common.c cpu_vuln_whitelist: Hygon carries NO_BHI"),
+    (("intel", "1", "*"), True, (),
      "Xen spec_ctrl.c cpu_has_bug_bhi(): BHI_NO returns false; Linux bugs.c spec_ctrl_bhi_dis(): with BHI_NO "
      "'BHI protections are always enabled anyway'"),
-    (("intel", "*", "1"), False, False,
+    (("intel", "*", "1"), False, (),
      "Linux entry_64.S clear_bhb_loop: the short (5x5) loop is for parts before Alder Lake, BHI_CTRL parts need "
      "the long one (bugs.c picks it with X86_FEATURE_BHI_CTRL); RFC v3 cover letter: ineffective on SPR and later"),
-    (("intel", "*", "?"), False, True, "unknown BHI_CTRL: the guest-protecting answer"),
-    (("intel", "*", "0"), True, False, "no BHI_CTRL: pre-Alder Lake branch history, which the 5x5 loop clears"),
+    (("intel", "*", "?"), False, ("BHI_CTRL",), "unknown BHI_CTRL: the guest-protecting answer"),
+    (("intel", "*", "0"), True, (), "no BHI_CTRL: pre-Alder Lake branch history, which the 5x5 loop clears"),
 )
 
 CONTROL_COLUMNS = ("vendor", "ENUM")
 CONTROL: tuple[Rule, ...] = (
-    (("amd", "*"), False, False, "RRSBA_DIS_S and BHI_DIS_S are Intel IA32_SPEC_CTRL bits"),
-    (("hygon", "*"), False, False, "RRSBA_DIS_S and BHI_DIS_S are Intel IA32_SPEC_CTRL bits"),
-    (("intel", "1"), True, False,
+    (("amd", "*"), False, (), "RRSBA_DIS_S and BHI_DIS_S are Intel IA32_SPEC_CTRL bits"),
+    (("hygon", "*"), False, (), "RRSBA_DIS_S and BHI_DIS_S are Intel IA32_SPEC_CTRL bits"),
+    (("intel", "1"), True, (),
      "Linux bugs.c spec_ctrl_disable_kernel_rrsba() / spec_ctrl_bhi_dis(): the bit is set only with "
      "X86_FEATURE_RRSBA_CTRL / X86_FEATURE_BHI_CTRL; Xen bhi_calculations() likewise"),
-    (("intel", "0"), False, False, "not enumerated in CPUID.(7,2).EDX"),
-    (("intel", "?"), False, True, "unknown enumeration: assumed absent"),
+    (("intel", "0"), False, (), "not enumerated in CPUID.(7,2).EDX"),
+    (("intel", "?"), False, ("ENUM",), "unknown enumeration: assumed absent"),
 )
 
 # Which control makes up for which mitigation, and which CPUID bit enumerates it (RFC v3 vmx_set_msr:
@@ -114,8 +117,20 @@ class Expected:
     control: str
     control_exists: bool
     can_force: bool
-    assumed: bool
+    effective_assumed: tuple[str, ...]  # unknown facts the answer on effectiveness was taken for ("register.BIT")
+    control_assumed: tuple[str, ...]  # likewise for the control's existence
     why: tuple[str, ...]  # the rows (their sources) that decided
+
+    @property
+    def assumed(self) -> bool:
+        return bool(self.effective_assumed or self.control_assumed)
+
+
+CATALOG_NAMES = {"EIBRS": "IBRS_ALL"}  # the catalog's name of a bit where it differs from the one used here
+
+
+def named(facts: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{BITS[f][0]}.{CATALOG_NAMES.get(f, f)}" for f in facts)
 
 
 def read(cpu: CpuFacts, question: str, fact: str) -> str:
@@ -138,26 +153,23 @@ def first_match(table: tuple[Rule, ...], key: tuple[str, ...]) -> Rule:
     raise LookupError(f"no rule matches {key}")
 
 
-def control_exists(cpu: CpuFacts, enum_fact: str) -> tuple[bool, bool, str]:
+def control_exists(cpu: CpuFacts, enum_fact: str) -> tuple[bool, tuple[str, ...], str]:
     rule = first_match(CONTROL, (cpu.vendor, read(cpu, "control", enum_fact)))
-    return rule[1], rule[2], rule[3]
+    return rule[1], named((enum_fact,) if rule[2] else ()), rule[3]
 
 
 def expected(cpu: CpuFacts, mitigation: str) -> Expected:
     """The reference answer for `mitigation` ("retpoline" or "bhb-short") on `cpu`."""
     control, enum_fact = COMPENSATES[mitigation]
-    if mitigation == "retpoline":
-        key = (cpu.vendor, *(read(cpu, "retpoline", f) for f in RETPOLINE_COLUMNS[1:]))
-        eff_rule = first_match(RETPOLINE, key)
-    else:
-        key = (cpu.vendor, *(read(cpu, "bhb-short", f) for f in BHB_COLUMNS[1:]))
-        eff_rule = first_match(BHB_SHORT, key)
+    table, columns = (RETPOLINE, RETPOLINE_COLUMNS) if mitigation == "retpoline" else (BHB_SHORT, BHB_COLUMNS)
+    eff_rule = first_match(table, (cpu.vendor, *(read(cpu, mitigation, f) for f in columns[1:])))
+    eff_assumed = named(tuple(f for f in eff_rule[2] if read(cpu, mitigation, f) == "?"))
     exists, ctl_assumed, ctl_why = control_exists(cpu, enum_fact)
     can_force, force_why = exists, ctl_why
     if mitigation == "retpoline" and not eff_rule[1] and read(cpu, "retpoline", "RSBA") == "1" and \
             read(cpu, "retpoline", "RRSBA") != "1":
         can_force, force_why = False, RSBA_NOT_COVERED
-    return Expected(mitigation, eff_rule[1], control, exists, can_force, eff_rule[2] or ctl_assumed,
+    return Expected(mitigation, eff_rule[1], control, exists, can_force, eff_assumed, ctl_assumed,
                     (eff_rule[3], force_why))
 
 

@@ -159,6 +159,11 @@ def derivation_disagreements(cpu: CpuFacts) -> list[str]:
             if derived != ref:
                 problems.append(f"{m.title} {what}: derive says {'yes' if derived else 'no'} ({reason}); the "
                                 f"reference rules say {'yes' if ref else 'no'} ({ref_why})")
+        for what, said, ref_assumed in (("effective", n.effective.assumed, e.effective_assumed),
+                                        (f"{m.control.name} exists", exists.assumed, e.control_assumed)):
+            if set(said) != set(ref_assumed):
+                problems.append(f"{m.title} {what}: derive takes {', '.join(said) or 'nothing'} as assumed; the "
+                                f"reference rules, {', '.join(ref_assumed) or 'nothing'}")
     return problems
 
 
