@@ -46,20 +46,23 @@ def test_the_reference_shares_no_code_with_derive() -> None:
 def test_bit_numbers_are_the_architectural_ones() -> None:
     """msr-index.h ARCH_CAP_IBRS_ALL BIT(1), ARCH_CAP_RSBA BIT(2), ARCH_CAP_RRSBA BIT(19), ARCH_CAP_BHI_NO BIT(20);
     CPUID.(7,2).EDX RRSBA_CTRL bit 2, BHI_CTRL bit 4 - and pvmit.x86 names them the same."""
-    names = {"EIBRS": "IBRS_ALL"}
     for name, (register, bit) in ref.BITS.items():
-        assert REGISTERS[register].bit(names.get(name, name)) == 1 << bit, name
+        assert REGISTERS[register].bit(ref.CATALOG_NAMES.get(name, name)) == 1 << bit, name
 
 
 @pytest.mark.parametrize("bits,mitigation,effective,can_force,assumed", [
     ({"RRSBA": "1", "EIBRS": "1", "RRSBA_CTRL": "1"}, "retpoline", False, True, False),
     ({"RRSBA": "1i", "EIBRS": "1", "RRSBA_CTRL": "0"}, "retpoline", False, False, False),  # inferred 1 counts
     ({"RRSBA": "0i", "EIBRS": "1", "RRSBA_CTRL": "1"}, "retpoline", False, True, True),    # inferred 0 does not
-    ({"RRSBA": "0", "EIBRS": "1"}, "retpoline", True, False, True),  # effective; no control known: assumed absent
+    ({"RRSBA": "0", "EIBRS": "1", "RETBLEED": "0"}, "retpoline", True, False, True),  # control unknown: assumed absent
     ({"RRSBA": "0", "EIBRS": "1i"}, "retpoline", False, False, True),  # inferred eIBRS never counts
     ({"RSBA": "1", "EIBRS": "0", "RRSBA_CTRL": "1"}, "retpoline", False, False, False),  # RRSBA_DIS_S: RRSBA only
     ({"RSBA": "1", "RRSBA": "1", "EIBRS": "0", "RRSBA_CTRL": "1"}, "retpoline", False, True, False),
-    ({"RSBA": "0", "EIBRS": "0"}, "retpoline", True, False, True),
+    ({"RSBA": "0", "EIBRS": "0", "RETBLEED": "0"}, "retpoline", True, False, True),
+    ({"RSBA": "0", "EIBRS": "0"}, "retpoline", False, False, True),  # unknown RETBLEED listing
+    ({"RRSBA": "0", "EIBRS": "1", "RETBLEED": "1", "RRSBA_CTRL": "1"}, "retpoline", False, False, False),  # RKL
+    ({"RRSBA": "0", "EIBRS": "1", "RETBLEED": "1i"}, "retpoline", False, False, True),
+    ({"RRSBA": "0", "EIBRS": "1", "RETBLEED": "0i"}, "retpoline", False, False, True),
     ({"EIBRS": "0"}, "retpoline", False, False, True),
     ({"BHI_CTRL": "1"}, "bhb-short", False, True, False),
     ({"BHI_CTRL": "1i"}, "bhb-short", False, False, True),  # counts for the answer, not for the control
@@ -89,7 +92,7 @@ def test_derive_agrees_on_every_catalog_model(catalog: Catalog) -> None:
 def test_derive_agrees_on_every_combination_of_the_deciding_bits() -> None:
     tally = Tally()
     check_derivation(ref.synthetic(), tally)
-    assert tally.derivations == 3 * 5 ** len(ref.BITS)
+    assert tally.derivations == 5 ** len(ref.BITS) + 2 * 3 ** len(ref.BITS)
     assert not tally.violations, [(v.source, v.detail) for v in tally.violations[:5]]
 
 
@@ -135,4 +138,4 @@ def test_cli_verify_shows_the_derivation_check(cli) -> None:  # type: ignore[no-
     r = cli("verify", "--models", "icelake-sp", "--json")
     assert r.code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["derivations_checked"] == 1 + 3 * 5 ** len(ref.BITS) and doc["violations"] == 0
+    assert doc["derivations_checked"] == 1 + 5 ** len(ref.BITS) + 2 * 3 ** len(ref.BITS) and doc["violations"] == 0

@@ -32,6 +32,7 @@ BITS: dict[str, tuple[str, int]] = {
     "BHI_NO": ("arch_capabilities", 20),      # ARCH_CAP_BHI_NO BIT(20)
     "RRSBA_CTRL": ("cpuid_7_2_edx", 2),       # X86_FEATURE_RRSBA_CTRL: CPUID.(7,2).EDX bit 2
     "BHI_CTRL": ("cpuid_7_2_edx", 4),         # X86_FEATURE_BHI_CTRL: CPUID.(7,2).EDX bit 4
+    "RETBLEED": ("linux_blacklist", 3),       # common.c: #define RETBLEED BIT(3), the part's cpu_vuln_blacklist flag
 }
 
 # --- which inferred values count, per use ----------------------------------------------------------------------
@@ -40,6 +41,7 @@ BITS: dict[str, tuple[str, int]] = {
 TRUST: dict[tuple[str, str], str] = {
     ("retpoline", "RRSBA"): "1",        # RRSBA=1 makes retpoline ineffective: protective
     ("retpoline", "RSBA"): "1",         # likewise RSBA=1
+    ("retpoline", "RETBLEED"): "1",     # listed RETBLEED-affected: protective
     ("retpoline", "EIBRS"): "",         # eIBRS=1 sends the question to RRSBA, =0 to RSBA: neither side is safe
     ("bhb-short", "BHI_NO"): "0",       # BHI_NO=1 would call the short loop enough: not protective
     ("bhb-short", "BHI_CTRL"): "1",     # BHI_CTRL=1 makes the short loop ineffective: protective
@@ -52,27 +54,33 @@ Rule = tuple[tuple[str, ...], bool, tuple[str, ...], str]
 `assumed` names the facts an answer taken for want of knowledge rests on (those of them that are unknown are the
 ones the answer must name as assumed); empty when the answer rests on known facts only."""
 
-ALL3 = ("EIBRS", "RRSBA", "RSBA")
+ALL4 = ("EIBRS", "RRSBA", "RSBA", "RETBLEED")
 
-RETPOLINE_COLUMNS = ("vendor", "RRSBA", "RSBA", "EIBRS")
+RETPOLINE_COLUMNS = ("vendor", "RRSBA", "RSBA", "EIBRS", "RETBLEED")
 RETPOLINE: tuple[Rule, ...] = (
-    (("amd", "*", "*", "*"), True, (),
+    (("amd", "*", "*", "*", "*"), True, (),
      "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true (RSBA/RRSBA are Intel behaviours)"),
-    (("hygon", "*", "*", "*"), True, (), "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true"),
-    (("intel", "1", "*", "*"), False, (),
+    (("hygon", "*", "*", "*", "*"), True, (), "Xen spec_ctrl.c retpoline_calculations(): AMD/Hygon return true"),
+    (("intel", "1", "*", "*", "*"), False, (),
      "Linux bugs.c spec_ctrl_disable_kernel_rrsba(): retpoline modes need RRSBA_DIS_S where ARCH_CAP_RRSBA is set"),
-    (("intel", "*", "1", "*"), False, (),
+    (("intel", "*", "1", "*", "*"), False, (),
      "Xen spec_ctrl.c retpoline_calculations(): 'if ( cpu_has_rsba ) return false'; Linux common.c "
      "cpu_set_bug_bits(): ARCH_CAP_RSBA sets X86_BUG_RETBLEED"),
-    (("intel", "*", "*", "?"), False, ALL3, "unknown eIBRS: the guest-protecting answer"),
-    (("intel", "?", "*", "1"), False, ("RRSBA",),
+    (("intel", "*", "*", "*", "1"), False, (),
+     "Linux common.c cpu_set_bug_bits(): a cpu_vuln_blacklist RETBLEED part gets X86_BUG_RETBLEED; bugs.c "
+     "RETBLEED_INTEL_MSG: a retpoline kernel there 'leaves CPU vulnerable to RETBleed attacks'"),
+    (("intel", "*", "*", "?", "*"), False, ALL4, "unknown eIBRS: the guest-protecting answer"),
+    (("intel", "?", "*", "1", "*"), False, ("RRSBA", "RETBLEED"),
      "Xen spec_ctrl.c retpoline_calculations(): eIBRS parts are not guaranteed retpoline-safe; before the August "
      "2023 microcode many did not enumerate RRSBA"),
-    (("intel", "0", "*", "1"), True, (),
-     "LKML 2024-04-11 (A. Cooper): ICX, TGL, RKL are non-RRSBA; an eIBRS part that enumerates RRSBA=0 is believed"),
-    (("intel", "*", "?", "0"), False, ("RSBA",),
+    (("intel", "0", "*", "1", "?"), False, ("RETBLEED",), "unknown RETBLEED listing: the guest-protecting answer"),
+    (("intel", "0", "*", "1", "0"), True, (),
+     "LKML 2024-04-11 (A. Cooper): ICX, TGL are non-RRSBA; an eIBRS part that enumerates RRSBA=0 and that Linux "
+     "does not list as RETBLEED-affected is believed"),
+    (("intel", "*", "?", "0", "*"), False, ("RSBA", "RETBLEED"),
      "Xen spec_ctrl.c retpoline_calculations(): without ARCH_CAPS, unrecognised models are 'not retpoline safe'"),
-    (("intel", "*", "0", "0"), True, (),
+    (("intel", "*", "0", "0", "?"), False, ("RETBLEED",), "unknown RETBLEED listing: the guest-protecting answer"),
+    (("intel", "*", "0", "0", "0"), True, (),
      "Xen spec_ctrl.c retpoline_calculations(): 'If ARCH_CAPS is visible, trust the absence of RSBA || RRSBA'"),
 )
 
@@ -105,7 +113,8 @@ CONTROL: tuple[Rule, ...] = (
 # RETPOLINE_S_USED -> RRSBA_DIS_S, BHB_CLEAR_SEQ_S_USED -> BHI_DIS_S).
 COMPENSATES = {"retpoline": ("RRSBA_DIS_S", "RRSBA_CTRL"), "bhb-short": ("BHI_DIS_S", "BHI_CTRL")}
 RSBA_NOT_COVERED = ("Intel's RRSBA_DIS_S disables RRSBA behaviour only; Linux bugs.c spec_ctrl_disable_kernel_rrsba() "
-                    "sets it only with ARCH_CAP_RRSBA: a part with RSBA (and no RRSBA) has no control for retpoline")
+                    "sets it only with ARCH_CAP_RRSBA: a part with RSBA, or listed RETBLEED-affected, and no RRSBA has "
+                    "no control for retpoline")
 
 
 @dataclass(frozen=True)
@@ -166,8 +175,8 @@ def expected(cpu: CpuFacts, mitigation: str) -> Expected:
     eff_assumed = named(tuple(f for f in eff_rule[2] if read(cpu, mitigation, f) == "?"))
     exists, ctl_assumed, ctl_why = control_exists(cpu, enum_fact)
     can_force, force_why = exists, ctl_why
-    if mitigation == "retpoline" and not eff_rule[1] and read(cpu, "retpoline", "RSBA") == "1" and \
-            read(cpu, "retpoline", "RRSBA") != "1":
+    if mitigation == "retpoline" and not eff_rule[1] and read(cpu, "retpoline", "RRSBA") != "1" and \
+            "1" in (read(cpu, "retpoline", "RSBA"), read(cpu, "retpoline", "RETBLEED")):
         can_force, force_why = False, RSBA_NOT_COVERED
     return Expected(mitigation, eff_rule[1], control, exists, can_force, eff_assumed, ctl_assumed,
                     (eff_rule[3], force_why))
@@ -178,14 +187,15 @@ STATES = ("unknown", "0", "1", "0 inferred", "1 inferred")
 
 
 def synthetic(vendors: tuple[str, ...] = ("intel", "amd", "hygon")) -> Iterator[tuple[str, CpuFacts]]:
-    """(label, facts) for every vendor and every state of every deciding bit: known 0/1, inferred 0/1, unknown
-    (5^6 = 15,625 per vendor). Only the deciding bits are described; everything else is unknown."""
+    """(label, facts) for every vendor and every state of every deciding bit: on Intel known 0/1, inferred 0/1 and
+    unknown (5^7 = 78,125 combinations); elsewhere, where no bit decides anything, known 0/1 and unknown (3^7).
+    Only the deciding bits are described; everything else is unknown."""
     from pvmit.catalog.facts import RegisterFacts
     from pvmit.x86.registers import REGISTERS
 
     names = list(BITS)
     for vendor in vendors:
-        for states in itertools.product(range(len(STATES)), repeat=len(names)):
+        for states in itertools.product(range(len(STATES) if vendor == "intel" else 3), repeat=len(names)):
             regs: dict[str, list[int]] = {}
             for name, s in zip(names, states, strict=True):
                 register, bit = BITS[name]
