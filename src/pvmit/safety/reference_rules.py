@@ -186,16 +186,18 @@ def expected(cpu: CpuFacts, mitigation: str) -> Expected:
 STATES = ("unknown", "0", "1", "0 inferred", "1 inferred")
 
 
-def synthetic(vendors: tuple[str, ...] = ("intel", "amd", "hygon")) -> Iterator[tuple[str, CpuFacts]]:
+def synthetic(vendors: tuple[str, ...] = ("intel", "amd", "hygon"), *,
+              inferred: bool = True) -> Iterator[tuple[str, CpuFacts]]:
     """(label, facts) for every vendor and every state of every deciding bit: on Intel known 0/1, inferred 0/1 and
     unknown (5^7 = 78,125 combinations); elsewhere, where no bit decides anything, known 0/1 and unknown (3^7).
-    Only the deciding bits are described; everything else is unknown."""
+    Only the deciding bits are described; everything else is unknown. `inferred=False`: known and unknown only."""
     from pvmit.catalog.facts import RegisterFacts
     from pvmit.x86.registers import REGISTERS
 
     names = list(BITS)
     for vendor in vendors:
-        for states in itertools.product(range(len(STATES) if vendor == "intel" else 3), repeat=len(names)):
+        for states in itertools.product(range(len(STATES) if vendor == "intel" and inferred else 3),
+                                        repeat=len(names)):
             regs: dict[str, list[int]] = {}
             for name, s in zip(names, states, strict=True):
                 register, bit = BITS[name]
