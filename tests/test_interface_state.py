@@ -55,7 +55,8 @@ def test_a_description_changed_after_helo_is_refused(f, what: str, change) -> No
     prepared = prepare(first, f("sapphirerapids"))
     final = copy.deepcopy(first)
     change(final)
-    with pytest.raises(InputError, match="configuration changed after the destination's check"):
+    with pytest.raises(InputError, match="^interface state: the VM's configuration changed after the destination's "
+                                         "check$"):
         finish(prepared, final)
 
 
@@ -89,16 +90,16 @@ def test_finish_refuses_a_final_state_that_does_not_fit(f) -> None:  # type: ign
     for schema in ("pvmit.interface-state/2", None):
         other = copy.deepcopy(first)
         other["schema"] = schema
-        with pytest.raises(InputError, match="is not 'pvmit.interface-state/1'"):
+        with pytest.raises(InputError, match=f"^interface state: schema {schema!r} is not 'pvmit.interface-state/1'$"):
             finish(prepared, other)
-    with pytest.raises(InputError, match="schema None"):
+    with pytest.raises(InputError, match="^interface state: schema None is not"):
         finish(prepared, [])  # type: ignore[arg-type]
 
 
 def test_a_refused_final_state_builds_nothing(f) -> None:  # type: ignore[no-untyped-def]
     """Accepted on HELO (nothing reported, trusted); by the pause vCPU 1 reported retpoline, which Cascade Lake
     cannot keep effective: refused after the pause, and no interface is built."""
-    first = helo(f, supported=0, reports=(None, None))
+    first = helo(f, personality="cascadelake-sp", host="cascadelake-sp", supported=0, reports=(None, None))
     prepared = prepare(first, f("cascadelake-sp"))
     assert verdict_for(prepared, first).accepted
     final = copy.deepcopy(first)
@@ -106,7 +107,7 @@ def test_a_refused_final_state_builds_nothing(f) -> None:  # type: ignore[no-unt
     final["vcpus"][1].update(reported=True, ctrl=0)
     verdict, vm = finish(prepared, final)
     assert verdict.accepted and vm is not None  # reported nothing: fine
-    promised = helo(f, supported=2, reports=(None, None))
+    promised = helo(f, personality="cascadelake-sp", host="cascadelake-sp", supported=2, reports=(None, None))
     prepared = prepare(promised, f("cascadelake-sp"))
     verdict, vm = finish(prepared, promised)
     assert not verdict.accepted and vm is None
@@ -213,3 +214,93 @@ def test_prepare_decides_every_report_ahead(f) -> None:  # type: ignore[no-untyp
     only_bhb = prepare(helo(f, supported=1, reports=(1,)), f("sapphirerapids"))
     assert set(only_bhb.decisions) == {None, frozenset(), frozenset({Mitigation.BHB_SHORT})}
     assert len(prepared.vm.vcpus) == 2 and prepared.promise_reasons == []
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("spec_ctrl", 1 << 64, "vcpus[0].spec_ctrl must be a 64-bit unsigned integer"),
+    ("spec_ctrl", (1 << 64) - 1 + 0.0, "vcpus[0].spec_ctrl must be a 64-bit unsigned integer"),
+    ("spec_ctrl", "5", "vcpus[0].spec_ctrl must be a 64-bit unsigned integer"),
+    ("spec_ctrl", True, "vcpus[0].spec_ctrl must be a 64-bit unsigned integer"),
+    ("spec_ctrl", -1, "vcpus[0].spec_ctrl must be a 64-bit unsigned integer"),
+    ("forced_mask", None, "vcpus[0].forced_mask must be a 64-bit unsigned integer"),
+    ("reported", 1, "vcpus[0].reported must be true or false"),
+])
+def test_vcpu_fields_are_checked_by_name(f, field: str, value: object, message: str) -> None:  # type: ignore[no-untyped-def]
+    state = helo(f)
+    state["vcpus"][0][field] = value
+    with pytest.raises(InputError) as e:
+        check(state, f("sapphirerapids"))
+    assert str(e.value) == f"interface state: {message}"
+    state = helo(f)
+    state["vcpus"][0]["spec_ctrl"] = (1 << 64) - 1  # the largest 64-bit value parses (and is then refused as bits)
+    assert check(state, f("sapphirerapids")).accepted
+    state["vcpus"] = []
+    with pytest.raises(InputError, match="^interface state: vcpus must be a non-empty list$"):
+        check(state, f("sapphirerapids"))
+
+
+def test_changes_count_only_controls_in_effect(f) -> None:  # type: ignore[no-untyped-def]
+    """A control forced off is held, but not added; a forced value outside its mask (a crafted source) was never
+    in effect, so it is not released."""
+    state = helo(f, host="sapphirerapids")
+    state["vcpus"][0].update(forced_mask=0, forced_value=R_DIS)
+    verdict = check(state, f("sapphirerapids"), OperatorSettings(force_off=R_DIS | SSBD, unreported="trust"))
+    assert verdict.accepted and verdict.changes == ()
+    assert all("no longer forced" not in w for w in verdict.warnings)
+
+
+def test_a_released_operator_control_is_said_too(f) -> None:  # type: ignore[no-untyped-def]
+    state = helo(f, settings=OperatorSettings(force_on=SSBD, unreported="trust"), reports=(None,), vcpus=1)
+    verdict = check(state, f("sapphirerapids"), OperatorSettings(unreported="trust"))
+    assert [c.released for c in verdict.changes] == [("SSBD",)]
+    assert "vCPU 0: SSBD is no longer forced: not needed here" in verdict.warnings
+
+
+def test_check_and_restore_use_the_given_decider_and_settings(f) -> None:  # type: ignore[no-untyped-def]
+    from pvmit.interface import decide, restore
+    from pvmit.interface.policy import Decision
+
+    asked: list[object] = []
+
+    def counting(host, reliance, personality, settings) -> Decision:  # type: ignore[no-untyped-def]
+        asked.append(settings)
+        return decide(host, reliance, personality, settings)
+
+    state = helo(f, vcpus=1)
+    given = OperatorSettings(force_on=SSBD, unreported="trust")
+    check(state, f("sapphirerapids"), given, decider=counting)
+    assert asked and all(a == given for a in asked)
+    asked.clear()
+    verdict, vm = restore(state, f("sapphirerapids"), given, decider=counting)
+    assert asked and vm is not None and vm.settings == given and vm.vcpus[0].spec.mask & SSBD
+
+
+def test_verdict_and_decision_as_json(f) -> None:  # type: ignore[no-untyped-def]
+    state = helo(f, vcpus=1, settings=OperatorSettings(force_off=R_DIS, unreported="trust"))
+    verdict = check(state, f("sapphirerapids"))
+    d = verdict.decisions[0]
+    doc = d.to_json()
+    assert verdict.to_json() == {
+        "accepted": True, "reasons": [], "decisions": [doc], "changes": [],
+        "warnings": ["vCPU 0: " + doc["exposures"][0]["reason"],
+                     "vCPU 0: operator setting forces RRSBA_DIS_S off: the guest is left exposed (retpoline)"]}
+    assert doc == {
+        "relied_on": ["retpoline"], "reported": True,
+        "forced": [{"control": "RRSBA_DIS_S", "value": 0, "why": "operator setting",
+                    "reason": "operator forces RRSBA_DIS_S off", "exists_on_host": True}],
+        "mask": R_DIS, "value": 0,
+        "exposures": [{"mitigation": "retpoline", "operator_override": True, "reason": doc["exposures"][0]["reason"]}],
+        "safe": True, "notes": [], "warnings": list(d.warnings), "assumed_facts": list(d.assumed)}
+    assert doc["exposures"][0]["reason"].startswith("the operator forces RRSBA_DIS_S off, which retpoline needs here: "
+                                                    "retpoline is ineffective here (")
+    refused = check(helo(f, vcpus=1, supported=2), f("cascadelake-sp"))
+    assert refused.to_json()["accepted"] is False and refused.to_json()["reasons"] == list(refused.reasons)
+
+
+def test_partial_settings_labels_and_errors_with_several_bits() -> None:
+    with pytest.raises(ValueError, match="^SSBD\\+RRSBA_DIS_S cannot be forced both on and off$"):
+        PartialSettings(force_on=R_DIS | SSBD, force_off=R_DIS | SSBD)
+    assert PartialSettings(force_off=R_DIS | SSBD).label() == "force_off SSBD+RRSBA_DIS_S"
+    assert PartialSettings(force_off=R_DIS | SSBD).to_json()["force_off"] == ["SSBD", "RRSBA_DIS_S"]
+    carried = OperatorSettings(force_on=IBRS | SSBD)
+    assert PartialSettings(unreported="trust").over(carried) == OperatorSettings(IBRS | SSBD, 0, "trust")
