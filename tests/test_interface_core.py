@@ -82,3 +82,35 @@ def test_neutral_leaves() -> None:
     assert sig == CpuidLeaf(0x40000200, 0, 0x40000201, b, c, d)
     assert info == CpuidLeaf(0x40000201, 0, 1, 0x40000210, 2, 0)
     assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == b"VirtMitigCtl"
+
+
+def test_config_and_settings_json(catalog: Catalog) -> None:
+    import pytest
+
+    cfg = InterfaceConfig(Form.NEUTRAL, 1, neutral_base=0x40000300, neutral_msr=0x40000310)
+    doc = cfg.to_json()
+    assert doc == {"form": "neutral", "supported": 1, "neutral_base": 0x40000300, "neutral_msr": 0x40000310}
+    assert InterfaceConfig.from_json(doc) == cfg
+    assert InterfaceConfig.from_json({"form": "kvm", "supported": 2}) == InterfaceConfig(Form.KVM, 2)
+    assert OperatorSettings.from_json({}) == OperatorSettings()
+    assert OperatorSettings.from_json({"force_off": ["SSBD"]}) == OperatorSettings(force_off=int(SpecCtrl.SSBD))
+    with pytest.raises(ValueError, match="^expected a list of IA32_SPEC_CTRL bit names, got 'SSBD'$"):
+        OperatorSettings.from_json({"force_on": "SSBD"})
+    with pytest.raises(ValueError, match="^SSBD\\+RRSBA_DIS_S cannot be forced both on and off$"):
+        OperatorSettings(force_on=R_DIS | int(SpecCtrl.SSBD) | B_DIS, force_off=R_DIS | int(SpecCtrl.SSBD) | 1)
+
+
+def test_msr_access_edges(catalog: Catalog) -> None:
+    v = VmInterface(InterfaceConfig(Form.INTEL, 3), catalog.get("icelake-sp").facts,
+                    catalog.get("icelake-sp").facts)
+    assert len(v.vcpus) == 1, "one vCPU unless told otherwise"
+    assert not v.wrmsr(0, 0x1234, 0) and v.last_fault == "MSR 0x1234 is not handled by the mitigation interface"
+    assert v.rdmsr(0, 0x1234) is None
+    assert not v.wrmsr(0, 0x48, (1 << 64) - 1) and "not enumerated" in v.last_fault, "the largest value is 64-bit"
+    assert not v.wrmsr(0, 0x48, 1 << 64) and v.last_fault == "WRMSR 0x48: 0x10000000000000000 is not a 64-bit value"
+    from pvmit.vmm.personality import resolve
+
+    no_caps = resolve(catalog, "icelake-server-v2").facts  # QEMU's Icelake-Server-v2: no IA32_ARCH_CAPABILITIES
+    v = VmInterface(InterfaceConfig(Form.KVM, 3), catalog.get("icelake-sp").facts, no_caps)
+    assert v.rdmsr(0, 0x10A) is None
+    assert v.last_fault == "IA32_ARCH_CAPABILITIES is not enumerated by the guest's CPU personality"

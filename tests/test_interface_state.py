@@ -304,3 +304,44 @@ def test_partial_settings_labels_and_errors_with_several_bits() -> None:
     assert PartialSettings(force_off=R_DIS | SSBD).to_json()["force_off"] == ["SSBD", "RRSBA_DIS_S"]
     carried = OperatorSettings(force_on=IBRS | SSBD)
     assert PartialSettings(unreported="trust").over(carried) == OperatorSettings(IBRS | SSBD, 0, "trust")
+
+
+def test_parse_errors_say_exactly_what(f) -> None:  # type: ignore[no-untyped-def]
+    host = f("sapphirerapids")
+    with pytest.raises(InputError, match="^interface state: not a JSON object$"):
+        check([], host)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="^interface state: schema 'x/1' is not 'pvmit.interface-state/1'$"):
+        check({**helo(f), "schema": "x/1"}, host)
+    with pytest.raises(InputError, match="^interface state: missing field 'config'$"):
+        check({k: v for k, v in helo(f).items() if k != "config"}, host)
+    bad = helo(f)
+    bad["personality"]["vendor"] = "via"
+    with pytest.raises(InputError, match="^interface state: CPU facts: vendor 'via' is not one of"):
+        check(bad, host)
+    bad = helo(f)
+    del bad["vcpus"][1]["ctrl"]
+    with pytest.raises(InputError, match="^interface state: missing field 'ctrl'$"):
+        check(bad, host)
+
+
+def test_prepared_holds_what_it_was_made_from(f) -> None:  # type: ignore[no-untyped-def]
+    from pvmit.interface import decide
+    from pvmit.interface.policy import Decision
+
+    state = helo(f, reports=(2,), vcpus=1)
+    host = f("sapphirerapids")
+    given = PartialSettings(force_on=SSBD)
+    p = prepare(state, host, given)
+    assert p.host is host and p.settings == OperatorSettings(force_on=SSBD, unreported="trust")
+    assert p.personality.to_json() == state["personality"] and p.config == InterfaceConfig(Form.INTEL, 3)
+    assert p.vm_fields == (state["config"], state["personality"], state["settings"])
+    no_vcpus = {k: v for k, v in state.items() if k != "vcpus"}
+    assert len(prepare(no_vcpus, host).vm.vcpus) == 1
+
+    def forgetful(h, reliance, personality, settings) -> Decision:  # type: ignore[no-untyped-def]
+        d = decide(h, reliance, personality, settings)
+        return Decision(d.relied, d.reported, (), d.exposures, d.notes, d.warnings, d.assumed)
+
+    verdict, vm = finish(prepare(state, host, decider=forgetful), state)
+    assert verdict.accepted and vm is not None
+    assert vm.vcpus[0].spec.mask == 0, "the restored core decides with the decider it was prepared with"
