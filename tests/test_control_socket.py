@@ -32,9 +32,11 @@ GUEST = ["--guest-cpu", "icelake-server-v2", "--host-cpu", "icelake-sp", "--memo
 @pytest.fixture
 def vmm(tmp_path: Path):  # type: ignore[no-untyped-def]
     h = VmmHandle(tmp_path, "vmm", GUEST)
-    h.wait_counts(2)
-    yield h
-    h.stop()
+    try:
+        h.wait_counts(2)
+        yield h
+    finally:
+        h.stop()
 
 
 def raw(h: VmmHandle) -> socket.socket:
