@@ -39,10 +39,20 @@ def safe_text(text: str, *, lines: bool = False) -> str:
 
 
 def shorten(text: str, limit: int = DEFAULT_LIMIT) -> str:
-    """`safe_text` of at most `limit` characters of `text`, with how long it was when it was cut."""
+    """`safe_text(text)` if that is at most `limit` characters long; else as many whole characters of `text` as fit
+    in `limit` once escaped (an escape is up to 10 characters for one), with how long `text` was."""
     if len(text) <= limit:
-        return safe_text(text)
-    return f"{safe_text(text[:limit])}... ({len(text):,} characters)"
+        shown = safe_text(text)
+        if len(shown) <= limit:
+            return shown
+    kept, used = [], 0
+    for ch in text:
+        piece = safe_text(ch)
+        if used + len(piece) > limit:
+            break
+        kept.append(piece)
+        used += len(piece)
+    return f"{''.join(kept)}... ({len(text):,} characters)"
 
 
 def quoted(text: str, limit: int = DEFAULT_LIMIT) -> str:
