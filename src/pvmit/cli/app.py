@@ -34,6 +34,7 @@ def _register() -> None:
         fleet_cmd,
         guest_cmd,
         host_cmd,
+        libvirt_cmd,
         oracle_cmd,
         policy_cmd,
         run_cmd,
@@ -55,6 +56,7 @@ def _register() -> None:
     cli.add_command(guest_cmd.guest)
     cli.add_command(oracle_cmd.oracle)
     cli.add_command(fleet_cmd.fleet)
+    cli.add_command(libvirt_cmd.libvirt)
 
 
 _register()
