@@ -124,14 +124,19 @@ def guest_personality(dom: Domain, cpumap: CpuMap, catalog: Catalog) -> Personal
     info = cpumap.model(model)
     if info is None:
         raise Unknowable(f"{where}: CPU model {model!r} is not defined in {cpumap.where}")
-    shown = (info.features | cpu.with_policy(*ENABLING)) - cpu.with_policy(*DISABLING)
-    optional = cpu.with_policy("optional")
+    fm = feature_map()
+    shown = fm.canonical(info.features | cpu.with_policy(*ENABLING)) - fm.canonical(cpu.with_policy(*DISABLING))
+    optional = fm.canonical(cpu.with_policy("optional"))  # shown only if the host has it: unknown here
+
+    def knows(name: str) -> bool:
+        return cpumap.knows(name) and not fm.canonical([name]) & optional
+
     vendor, family, number, stepping, ident = _identity(catalog, model, cpumap, cpu.vendor)
-    facts = facts_from_features(shown - optional, lambda n: cpumap.knows(n) and n not in optional,
+    facts = facts_from_features(shown - optional, knows,
                                 vendor=vendor, family=family, model=number, stepping=stepping,
                                 where=f"{where}: CPU {model}", host=False, tcg=tcg, identity_source=ident)
     changed = sorted(f"{'+' if p in ENABLING else '-' if p in DISABLING else '?'}{n}" for p, n in cpu.features
-                     if feature_map().get(n) is not None)  # the changes that matter here
+                     if fm.get(n) is not None)  # the changes that matter here
     desc = f"libvirt {cpu.mode} CPU {model}" + (f" {' '.join(changed)}" if changed else "") + (" under TCG" if tcg
                                                                                               else "")
     return Personality(f"{model}{' (TCG)' if tcg else ''}{' with changes' if changed else ''}", facts,
