@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pvmit.errors import PvmitError
-from pvmit.node.process import control_request
+from pvmit.node.control import request as control_request
 
 COUNT = re.compile(r"^guest: count 0x([0-9a-f]+) spec_ctrl 0x([0-9a-f]+)", re.M)
 PAUSED = re.compile(r"^vmm: paused at monotonic ([0-9.]+)", re.M)
