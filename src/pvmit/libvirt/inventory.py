@@ -20,7 +20,7 @@ from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.fleet.inventory import mitigations_label
 from pvmit.libvirt.agent import GuestLines, read_guest, reliance
-from pvmit.libvirt.connection import Connection, LibvirtError
+from pvmit.libvirt.connection import Connection, LibvirtError, binding
 from pvmit.libvirt.facts import Unknowable, guest_personality, host_facts
 from pvmit.libvirt.features import feature_map
 from pvmit.libvirt.parse import XmlError, domain, host_cpu
@@ -97,6 +97,7 @@ def gather(uris: list[str], catalog: Catalog, *, agent: bool = True, timeout: in
            say: Say = lambda _m: None) -> Gathered:
     """The inventory of every running domain on every connection. A connection that fails is reported in `errors`
     and the others are still read."""
+    binding()  # without it nothing can be read: say so once, rather than once per host
     g = Gathered()
     seen: dict[str, str] = {}
     for uri in uris:
