@@ -243,3 +243,29 @@ def define_and_start(h: Host, xml: str, tmp: Path) -> None:
     path.write_text(xml, encoding="utf-8")
     h.virsh("define", str(path))
     h.virsh("start", name)
+
+
+def cpu_elements(text: str) -> list[str]:
+    """Every <cpu> element in `text` (a command's output may hold several, one per pool)."""
+    import re
+
+    return re.findall(r"<cpu\b[^>]*/>|<cpu\b.*?</cpu>", text, re.DOTALL)
+
+
+def rejects_cpu(h: Host, cpu: str, tmp: Path, name: str) -> str | None:
+    """Why this libvirt does not accept the guest CPU definition `cpu` (None when it does): it must compare
+    against the hypervisor's CPU (`virsh hypervisor-cpu-compare`: identical, superset or incompatible are all
+    answers; an unknown model or feature name, or bad XML, is an error), and a domain with it must define."""
+    path = tmp / f"{name}-cpu.xml"
+    path.write_text(cpu, encoding="utf-8")
+    cmp = h.virsh("hypervisor-cpu-compare", str(path), "--virttype", "qemu", check=False)
+    if "error:" in cmp.stderr or not any(w in cmp.stdout for w in ("identical", "superset", "incompatible")):
+        return f"hypervisor-cpu-compare: {cmp.stderr.strip() or cmp.stdout.strip()}"
+    xml = domain_xml(name, None).replace("<cpu mode='custom'></cpu>", cpu)
+    dom = tmp / f"{name}.xml"
+    dom.write_text(xml, encoding="utf-8")
+    d = h.virsh("define", str(dom), check=False)
+    if d.returncode:
+        return f"define: {d.stderr.strip()}"
+    h.virsh("undefine", name, check=False)
+    return None
