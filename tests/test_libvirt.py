@@ -547,3 +547,20 @@ def test_inline_personality_json(catalog: Catalog, tmp_path: Path) -> None:
     f = load(catalog, write_json(tmp_path / "i.json", [host("h", "icelake-sp")], vms))
     assert f.num_vms == 1 and f.vm_classes[0].personality == "cooperlake"
     assert [(e.row, e.field) for e in f.errors.first()] == [(2, "personality")]
+
+
+def test_cli_errors_are_one_line_and_write_nothing(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    out = tmp_path / "inv.json"
+    out.write_text("the inventory of yesterday")
+    for args, code in ((["libvirt", "inventory", bad, "-o", str(out)], 1),
+                       (["libvirt", "check", "vm", "-c", bad, "--to", bad], 1),
+                       (["libvirt", "record", "-c", bad], 1),
+                       (["fleet", "plan", bad], 1),
+                       (["libvirt", "hook", "install", "--root", str(tmp_path / "none")], 2),
+                       (["libvirt", "record", "-c", bad, "--relies-on", "unenlightened"], 2),
+                       (["libvirt", "check", "vm", "--to", bad, "--config", str(tmp_path / "none.toml"),
+                         "--on-unknown", "maybe"], 2)):
+        r = cli(*args)
+        assert r.code == code and "Traceback" not in r.stderr and r.stderr.strip(), (args, r)
+    assert out.read_text() == "the inventory of yesterday"  # nothing read, nothing replaced

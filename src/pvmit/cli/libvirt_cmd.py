@@ -14,7 +14,7 @@ import click
 
 from pvmit.cli.output import emit_json, err, esc, warn
 from pvmit.cli.state import State, json_option, pass_state
-from pvmit.errors import InputError
+from pvmit.errors import InputError, PvmitError
 
 UNKNOWN_CHOICE = click.Choice(["refuse", "allow"])
 
@@ -44,11 +44,13 @@ def inventory_cmd(st: State, uris: tuple[str, ...], output: Path | None, agent: 
     host's CPU from its capabilities, each running domain's CPU from its XML, and what each guest's kernel relies
     on, read through the QEMU guest agent (or recorded earlier with `pvmit libvirt record`); what cannot be read
     is left unknown, with the reason, in the document's `libvirt` section. Exit 1 if a host could not be read (the
-    others are still written)."""
+    others are still written; nothing is written when no host could be read)."""
     from pvmit.libvirt.inventory import gather
 
     g = gather(list(uris), st.catalog, agent=agent, timeout=agent_timeout,
                say=lambda m: click.echo(f"pvmit: {m}", err=True))
+    if not g.hosts:  # nothing read: an empty inventory must not replace a good one
+        raise PvmitError("no host could be read: " + "; ".join(g.errors))
     doc = g.document()
     text = json.dumps(doc, indent=1) + "\n"
     if output is None:
