@@ -564,3 +564,21 @@ def test_cli_errors_are_one_line_and_write_nothing(cli, tmp_path: Path) -> None:
         r = cli(*args)
         assert r.code == code and "Traceback" not in r.stderr and r.stderr.strip(), (args, r)
     assert out.read_text() == "the inventory of yesterday"  # nothing read, nothing replaced
+
+
+@needs_cpu_map
+def test_hook_reads_this_hosts_cpu_by_default(tmp_path: Path) -> None:
+    cfg = tmp_path / "hook.toml"
+    cfg.write_text('log = ""\n')  # host_cpu = "inspect", the default
+    status, message, line, _ = decide(["cooper", "migrate", "begin", "-"], _with("none"), cfg, "t")
+    doc = json.loads(line or "{}")
+    assert doc["verdict"] != "unknown" and "read on this host" in doc["host"]["cpu"], message
+
+
+@needs_cpu_map
+def test_hook_host_cpu_from_a_facts_file_next_to_the_settings(tmp_path: Path, catalog: Catalog) -> None:
+    (tmp_path / "host.json").write_text(json.dumps(catalog.get("sapphirerapids").facts.to_json()))
+    cfg = tmp_path / "hook.toml"
+    cfg.write_text('host_cpu = "host.json"\nlog = ""\n')
+    status, _, line, _ = decide(["cooper", "migrate", "begin", "-"], _with("retpoline"), cfg, "t")
+    assert status == 1 and json.loads(line or "{}")["verdict"] == "forced"

@@ -1,7 +1,8 @@
 """The migration hook's settings: one TOML file, read on every migration to this host (docs/libvirt.md).
 
     host_cpu = "inspect"          # this host's CPU: "inspect" (read it, as `pvmit host` does), a catalog model,
-                                  # or a JSON file of facts (`pvmit host --json` output), as an inventory's cpu cell
+                                  # or a JSON file of facts (`pvmit host --json` output; relative to this file),
+                                  # as an inventory's cpu cell
     on_unknown = "refuse"         # what to do when the hook cannot decide (an unknown CPU model, a host-passthrough
                                   # guest with nothing recorded, missing facts, any error): refuse or allow
     mode = "enforce"              # enforce, or warn: decide and log, but allow every migration

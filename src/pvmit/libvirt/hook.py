@@ -28,7 +28,10 @@ MAX_STDIN = 16 << 20
 def host_cpu(config: HookConfig, catalog: Any) -> tuple[str | dict[str, Any] | None, str]:
     """This host's CPU as an inventory cell, and how it was obtained (or why it could not be)."""
     if config.host_cpu != INSPECT:
-        return config.host_cpu, f"host_cpu = {config.host_cpu!r} ({config.origin})"
+        spec = config.host_cpu
+        if spec.lower().endswith(".json") and not Path(spec).is_absolute():
+            spec = str(Path(config.origin).parent / spec)  # a facts file next to the settings
+        return spec, f"host_cpu = {config.host_cpu!r} ({config.origin})"
     from pvmit.host.inspect import inspect_host
 
     report = inspect_host(catalog, with_kvm=False)
