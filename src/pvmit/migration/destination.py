@@ -116,11 +116,11 @@ def parse_header(info: dict[str, Any]) -> Incoming:
     source = need(info, "source_host.name", str, max_len=256)
     _parse("source_host.facts", CpuFacts.from_json, need(info, "source_host.facts", dict))
     vm = need(info, "vm", dict)
-    personality = _parse("vm.personality", Personality.from_json, need(vm, "personality", dict, where="vm"))
-    config = _parse("vm.config", _config, need(vm, "config", dict, where="vm"))
-    memory = need(vm, "memory_size", int, where="migration stream header vm", lo=0, hi=1 << 62)
-    vcpus = need(vm, "vcpus", int, where="migration stream header vm", lo=0, hi=1 << 16)
-    cpuid = optional(vm, "cpuid", dict, {}, where="migration stream header vm")
+    personality = _parse("vm.personality", Personality.from_json, need(info, "vm.personality", dict))
+    config = _parse("vm.config", _config, need(info, "vm.config", dict))
+    memory = need(info, "vm.memory_size", int, lo=0, hi=1 << 62)
+    vcpus = need(info, "vm.vcpus", int, lo=0, hi=1 << 16)
+    cpuid = optional(vm, "cpuid", dict, {}, where="migration stream header", name="vm.cpuid")
     if len(cpuid) > 256:
         raise StreamError("migration stream header: vm.cpuid has more than 256 registers")
     for k, v in cpuid.items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar, overload
 
-from pvmit.migration.stream import StreamError
+from pvmit.migration.stream import StreamError, Unusable
 from pvmit.net.text import shorten
 
 T = TypeVar("T")
@@ -20,6 +20,8 @@ _MISSING = object()
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, Unusable):
+        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -85,11 +87,13 @@ def checked(value: Any, name: str, kind: type, *, where: str, lo: int | None = N
     return value
 
 
-def optional(doc: dict[str, Any], key: str, kind: type, default: T, *, where: str, **limits: Any) -> Any:
-    """A field that may be absent (then `default`); present, it is checked as `need` checks."""
+def optional(doc: dict[str, Any], key: str, kind: type, default: T, *, where: str, name: str | None = None,
+             **limits: Any) -> Any:
+    """A field that may be absent (then `default`); present, it is checked as `need` checks (and called `name`,
+    by default `key`, in messages)."""
     if key not in doc:
         return default
-    return checked(doc[key], key, kind, where=where, **limits)
+    return checked(doc[key], name or key, kind, where=where, **limits)
 
 
 __all__ = ["checked", "need", "optional"]

@@ -9,8 +9,9 @@ A decoder refuses an unknown version, an unknown section kind, a bad checksum, a
 and, at the end, a stream cut short; each with a message that says which. The same framing carries the messages
 a destination sends back (VRDT, REDY, NACK, CACK).
 
-JSON in the stream is read strictly (`loads`): no NaN or Infinity, no number too large for a double, no integer
-of more digits than Python converts, no nesting deeper than the parser's recursion; each is a StreamError.
+JSON in the stream is read strictly (`loads`): NaN, Infinity, numbers beyond a double and integers of more digits
+than Python converts are kept as `Unusable` markers that every field check refuses by name; nesting deeper than the
+parser's recursion is a StreamError.
 
 Version 2 (this one) added ZERO sections (runs of zero pages sent as a marker), CACK (the destination's
 acknowledgement of the commit) and the migration id and control addresses in the header and REDY, used to settle
@@ -58,24 +59,38 @@ class StreamError(PvmitError):
     """The stream is not one pvmit can accept; the message says what is wrong and where."""
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number pvmit accepts")
+class Unusable:
+    """A number pvmit does not accept (NaN, Infinity, beyond a double's range, an integer of too many digits),
+    left in place of the value so that the check of the field it stands in names that field. It equals nothing
+    and is no int, float or bool, so every typed check refuses it."""
+
+    __slots__ = ("text",)
+    MAX_DIGITS = 4300  # Python's default limit for int(str)
+
+    def __init__(self, text: str) -> None:
+        self.text = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+    def __repr__(self) -> str:
+        return f"the number {self.text}"
 
 
-def _finite(text: str) -> float:
+def _float(text: str) -> float | Unusable:
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} does not fit a double")
-    return value
+    return value if math.isfinite(value) else Unusable(text)
+
+
+def _int(text: str) -> int | Unusable:
+    return int(text) if len(text) <= Unusable.MAX_DIGITS else Unusable(text)
 
 
 def loads(data: bytes | str, where: str) -> Any:
-    """Strict JSON for everything a peer sends: a StreamError naming `where` for anything else."""
+    """Strict JSON for everything a peer sends. Numbers pvmit cannot use become `Unusable` (refused by the field
+    checks, by name); anything that is not JSON, or nested too deeply, is a StreamError naming `where`."""
     try:
-        return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+        return json.loads(data, parse_constant=Unusable, parse_float=_float, parse_int=_int)
     except RecursionError:  # found by fuzzing: "[[[[..." nested deeper than the parser's recursion limit
         raise StreamError(f"{where}: JSON nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError, as are huge integers
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise StreamError(f"{where}: not valid JSON: {str(e)[:200]}") from None
 
 

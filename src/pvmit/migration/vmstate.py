@@ -76,12 +76,22 @@ def capture(vcpu: Vcpu) -> dict[str, Any]:
 
 
 def restore(vcpu: Vcpu, state: Any) -> list[str]:
-    """Load `state` into `vcpu`. Returns what this KVM would not take (MSRs, state structures): the destination
-    refuses the guest if anything did not fit, rather than run it with part of its state missing."""
+    """Load `state` into `vcpu`, every field checked before anything is set. Returns what this KVM would not take
+    (MSRs, state structures): the destination refuses the guest if anything did not fit, rather than run it with
+    part of its state missing."""
     if not isinstance(state, dict):
         raise StreamError("CPUS section: not a JSON object")
-    regs = need(state, "regs", dict, where="CPUS section")
-    values = [need(regs, n, int, where="CPUS section regs", lo=0, hi=(1 << 64) - 1) for n in REG_NAMES]
+    need(state, "regs", dict, where="CPUS section")
+    values = [need(state, f"regs.{n}", int, where="CPUS section", lo=0, hi=(1 << 64) - 1) for n in REG_NAMES]
+    msrs = optional(state, "msrs", dict, {}, where="CPUS section")
+    if len(msrs) > len(CARRIED_MSRS):
+        raise StreamError(f"CPUS section: {len(msrs)} MSRs, more than the {len(CARRIED_MSRS)} a pvmit VMM carries")
+    pairs = []
+    for key, value in msrs.items():
+        if not (key.startswith("0x") and 2 < len(key) <= 10 and all(c in "0123456789abcdefABCDEF" for c in key[2:])):
+            raise StreamError(f"CPUS section: MSR index {shorten(key, 40)!r} is not 0x followed by up to 8 hex digits")
+        v = checked(value, f"msrs[{key}]", int, where="CPUS section", lo=0, hi=(1 << 64) - 1)
+        pairs.append((int(key, 16), v))
     sregs = _unblob(state.get("sregs"), abi.KvmSregs, "sregs")
     fpu = _unblob(state.get("fpu"), abi.KvmFpu, "fpu")
     events = _unblob(state.get("events"), abi.KvmVcpuEvents, "events")
@@ -99,15 +109,6 @@ def restore(vcpu: Vcpu, state: Any) -> list[str]:
         except KvmError as e:
             refused.append(f"{name} ({e})")
     vcpu.set_events(events)  # type: ignore[arg-type]
-    msrs = optional(state, "msrs", dict, {}, where="CPUS section")
-    if len(msrs) > len(CARRIED_MSRS):
-        raise StreamError(f"CPUS section: {len(msrs)} MSRs, more than the {len(CARRIED_MSRS)} a pvmit VMM carries")
-    pairs = []
-    for key, value in msrs.items():
-        if not (key.startswith("0x") and 2 < len(key) <= 10 and all(c in "0123456789abcdefABCDEF" for c in key[2:])):
-            raise StreamError(f"CPUS section: MSR index {shorten(key, 40)!r} is not 0x followed by up to 8 hex digits")
-        v = checked(value, f"msrs[{key}]", int, where="CPUS section", lo=0, hi=(1 << 64) - 1)
-        pairs.append((int(key, 16), v))
     while pairs:  # one KVM_SET_MSRS for all; KVM stops at one it refuses, which is noted and skipped
         n = vcpu.set_msrs(dict(pairs))
         if n < len(pairs):

@@ -153,6 +153,7 @@ class Address:
         try:
             if isinstance(self.target, tuple):
                 s = socket.create_connection(self.target, timeout=timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go now, not after an ACK
             else:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.settimeout(timeout)

@@ -86,6 +86,7 @@ def accept(conn: socket.socket, addr: object, creds: Credentials | None, *, dead
             conn.sendall(ACK)
             return Peer(conn, who)
         host = addr[0] if isinstance(addr, tuple) else "?"
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go now, not after an ACK
         if creds is None:  # never reached: a TCP endpoint is not opened without credentials
             raise Refused(f"refused {host}: TCP without TLS")
         tls = creds.server_context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)

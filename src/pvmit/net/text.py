@@ -2,7 +2,8 @@
 
 Control characters (terminal escape sequences among them), bidirectional overrides and other invisible format
 characters, and unpaired surrogates are shown as escapes (`\\x1b`, `\\u202e`), so that what reaches a terminal or
-a log is exactly what was received, visibly, and can move neither the cursor nor the reading order.
+a log is what was received, visibly, and can move neither the cursor nor the reading order. The result is plain
+printable text, so escaping twice (a message built from an escaped name, then logged) changes nothing more.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ def _escape(ch: str) -> str:
 
 
 def printable(text: str) -> str:
-    """`text` with every character that is not safe on a terminal written as an escape (and `\\` as `\\\\`, so the
-    result is unambiguous)."""
-    if text.isascii() and text.isprintable() and "\\" not in text:
+    """`text` with every character that is not safe on a terminal written as an escape."""
+    if text.isascii() and text.isprintable():
         return text  # the common case, quickly
     out = []
     for ch in text:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
             out.append(ch)
         else:
             out.append(_escape(ch))

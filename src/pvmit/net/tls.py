@@ -99,11 +99,13 @@ def describe_certificate(sock: ssl.SSLSocket) -> str:
 
 
 def make_test_ca(directory: str | Path, hosts: list[str], *, days: int = 365, not_before_days: int = 0,
-                 client_name: str = "pvmit client", ca_name: str = "pvmit test CA") -> list[Path]:
+                 client_name: str = "pvmit client", ca_name: str = "pvmit test CA",
+                 expired: tuple[str, ...] = ()) -> list[Path]:
     """Write a CA and server and client certificates (EC P-256) into `directory` in the tls-creds-x509 layout.
 
     The server certificate names `hosts` (DNS names or IP addresses) as subject alternative names. The keys are
-    written 0600. `days` may be negative (and `not_before_days` too) to make an expired set for tests."""
+    written 0600. `days` may be negative (and `not_before_days` too) to make an expired set for tests; `expired`
+    ("server", "client") makes just those certificates expired, under a valid CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -136,7 +138,7 @@ def make_test_ca(directory: str | Path, hosts: list[str], *, days: int = 365, no
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (x509.CertificateBuilder().subject_name(name(ca_name)).issuer_name(name(ca_name))
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(start).not_valid_after(end)
+               .not_valid_before(start - datetime.timedelta(days=3)).not_valid_after(end)
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
@@ -144,20 +146,21 @@ def make_test_ca(directory: str | Path, hosts: list[str], *, days: int = 365, no
                                             decipher_only=False), critical=True)
                .sign(ca_key, hashes.SHA256()))
 
-    def leaf(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None
+    def leaf(cn: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None, role: str
              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
+        until = now - datetime.timedelta(days=1) if role in expired else end
         b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_cert.subject)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(start).not_valid_after(end)
+             .not_valid_before(min(start, until - datetime.timedelta(days=1))).not_valid_after(until)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
         if san:
             b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return b.sign(ca_key, hashes.SHA256()), key
 
-    server, server_key = leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, names)
-    client, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    server, server_key = leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, names, "server")
+    client, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, None, "client")
     pem = serialization.Encoding.PEM
 
     def key_bytes(k: ec.EllipticCurvePrivateKey) -> bytes:

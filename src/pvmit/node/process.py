@@ -360,7 +360,8 @@ class VmmProcess:
             req.reply({"event": message, "monotonic": time.monotonic()})
 
         worker = Outgoing(vmm, to, self.creds, header=header, hello=hello, ledger=self.ledger,
-                          pause=self._pause_from_worker, ask=self._ask_destination(to), check_only=check,
+                          pause=lambda: self._pause_from_worker(fault), ask=self._ask_destination(to),
+                          check_only=check,
                           fault=fault, progress=progress, on_doubt=lambda why: self._post(lambda: self._doubt(why)),
                           deadline=self.limits.deadline, stall=self.limits.stall,
                           settle_notice=self.limits.settle_notice)
@@ -373,13 +374,16 @@ class VmmProcess:
 
         threading.Thread(target=work, name="migrate-out", daemon=True).start()
 
-    def _pause_from_worker(self) -> float:
+    def _pause_from_worker(self, fault: str | None = None) -> float:
         """Called by the migration thread: have the main thread stop the guest; return when it has."""
         done = threading.Event()
         when: list[float] = []
 
         def pause() -> None:
             vmm = self.vmm
+            if vmm is not None and self.state == "migrating" and fault == "pause-mid-line":
+                # a test's way to pause while the guest is half-way through a heartbeat line
+                vmm.run(poll=lambda: " spec_ctrl 0x" in vmm.serial.partial, timeout=30)
             if vmm is not None and self.state == "migrating":
                 # Complete the exit KVM is in the middle of (a port write, say) without running the guest further:
                 # KVM finishes pending I/O on KVM_RUN, then sees immediate_exit. Only then is the vCPU's state
@@ -412,6 +416,7 @@ class VmmProcess:
         vmm = self.vmm
         if outcome.migrated:
             if vmm is not None:
+                vmm.serial.partial = ""  # the unfinished line went with the guest: it is printed there, not here
                 vmm.close()
             self.vmm = None
             self.say(f"vmm: vm {self.vm_id} left for {m.to if m else '?'} (migration {outcome.migration}, "
@@ -477,6 +482,7 @@ class VmmProcess:
                 pass
             self.say(f"vmm: incoming: refused {peer.who}: {reason}")
             return
+        self.say(f"vmm: incoming: connection from {peer.who}")
         peer_host = peer.who.split(" ", 1)[0]
         receiver.control = str(self.control_address)
 
