@@ -8,14 +8,13 @@ org.qemu.guest_agent.0, and waits.
 
 from __future__ import annotations
 
-import lzma
 import os
 import shutil
 import stat
 from pathlib import Path
 
 from pvmit.oracle.cpio import Entry, gzipped
-from pvmit.oracle.initramfs import Kernel, find_busybox, shared_libraries
+from pvmit.oracle.initramfs import Kernel, find_busybox, module_bytes, shared_libraries
 
 QEMU_GA = Path("/usr/sbin/qemu-ga")
 MODULES = ("virtio_pci", "virtio_console")
@@ -90,12 +89,7 @@ def build(kernel: Kernel) -> bytes:
         add(Path(os.path.realpath(lib)), str(lib))
     order = []
     for name, path in _modules(kernel):
-        data = path.read_bytes()
-        if path.suffix == ".xz":
-            data = lzma.decompress(data)
-        elif path.suffix == ".zst":
-            raise RuntimeError(f"{path}: zstd-compressed modules are not supported")
-        files[f"lib/modules/{name}.ko"] = (data, 0o644)
+        files[f"lib/modules/{name}.ko"] = (module_bytes(path), 0o644)  # plain, whatever the kernel's compression
         order.append(f"{name}.ko")
     files["modules.order"] = ("\n".join(order).encode() + b"\n", 0o644)
     files["init"] = (INIT.encode(), 0o755)
