@@ -168,7 +168,7 @@ def test_cli_catalog_list_show_check(cli, tmp_path: Path) -> None:  # type: igno
     r = cli("catalog", "show", "Cascadelake-Server", "--json")
     doc = json.loads(r.stdout)
     assert doc["id"] == "cascadelake-sp" and doc["linux_guest"]["mode"] == "eibrs"
-    assert doc["facts"]["registers"]["arch_capabilities"]["sources"]["IBRS_ALL"].startswith("qemu")
+    assert doc["facts"]["registers"]["arch_capabilities"]["sources"]["IBRS_ALL"].startswith("firecracker")
     r = cli("catalog", "show", "EPYC-Rome")
     assert r.code == 0 and "EPYC Rome" in r.stdout and "Retpolines" in r.stdout
     r = cli("catalog", "show", "no-such-cpu")

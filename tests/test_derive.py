@@ -32,24 +32,43 @@ def cpu(vendor: str = "intel", **bits: bool) -> CpuFacts:
     return CpuFacts(vendor, 6, 0x55, 7, regs)  # type: ignore[arg-type]
 
 
-AC, C72 = "arch_capabilities", "cpuid_7_2_edx"
+AC, C72, LB = "arch_capabilities", "cpuid_7_2_edx", "linux_blacklist"
 
 
 def test_retpoline_rules() -> None:
     assert not retpoline_effective(cpu(**{f"{AC}__RRSBA": True})).answer
     assert not retpoline_effective(cpu(**{f"{AC}__RSBA": True, f"{AC}__IBRS_ALL": False})).answer
-    ok = retpoline_effective(cpu(**{f"{AC}__RSBA": False, f"{AC}__IBRS_ALL": False}))
+    ok = retpoline_effective(cpu(**{f"{AC}__RSBA": False, f"{AC}__IBRS_ALL": False, f"{LB}__RETBLEED": False}))
     assert ok.answer and not ok.assumed and "RSBA=0" in ok.reason
-    icx = retpoline_effective(cpu(**{f"{AC}__RRSBA": False, f"{AC}__IBRS_ALL": True}))
+    icx = retpoline_effective(cpu(**{f"{AC}__RRSBA": False, f"{AC}__IBRS_ALL": True, f"{LB}__RETBLEED": False}))
     assert icx.answer and "without RRSBA" in icx.reason
     # unknown facts: assumed ineffective, and the answer says which facts were assumed
     unknown = retpoline_effective(cpu())
     assert not unknown.answer and unknown.assumed and "assumed" in unknown.reason
-    eibrs_unknown_rrsba = retpoline_effective(cpu(**{f"{AC}__IBRS_ALL": True}))
+    eibrs_unknown_rrsba = retpoline_effective(cpu(**{f"{AC}__IBRS_ALL": True, f"{LB}__RETBLEED": False}))
     assert not eibrs_unknown_rrsba.answer and eibrs_unknown_rrsba.assumed == ("arch_capabilities.RRSBA",)
-    no_eibrs_unknown_rsba = retpoline_effective(cpu(**{f"{AC}__IBRS_ALL": False}))
+    no_eibrs_unknown_rsba = retpoline_effective(cpu(**{f"{AC}__IBRS_ALL": False, f"{LB}__RETBLEED": False}))
     assert not no_eibrs_unknown_rsba.answer and no_eibrs_unknown_rsba.assumed == ("arch_capabilities.RSBA",)
     assert retpoline_effective(cpu("amd")).answer
+    assert retpoline_effective(cpu("amd", **{f"{LB}__RETBLEED": True})).answer  # Linux mitigates AMD's separately
+
+
+def test_retbleed_listed_part_is_not_retpoline_safe_whatever_rrsba_says() -> None:
+    """catalog-corrections.md: Rocket Lake (eIBRS, RRSBA=0) is RETBLEED-affected in Linux's cpu_vuln_blacklist."""
+    for eibrs in (True, False):
+        listed = retpoline_effective(cpu(**{f"{AC}__RRSBA": False, f"{AC}__RSBA": False, f"{AC}__IBRS_ALL": eibrs,
+                                            f"{LB}__RETBLEED": True}))
+        assert not listed.answer and not listed.assumed and "RETBLEED-affected" in listed.reason
+        unknown = retpoline_effective(cpu(**{f"{AC}__RRSBA": False, f"{AC}__RSBA": False, f"{AC}__IBRS_ALL": eibrs}))
+        assert not unknown.answer and unknown.assumed == ("linux_blacklist.RETBLEED",)
+    # RRSBA_DIS_S cannot make up for it (it covers RRSBA only): an exposure wherever the guest relies on retpoline
+    n = need(cpu(**{f"{AC}__RRSBA": False, f"{AC}__IBRS_ALL": True, f"{LB}__RETBLEED": True,
+                    f"{C72}__RRSBA_CTRL": True}), Mitigation.RETPOLINE)
+    assert n.must_force and not n.can_force and "RETBLEED" in n.available.reason
+    # where RRSBA is the cause too, RRSBA_DIS_S still helps
+    n = need(cpu(**{f"{AC}__RRSBA": True, f"{AC}__IBRS_ALL": True, f"{LB}__RETBLEED": True,
+                    f"{C72}__RRSBA_CTRL": True}), Mitigation.RETPOLINE)
+    assert n.must_force and n.can_force
 
 
 def test_bhb_rules() -> None:
@@ -91,8 +110,8 @@ PINNED = [
     ("skylake-sp", False, True, False, False),   # RSBA (Retbleed): Xen 'not retpoline-safe'
     ("cascadelake-sp", False, True, False, False),  # RRSBA, no RRSBA_CTRL known: exposed to retpoline users
     ("icelake-sp", True, True, False, False),    # Cooper: ICX non-RRSBA
-    ("tigerlake", True, True, False, False),
-    ("rocketlake", True, True, False, False),
+    ("tigerlake", True, True, False, False),     # Cooper: non-RRSBA; not RETBLEED-listed
+    ("rocketlake", False, True, False, False),   # RETBLEED-listed (Linux): not retpoline-safe, no control
     ("alderlake", False, False, True, True),
     ("raptorlake", False, False, True, True),
     ("sapphirerapids", False, False, True, True),

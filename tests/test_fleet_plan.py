@@ -47,14 +47,19 @@ def test_retpoline_guest_safe_on_icx_forced_on_spr_exposed_on_clx(catalog: Catal
     assert verdict is Verdict.EXPOSED and forced == ()
     assert any("retpoline is ineffective here" in r for r in reasons)
     assert any("promised retpoline support" in r for r in reasons)  # its MITIGATION_ENUM came from ICX+SPR
-    assert _dest(p, "rp-1", "milan-1")[0] is Verdict.SAFE
+    # it was shown CPUID.(7,2).EDX.PSFD on Ice Lake, which Cascade Lake does not have (the pool rule)
+    assert any("shown CPUID.(7,2).EDX.PSFD" in r for r in reasons)
+    # an Intel guest's shown bits are not kept on an AMD host
+    verdict, _, reasons = _dest(p, "rp-1", "milan-1")
+    assert verdict is Verdict.EXPOSED and any("AMD" in r and "IA32_ARCH_CAPABILITIES" in r for r in reasons)
 
 
 def test_short_bhb_loop_guest_forces_bhi_dis_s_on_spr(catalog: Catalog, tmp_path: Path) -> None:
     p = _plan(catalog, tmp_path)
     assert _dest(p, "bhb-1", "spr-1")[:2] == (Verdict.FORCED, ("BHI_DIS_S",))
-    for h in ("icx-1", "clx-2", "milan-1"):
+    for h in ("icx-1", "clx-2"):
         assert _dest(p, "bhb-1", h)[0] is Verdict.SAFE
+    assert _dest(p, "bhb-1", "milan-1")[0] is Verdict.EXPOSED  # shown Intel bits an AMD host cannot keep
 
 
 def test_unenlightened_vm_is_decided_with_decide_none(catalog: Catalog, tmp_path: Path) -> None:
@@ -79,8 +84,11 @@ def test_promise_alone_makes_a_host_exposed(catalog: Catalog, tmp_path: Path) ->
     cannot honour retpoline, so `check` would refuse it there."""
     p = _plan(catalog, tmp_path)
     verdict, _, reasons = _dest(p, "amd-1", "clx-1")
-    assert verdict is Verdict.EXPOSED and all("promised" in r for r in reasons)
-    assert _dest(p, "amd-1", "spr-1")[0] is Verdict.SAFE  # forceable there: the promise holds, nothing forced
+    assert verdict is Verdict.EXPOSED and any("promised" in r for r in reasons)
+    # on Sapphire Rapids the promise holds (forceable there), but the AMD bits it was shown do not
+    verdict, _, reasons = _dest(p, "amd-1", "spr-1")
+    assert verdict is Verdict.EXPOSED and not any("promised" in r for r in reasons)
+    assert all("was shown CPUID.8000002" in r or "was shown CPUID.80000008" in r for r in reasons)
 
 
 def test_supported_defaults_to_the_cluster_and_explicit_values_are_used(catalog: Catalog, tmp_path: Path) -> None:
@@ -121,11 +129,12 @@ def test_own_host_is_not_a_destination_and_counts_add_up(catalog: Catalog, tmp_p
     p = _plan(catalog, tmp_path)
     names = p.fleet.vm_names.to_pylist()
     counts = {n: tuple(int(x) for x in p.vm_counts[i]) for i, n in enumerate(names)}
-    assert counts["rp-1"] == (2, 1, 2)  # safe: icx-2, milan-1; forced: spr-1; exposed: clx-1, clx-2
-    assert counts["bhb-1"] == (4, 1, 0)
+    assert counts["rp-1"] == (1, 1, 3)  # safe: icx-2; forced: spr-1; exposed: clx-1, clx-2, milan-1
+    assert counts["bhb-1"] == (3, 1, 1)
     assert all(sum(c) == p.fleet.num_hosts - 1 for c in counts.values())
     assert [Verdict(int(v)).word for v in p.vm_here] == ["safe", "safe", "safe", "safe"]
-    assert p.stranded.size == 0
+    # the only AMD host: an AMD guest cannot keep the AMD bits it was shown on an Intel host
+    assert p.fleet.vm_names.take(p.stranded).to_pylist() == ["amd-1"]
 
 
 def test_vm_with_no_safe_destination(catalog: Catalog, tmp_path: Path) -> None:
@@ -142,12 +151,17 @@ def test_pools(catalog: Catalog, tmp_path: Path) -> None:
     p = _plan(catalog, tmp_path)
     f = p.fleet
     cpus = [{f.host_classes[h].cpu for h in pool.host_classes} for pool in p.pools]
-    assert cpus == [{"icelake-sp", "sapphirerapids", "cascadelake-sp", "epyc-milan"},
-                    {"icelake-sp", "sapphirerapids", "epyc-milan"}]
-    assert [(pool.hosts, pool.vms) for pool in p.pools] == [(6, 2), (4, 2)]
+    assert cpus == [{"icelake-sp", "sapphirerapids", "cascadelake-sp"}, {"icelake-sp", "sapphirerapids"},
+                    {"epyc-milan"}]  # the pool rule keeps Intel and AMD guests apart
+    assert [(pool.hosts, pool.vms) for pool in p.pools] == [(5, 2), (3, 1), (1, 1)]
     names = f.vm_names.to_pylist()
     pool_of = {names[i]: p.pools[int(p.vm_class_pool[f.vm_class[i]])].id for i in range(len(names))}
-    assert pool_of == {"rp-1": "P2", "amd-1": "P2", "bhb-1": "P1", "old-1": "P1"}
+    assert pool_of == {"rp-1": "P2", "amd-1": "P3", "bhb-1": "P1", "old-1": "P1"}
+    # pools say what they may show and which shown bits keep their VMs off the other hosts
+    p2 = p.pools[1]
+    assert "CPUID.(7,2).EDX.PSFD" in p2.constraining_bits  # rp-1 was shown Ice Lake's PSFD: not on Cascade Lake
+    assert "arch_capabilities.IBRS_ALL" in p2.shows and p2.mitigation_enum == 3
+    assert "arch_capabilities.ITS_NO" not in p.pools[0].shows  # Cascade Lake and Ice Lake are ITS-affected
     # in its pool a VM is never exposed
     for pool in p.pools:
         assert (p.verdict[np.ix_(np.array(pool.vm_classes), np.array(pool.host_classes))] != Verdict.EXPOSED).all()
@@ -175,7 +189,7 @@ def test_cost_grows_with_classes_not_with_vms_or_hosts(catalog: Catalog, tmp_pat
     assert big.calls == small.calls == p2.decisions <= 4 * 4
     # and the expansion is still right per VM: 60 hosts, 10 of them its own class-mates
     i = p2.fleet.vm_names.to_pylist().index("rp-1-0")
-    assert tuple(int(x) for x in p2.vm_counts[i]) == (29, 10, 20)  # 19 other ICX + 10 Milan; 10 SPR; 20 CLX
+    assert tuple(int(x) for x in p2.vm_counts[i]) == (19, 10, 30)  # 19 other ICX; 10 SPR; 20 CLX + 10 Milan
 
 
 def test_every_pair_matches_state_check(catalog: Catalog) -> None:
@@ -244,9 +258,9 @@ def test_json_document_per_vm(catalog: Catalog, tmp_path: Path) -> None:
     p = _plan(catalog, tmp_path)
     doc = plan_document(p, per_vm=True)
     rp = next(v for v in doc["vms"] if v["name"] == "rp-1")
-    assert rp["destination_hosts"] == {"safe": ["icx-2", "milan-1"], "forced": ["spr-1"],
-                                       "exposed": ["clx-1", "clx-2"]}
-    assert rp["destinations"] == {"safe": 2, "forced": 1, "exposed": 2}
+    assert rp["destination_hosts"] == {"safe": ["icx-2"], "forced": ["spr-1"],
+                                       "exposed": ["clx-1", "clx-2", "milan-1"]}
+    assert rp["destinations"] == {"safe": 1, "forced": 1, "exposed": 3}
     cls = doc["vm_classes"][rp["class"]]
     spr = next(d for d in cls["destinations"] if doc["host_classes"][d["host_class"]]["cpu"] == "sapphirerapids")
     assert doc["moves"][spr["move"]]["forced"] == ["RRSBA_DIS_S"]

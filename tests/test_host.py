@@ -25,7 +25,7 @@ def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
     assert ident["family"] > 0 and ident["signature"] != "0x00000000" and ident["cpuid_method"]
     regs = doc["facts"]["registers"]
     assert set(regs) == {"arch_capabilities", "cpuid_7_0_edx", "cpuid_7_2_edx", "cpuid_80000008_ebx",
-                         "cpuid_80000021_eax"}
+                         "cpuid_80000021_eax", "linux_blacklist"}
     for r_ in regs.values():  # each is either read in full or unknown with a reason
         assert r_["all_known"] or r_["unknown_reason"]
     for key in ("retpoline_effective", "bhb_short_effective"):
@@ -73,10 +73,13 @@ def test_msr_read_errors_are_explained() -> None:
 
 
 def _reading(**regs: int) -> CpuFacts:
+    """A live reading as read_cpu_facts makes it: the registers read, and Linux's lists for the identity."""
     from pvmit.catalog.facts import CpuFacts
+    from pvmit.catalog.linux_lists import blacklist_facts
 
-    return CpuFacts("intel", 6, 0x8F, 8, {k: RegisterFacts.exact(REGISTERS[k], v, "test reading")
-                                          for k, v in regs.items()})
+    return CpuFacts("intel", 6, 0x8F, 8, {"linux_blacklist": blacklist_facts("intel", 6, [0x8F], [8]),
+                                          **{k: RegisterFacts.exact(REGISTERS[k], v, "test reading")
+                                             for k, v in regs.items()}})
 
 
 def test_reconcile_does_not_trust_unsafe_zeros(catalog) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +97,12 @@ def test_reconcile_does_not_trust_unsafe_zeros(catalog) -> None:  # type: ignore
     assert not bhb_short_effective(fixed).answer and bhb_short_effective(fixed).assumed
     assert not control_available(fixed, SpecCtrl.BHI_DIS_S).answer  # this microcode really lacks it
     assert [n.split(":")[0].split(" ")[0] for n in notes] == [
-        "IA32_ARCH_CAPABILITIES.RRSBA", "CPUID.(7,2).EDX.RRSBA_CTRL", "CPUID.(7,2).EDX.BHI_CTRL"]
+        "IA32_ARCH_CAPABILITIES.RRSBA", "CPUID.(7,2).EDX.RRSBA_CTRL=0", "CPUID.(7,2).EDX.BHI_CTRL"]
+    # microcode-dependent enumeration: this host's CPUID wins for whether the controls exist
+    assert fixed.fact("cpuid_7_2_edx", "RRSBA_CTRL").value is False
+    assert "this host's CPUID" in fixed.fact("cpuid_7_2_edx", "RRSBA_CTRL").source
+    assert not control_available(fixed, SpecCtrl.RRSBA_DIS_S).answer
+    assert not control_available(fixed, SpecCtrl.RRSBA_DIS_S).assumed  # read, not assumed
     # with no catalog model: RRSBA unknown on an eIBRS part; controls hidden by a hypervisor become unknown
     alone, _ = reconcile(spr, None, under_hypervisor=True)
     assert alone.fact("arch_capabilities", "RRSBA").value is None
@@ -102,3 +110,30 @@ def test_reconcile_does_not_trust_unsafe_zeros(catalog) -> None:  # type: ignore
     # ones are trusted, and AMD readings are left alone
     good = _reading(arch_capabilities=int(AC.IBRS_ALL | AC.RRSBA), cpuid_7_2_edx=0x14)
     assert reconcile(good, None, under_hypervisor=True)[0] == good
+
+
+def test_live_cpuid_wins_for_microcode_dependent_controls(catalog) -> None:  # type: ignore[no-untyped-def]
+    """Alder Lake enumerates RRSBA_CTRL and BHI_CTRL only with microcode from 2023 on (catalog-corrections.md): a real
+    host's CPUID decides whether the controls exist, whatever the catalog says; the short loop stays ineffective."""
+    from pvmit.catalog.facts import CpuFacts
+    from pvmit.catalog.linux_lists import blacklist_facts
+    from pvmit.derive import bhb_short_effective, control_available
+    from pvmit.host.inspect import reconcile
+    from pvmit.x86.bits import ArchCapabilities as AC
+    from pvmit.x86.bits import SpecCtrl
+
+    def adl(edx72: int) -> CpuFacts:
+        return CpuFacts("intel", 6, 0x97, 2, {
+            "linux_blacklist": blacklist_facts("intel", 6, [0x97], [2]),
+            "arch_capabilities": RegisterFacts.exact(REGISTERS["arch_capabilities"], int(AC.IBRS_ALL | AC.RRSBA), "t"),
+            "cpuid_7_2_edx": RegisterFacts.exact(REGISTERS["cpuid_7_2_edx"], edx72, "t")})
+
+    model = catalog.get("alderlake")
+    assert "microcode" in model.notes
+    old, _ = reconcile(adl(0), model, under_hypervisor=False)
+    assert not control_available(old, SpecCtrl.RRSBA_DIS_S).answer
+    assert not control_available(old, SpecCtrl.BHI_DIS_S).answer
+    assert not bhb_short_effective(old).answer
+    new, notes = reconcile(adl(0x14), model, under_hypervisor=False)
+    assert control_available(new, SpecCtrl.RRSBA_DIS_S).answer and control_available(new, SpecCtrl.BHI_DIS_S).answer
+    assert not notes

@@ -45,7 +45,8 @@ def test_exposure_where_no_control_exists(f) -> None:  # type: ignore[no-untyped
     assert not d.safe and d.mask == 0
     (e,) = d.exposures
     assert e.mitigation is R and not e.override and "RRSBA_CTRL" in e.reason
-    assert "arch_capabilities.RRSBA" not in d.assumed and "cpuid_7_2_edx.RRSBA_CTRL" in d.assumed
+    # both facts read on real hardware (Firecracker's Cascade Lake fingerprint): nothing assumed
+    assert not d.assumed and "firecracker" in e.reason
 
 
 def test_operator_settings_take_precedence(f) -> None:  # type: ignore[no-untyped-def]

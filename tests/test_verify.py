@@ -34,6 +34,30 @@ def test_the_checker_finds_a_policy_that_forgets_to_force(monkeypatch: pytest.Mo
     assert v.destination == "sapphirerapids" and "not held, exists on this host" in v.detail
 
 
+def test_the_checker_finds_a_migration_that_forgets_the_shown_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break the pool rule in the migration check (state.prepare no longer refuses for shown bits): verify must see
+    a Sapphire Rapids guest accepted on Cascade Lake although it was shown bits false there (PSCHANGE_MC_NO, ...)."""
+    from pvmit.interface import state
+
+    monkeypatch.setattr(state, "shown_bit_reasons", lambda personality, host: ())
+    tally = verify([], ["sapphirerapids", "cascadelake-sp"], jobs=1)
+    details = [v.detail for v in tally.violations if v.step == "migration"]
+    assert any("accepted although the VM was shown IA32_ARCH_CAPABILITIES.PSCHANGE_MC_NO" in d for d in details), \
+        details[:3]
+
+
+def test_the_checker_finds_a_pool_rule_that_shows_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Break the pool rule itself (every bit shown): verify's pool check must say which host it is false on."""
+    from pvmit.pool import rule
+
+    real = rule._decide
+    monkeypatch.setattr(rule, "_decide", lambda b, hosts, vendor: rule.BitVerdict(True, "broken") if
+                        b.rule in rule.CHECKED_RULES else real(b, hosts, vendor))
+    monkeypatch.setattr(rule, "_SAFE", {})
+    tally = verify([], ["sapphirerapids", "cascadelake-sp"], jobs=1)
+    assert any(v.step == "pool" and "false on cascadelake-sp" in v.detail for v in tally.violations)
+
+
 def test_cli_verify_on_an_operator_catalog(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     lab = tmp_path / "lab.toml"
     lab.write_text("""

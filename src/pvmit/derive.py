@@ -91,18 +91,24 @@ def retpoline_effective(cpu: CpuFacts) -> Finding:
     """(a) Is retpoline an effective Spectre v2 mitigation for the kernel on this CPU?
 
     Retpoline turns indirect branches into RETs whose prediction comes from the RSB. It fails where RET can fall
-    back to the BTB when the RSB underflows: RSBA (Skylake-generation parts) and RRSBA (eIBRS parts; Xen's
-    retpoline_calculations: "All eIBRS-capable processors suffer RSBA ... when eIBRS is active, RSBA becomes RRSBA").
+    back to the BTB when the RSB underflows: RSBA (Skylake-generation parts), RRSBA (eIBRS parts; Xen's
+    retpoline_calculations: "All eIBRS-capable processors suffer RSBA ... when eIBRS is active, RSBA becomes RRSBA"),
+    and every part Linux lists as RETBLEED-affected (common.c cpu_vuln_blacklist; Linux sets X86_BUG_RETBLEED for
+    those and for RSBA), whatever RRSBA says: on those Linux warns "Spectre v2 mitigation leaves CPU vulnerable to
+    RETBleed attacks" when the kernel uses retpoline (bugs.c RETBLEED_INTEL_MSG). Rocket Lake is such a part although
+    it does not have RRSBA (Cooper, 2024).
     """
     if cpu.vendor != "intel":
         return Finding(
             True,
             f"no RSBA/RRSBA on {cpu.vendor.upper()} (Intel behaviours, enumerated in the Intel-only "
             "IA32_ARCH_CAPABILITIES); RET speculation there (Branch Type Confusion on Zen 1/2, SRSO) is handled by "
-            "Linux's separate retbleed/SRSO mitigations, which this interface does not cover",
+            "Linux's separate retbleed/SRSO mitigations (untrained return thunk, IBPB), which it deploys whatever "
+            "the spectre_v2 mode and which this interface does not cover",
         )
     rrsba = _sure(cpu.fact("arch_capabilities", "RRSBA"), protects=True)
     rsba = _sure(cpu.fact("arch_capabilities", "RSBA"), protects=True)
+    retbleed = _sure(cpu.fact("linux_blacklist", "RETBLEED"), protects=True)
     eibrs = cpu.fact("arch_capabilities", "IBRS_ALL")
     if eibrs.inferred:
         eibrs = Fact(eibrs.register, eibrs.bit, None, f"only inferred ({eibrs.source})")
@@ -110,17 +116,28 @@ def retpoline_effective(cpu: CpuFacts) -> Finding:
         return Finding(False, f"RET may predict from the BTB on RSB underflow: {rrsba.cite()}")
     if rsba.value:
         return Finding(False, f"RET may predict from the BTB on RSB underflow (Retbleed): {rsba.cite()}")
+    if retbleed.value:
+        return Finding(False, f"Linux lists this part as RETBLEED-affected, so RET may predict from the BTB whatever "
+                              f"RRSBA says: {retbleed.cite()}")
     if eibrs.value is None:
-        return Finding(False, f"assumed ineffective: {eibrs.cite()}, {rrsba.cite()}", _assumed(eibrs, rrsba, rsba))
+        return Finding(False, f"assumed ineffective: {eibrs.cite()}, {rrsba.cite()}",
+                       _assumed(eibrs, rrsba, rsba, retbleed))
     if eibrs.value:
         # On eIBRS parts RSBA shows up as RRSBA (Xen retpoline_calculations), so RRSBA alone decides.
         if rrsba.value is None:
             return Finding(False, f"assumed ineffective: {rrsba.cite()}; eIBRS parts have RRSBA behaviour unless "
-                                  f"shown otherwise ({eibrs.cite()})", _assumed(rrsba))
-        return Finding(True, f"eIBRS part without RRSBA behaviour: {rrsba.cite()}, {eibrs.cite()}")
+                                  f"shown otherwise ({eibrs.cite()})", _assumed(rrsba, retbleed))
+        if retbleed.value is None:
+            return Finding(False, f"assumed ineffective: {retbleed.cite()} (a RETBLEED-affected part is not "
+                                  f"retpoline-safe whatever RRSBA says)", _assumed(retbleed))
+        return Finding(True, f"eIBRS part without RRSBA behaviour, not RETBLEED-affected: {rrsba.cite()}, "
+                             f"{eibrs.cite()}, {retbleed.cite()}")
     if rsba.value is None:
-        return Finding(False, f"assumed ineffective: {rsba.cite()} on a part without eIBRS", _assumed(rsba))
-    return Finding(True, f"no RSB-underflow fallback to the BTB: {rsba.cite()}, {eibrs.cite()}")
+        return Finding(False, f"assumed ineffective: {rsba.cite()} on a part without eIBRS", _assumed(rsba, retbleed))
+    if retbleed.value is None:
+        return Finding(False, f"assumed ineffective: {retbleed.cite()} (a RETBLEED-affected part is not "
+                              f"retpoline-safe)", _assumed(retbleed))
+    return Finding(True, f"no RSB-underflow fallback to the BTB: {rsba.cite()}, {eibrs.cite()}, {retbleed.cite()}")
 
 
 def bhb_short_effective(cpu: CpuFacts) -> Finding:
@@ -183,10 +200,14 @@ def need(cpu: CpuFacts, m: Mitigation) -> Need:
     """Whether `m` is effective on `cpu` and, if not, whether its compensating control exists there."""
     eff = retpoline_effective(cpu) if m is Mitigation.RETPOLINE else bhb_short_effective(cpu)
     avail = control_available(cpu, m.control)
-    if m is Mitigation.RETPOLINE and not eff.answer and cpu.fact("arch_capabilities", "RSBA").value:
-        rrsba = cpu.fact("arch_capabilities", "RRSBA")
-        if not rrsba.value:
+    if m is Mitigation.RETPOLINE and not eff.answer and not cpu.fact("arch_capabilities", "RRSBA").value:
+        # RRSBA_DIS_S disables RRSBA behaviour only: a part that is not retpoline-safe for another reason (RSBA, or
+        # Linux's RETBLEED listing, which Linux sets alongside RSBA) has no IA32_SPEC_CTRL control that fixes it.
+        if cpu.fact("arch_capabilities", "RSBA").value:
             avail = Finding(False, "RSBA (pre-eIBRS) has no IA32_SPEC_CTRL disable; RRSBA_DIS_S covers RRSBA only")
+        elif cpu.fact("linux_blacklist", "RETBLEED").value:
+            avail = Finding(False, "no IA32_SPEC_CTRL control makes retpoline safe on a RETBLEED-affected part "
+                                   "without RRSBA; RRSBA_DIS_S covers RRSBA only")
     return Need(m, eff, m.control, avail)
 
 

@@ -137,10 +137,15 @@ class CpuFacts:
             registers[key] = RegisterFacts(reg, value, known, dict(sources),
                                            str(r.get("unknown_reason") or "no source gives this bit"),
                                            inferred & known)
-        stepping = doc.get("stepping")
-        return cls(vendor, num(doc.get("family"), "family", 12), num(doc.get("model"), "model", 8),
-                   None if stepping is None else num(stepping, "stepping", 8), registers,
-                   str(doc.get("identity_source", "")))
+        stepping_in = doc.get("stepping")
+        family, model = num(doc.get("family"), "family", 12), num(doc.get("model"), "model", 8)
+        stepping = None if stepping_in is None else num(stepping_in, "stepping", 8)
+        if "linux_blacklist" not in registers:  # written before pvmit kept Linux's lists: from the identity
+            from pvmit.catalog.linux_lists import blacklist_facts
+
+            registers["linux_blacklist"] = blacklist_facts(vendor, family, [model],
+                                                           None if stepping is None else [stepping])
+        return cls(vendor, family, model, stepping, registers, str(doc.get("identity_source", "")))
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pvmit.catalog.facts import CpuFacts, RegisterFacts, Vendor
+from pvmit.catalog.linux_lists import blacklist_facts
 from pvmit.catalog.schema import CpuEntryIn, SourceIn
 from pvmit.errors import CatalogError, UnknownModelError
 from pvmit.x86.registers import ARCH_CAPABILITIES, CPU_FACT_REGISTERS, CPUID_7_0_EDX
@@ -186,12 +187,13 @@ def _build_model(path: str, label: str, e: CpuEntryIn, sources: dict[str, Source
             check_source(f"{reg.key}.{bit}.source", fact.source)
             known |= mask
             value |= mask if fact.value else 0
-            inferred |= mask if fact.inferred else 0
+            inferred |= mask if fact.inferred or fact.unverified else 0
             cites[bit] = fact.source
         registers[reg.key] = RegisterFacts(reg, value, known, cites, inferred=inferred)
     if e.vendor != "intel" and registers["arch_capabilities"].value:
         raise CatalogError(f"{path}: {label}: field arch_capabilities: only Intel CPUs have IA32_ARCH_CAPABILITIES")
     registers["cpuid_7_0_edx"] = _implied_enumeration(path, label, registers)
+    registers["linux_blacklist"] = _with_linux_blacklist(registers["linux_blacklist"], e)
     facts = CpuFacts(e.vendor, e.family, e.model[0], e.steppings[0] if e.steppings else None, registers,
                      e.identity_source)
     return CpuModel(
@@ -223,6 +225,17 @@ def _implied_enumeration(path: str, label: str, registers: dict[str, RegisterFac
         if not known & mask:
             value, known, sources[bit] = value | mask, known | mask, why
     return RegisterFacts(CPUID_7_0_EDX, value, known, sources, inferred=edx.inferred)
+
+
+def _with_linux_blacklist(given: RegisterFacts, e: CpuEntryIn) -> RegisterFacts:
+    """Linux's cpu_vuln_blacklist flags for the entry's identity (every model and stepping it lists), under the
+    bits the entry gives itself."""
+    table = blacklist_facts(e.vendor, e.family, e.model, e.steppings)
+    known = table.known | given.known
+    value = (table.value & ~given.known) | given.value
+    sources = {**{b: table.fact(b).source for b in given.register.bit_names() if table.known & given.register.bit(b)},
+               **given.sources}
+    return RegisterFacts(given.register, value, known, sources, table.unknown_reason, given.inferred)
 
 
 def builtin_files() -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ class BitFactIn(BaseModel):
     value: bool
     source: str = Field(min_length=1)
     inferred: bool = False  # the source gives a rule for a class of parts; this applies it to one part
+    unverified: bool = False  # no primary source for this part: the guest-protecting value, used only that way
 
 
 RegisterIn = dict[str, BitFactIn]
@@ -57,6 +58,8 @@ class CpuEntryIn(BaseModel):
     cpuid_7_2_edx: RegisterIn = Field(default_factory=dict)
     cpuid_80000008_ebx: RegisterIn = Field(default_factory=dict)
     cpuid_80000021_eax: RegisterIn = Field(default_factory=dict)
+    cpuid_80000021_ecx: RegisterIn = Field(default_factory=dict)
+    linux_blacklist: RegisterIn = Field(default_factory=dict)  # filled from the identity; bits here override
 
     @field_validator("model", mode="before")
     @classmethod

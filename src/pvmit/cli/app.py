@@ -37,6 +37,7 @@ def _register() -> None:
         libvirt_cmd,
         oracle_cmd,
         policy_cmd,
+        pool_cmd,
         run_cmd,
         tls_cmd,
         verify_cmd,
@@ -59,6 +60,7 @@ def _register() -> None:
     cli.add_command(fleet_cmd.fleet)
     cli.add_command(libvirt_cmd.libvirt)
     cli.add_command(tls_cmd.tls)
+    cli.add_command(pool_cmd.pool)
 
 
 _register()

@@ -1,8 +1,9 @@
 """The fleet plan: for every (VM class, host class) pair, what moving there means; then per VM and per pool.
 
 A pair is judged with the interface's own rules and nothing else: `policy.decide` for the controls the
-destination forces and the exposures it leaves, and `state.broken_promises` for MITIGATION_ENUM bits it cannot
-honour, exactly as `state.check` answers a migration. Verdicts:
+destination forces and the exposures it leaves, `state.broken_promises` for MITIGATION_ENUM bits it cannot
+honour, and `pool.rule.shown_bit_violations` for speculation bits the VM was shown at boot that are false there,
+exactly as `state.check` answers a migration. Verdicts:
 
   safe     nothing would be forced and nothing is exposed
   forced   safe only because IA32_SPEC_CTRL controls are forced there (which, and why, are given)
@@ -16,6 +17,7 @@ less its own host.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -29,6 +31,7 @@ from pvmit.fleet.classes import Fleet, HostClass, VmClass
 from pvmit.fleet.inventory import IntArray
 from pvmit.interface.policy import Decision, OperatorSettings, Why, decide
 from pvmit.interface.state import broken_promises
+from pvmit.pool.rule import pool_bits, shown_bit_violations
 
 Decide = Callable[[CpuFacts, "frozenset[Mitigation] | None", CpuFacts, OperatorSettings], Decision]
 Progress = Callable[[str], None]
@@ -57,10 +60,12 @@ class Move:
     reasons: tuple[str, ...]  # why forced, why exposed, or why nothing is needed
     warnings: tuple[str, ...] = ()
     assumed: tuple[str, ...] = ()  # unknown facts taken conservatively
+    bits: tuple[str, ...] = ()  # speculation bits the VM was shown that are false there (each refuses the move)
 
     def to_json(self) -> dict[str, object]:
         return {"verdict": self.verdict.word, "accepted_by_check": self.accepted, "forced": list(self.forced),
-                "reasons": list(self.reasons), "warnings": list(self.warnings), "assumed_facts": list(self.assumed)}
+                "reasons": list(self.reasons), "warnings": list(self.warnings), "assumed_facts": list(self.assumed),
+                "constraining_bits": list(self.bits)}
 
 
 class Judge:
@@ -73,6 +78,7 @@ class Judge:
         self._decide = decide_fn
         self._decisions: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings], Decision] = {}
         self._promises: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._shown: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self.decisions = 0
 
     def __call__(self, vm: VmClass, host: HostClass) -> Move:
@@ -86,17 +92,24 @@ class Judge:
         broken = self._promises.get(pk)
         if broken is None:
             broken = self._promises[pk] = broken_promises(vm.supported, host.facts)
-        return move_from(d, broken)
+        sk = (host.cpu_key, vm.personality_key)
+        shown = self._shown.get(sk)
+        if shown is None:
+            shown = self._shown[sk] = shown_bit_violations(vm.facts, host.facts)
+        return move_from(d, broken, shown)
 
 
-def move_from(d: Decision, broken: tuple[str, ...]) -> Move:
-    """A Move from the policy's decision and the broken promises, as `state.check` reads them."""
-    accepted = d.safe and not broken
+def move_from(d: Decision, broken: tuple[str, ...], shown: tuple[tuple[str, str], ...] = ()) -> Move:
+    """A Move from the policy's decision, the broken promises and the shown bits false there, as `state.check`
+    reads them (its reasons come in that order: promises, then bits, then each vCPU's exposures)."""
+    accepted = d.safe and not broken and not shown
+    bits = tuple(b for b, _ in shown)
+    broken = broken + tuple(r for _, r in shown)
     exposed = tuple(("operator override: " if e.override else "") + e.reason for e in d.exposures) + broken
     forced = tuple(f for f in d.forced if f.on)
     names = tuple(str(f.control.name) for f in forced)
     if exposed:
-        return Move(Verdict.EXPOSED, accepted, names, exposed, d.warnings, d.assumed)
+        return Move(Verdict.EXPOSED, accepted, names, exposed, d.warnings, d.assumed, bits)
     why = tuple(f"{f.control.name} ({f.why.value}): {f.reason}" for f in forced)
     if any(f.why is not Why.OPERATOR for f in forced):  # safe only because the policy holds a control
         return Move(Verdict.FORCED, accepted, names, why, d.warnings, d.assumed)
@@ -115,10 +128,15 @@ class Pool:
     hosts: int
     vms: int
     forcing_hosts: int  # hosts of the pool on which some of its VM classes would have controls forced
+    shows: tuple[str, ...] = ()  # speculation bits a VM booted in this pool may be shown (pool.rule.pool_bits)
+    mitigation_enum: int = 0  # what the pool's hosts can all honour
+    constraining_bits: tuple[str, ...] = ()  # shown bits that keep its VM classes off hosts outside the pool
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "host_classes": list(self.host_classes), "vm_classes": list(self.vm_classes),
-                "hosts": self.hosts, "vms": self.vms, "hosts_forcing_controls": self.forcing_hosts}
+                "hosts": self.hosts, "vms": self.vms, "hosts_forcing_controls": self.forcing_hosts,
+                "shows": list(self.shows), "mitigation_enum": self.mitigation_enum,
+                "constraining_bits": list(self.constraining_bits)}
 
 
 Int8Array = npt.NDArray[np.int8]
@@ -207,8 +225,23 @@ def plan(fleet: Fleet, judge: Judge | None = None, progress: Progress | None = N
         vm_counts[np.arange(fleet.num_vms), vm_here] -= 1  # not a destination: it is already there
 
     pools, vm_class_pool = _pools(verdict, host_class_size, vm_class_size)
+    say(f"computing what each of {len(pools):,} pools may show")
+    pools = [_pool_bits(p, fleet, verdict, move_of, moves) for p in pools]
     return Plan(fleet, verdict, move_of, moves, host_class_size, vm_class_size, class_counts, vm_here, vm_counts,
                 vm_class_pool, pools, judge.decisions)
+
+
+def _pool_bits(pool: Pool, fleet: Fleet, verdict: Int8Array, move_of: Int32Array, moves: list[Move]) -> Pool:
+    """The pool rule over the pool's host classes, and the shown bits that refuse its VM classes elsewhere."""
+    result = pool_bits([(fleet.host_classes[h].label, fleet.host_classes[h].facts) for h in pool.host_classes])
+    shows = tuple(k for k, v in result.bits.items() if v.show)
+    outside = np.setdiff1d(np.arange(verdict.shape[1]), np.array(pool.host_classes, dtype=np.int64))
+    found: dict[str, None] = {}
+    if outside.size:
+        for k in np.unique(move_of[np.ix_(np.array(pool.vm_classes), outside)]):
+            found.update(dict.fromkeys(moves[int(k)].bits))
+    return dataclasses.replace(pool, shows=shows, mitigation_enum=result.mitigation_enum,
+                               constraining_bits=tuple(sorted(found)))
 
 
 def _pools(verdict: Int8Array, host_size: IntArray, vm_size: IntArray) -> tuple[list[Pool], IntArray]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pvmit.catalog.facts import VENDOR_STRINGS, CpuFacts, RegisterFacts
+from pvmit.catalog.linux_lists import blacklist_facts
 from pvmit.catalog.loader import Catalog, CpuModel
 from pvmit.derive import Mitigation, cpu_summary, need
 from pvmit.host.cpuid import (
@@ -26,10 +27,12 @@ from pvmit.x86 import bits, decode
 from pvmit.x86.registers import (
     AMD_80000008_EBX,
     AMD_80000021_EAX,
+    AMD_80000021_ECX,
     ARCH_CAPABILITIES,
     CPUID_7_0_EDX,
     CPUID_7_2_EDX,
     KVM_FEATURES,
+    LINUX_BLACKLIST,
     MSR_IA32_ARCH_CAPABILITIES,
     Register,
 )
@@ -104,6 +107,7 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
         CPUID_7_2_EDX.key: _cpuid_register(cpuid, CPUID_7_2_EDX, max_leaf >= 7 and max_sub7 >= 2, method),
         AMD_80000008_EBX.key: _cpuid_register(cpuid, AMD_80000008_EBX, max_ext >= 0x80000008, method),
         AMD_80000021_EAX.key: _cpuid_register(cpuid, AMD_80000021_EAX, max_ext >= 0x80000021, method),
+        AMD_80000021_ECX.key: _cpuid_register(cpuid, AMD_80000021_ECX, max_ext >= 0x80000021, method),
     }
     if not regs[CPUID_7_0_EDX.key].value & bits.Cpuid7_0Edx.ARCH_CAPABILITIES:
         regs[ARCH_CAPABILITIES.key] = RegisterFacts.exact(
@@ -119,6 +123,11 @@ def read_cpu_facts(cpuid: CpuidSource, unknowns: list[dict[str, str]]) -> tuple[
     if vendor is None:
         unknowns.append({"what": "vendor",
                          "reason": f"unrecognised CPUID vendor {vstr!r}; decisions treat it as Intel"})
+    else:
+        core_type = None
+        if vendor == "intel" and max_leaf >= 0x1A:  # CPUID.1AH.EAX[31:24]: 0x20 Atom, 0x40 Core (hybrid parts)
+            core_type = {0x20: "atom", 0x40: "core"}.get(cpuid(0x1A)[0] >> 24)
+        regs[LINUX_BLACKLIST.key] = blacklist_facts(vendor, family, [model], [stepping], core_type)
     facts = CpuFacts(vendor or "intel", family, model, stepping, regs, method)
     return identity, facts
 
@@ -134,8 +143,11 @@ def reconcile(reading: CpuFacts, model: CpuModel | None, under_hypervisor: bool)
     Microcode before 2023 did not enumerate RRSBA ("Other parts have differing enumeration with microcode
     version", Xen retpoline_calculations), old microcode lacks BHI_CTRL (seen on a real i7-12650H), and a hypervisor
     may hide either. So on Intel: RSBA/RRSBA read as 0 take the exact catalog model's value where it has one and
-    are unknown otherwise (RRSBA on eIBRS parts, RSBA on the others); RRSBA_CTRL/BHI_CTRL read as 0 are unknown
-    under a hypervisor or where the catalog model has them. Unknown facts are then decided conservatively downstream.
+    are unknown otherwise (RRSBA on eIBRS parts, RSBA on the others). The controls' enumeration depends on microcode
+    (Alder Lake), so this host's CPUID decides whether a control exists: RRSBA_CTRL read as 0 stays 0 on bare metal;
+    BHI_CTRL read as 0 where the catalog model has it becomes unknown (the control is then taken as absent, and the
+    part's long branch history is not forgotten); both are unknown under a hypervisor. Unknown facts are then
+    decided conservatively downstream.
     """
     if reading.vendor != "intel":
         return reading, []
@@ -175,8 +187,23 @@ def reconcile(reading: CpuFacts, model: CpuModel | None, under_hypervisor: bool)
         if under_hypervisor:
             edx = forget(edx, bit, "running under a hypervisor, which may hide it")
         elif catalog_fact is not None and catalog_fact.value:
-            edx = forget(edx, bit, f"the catalog's {model.id if model else ''} has it; this host's microcode does "
-                                   "not enumerate it")
+            # Microcode-dependent enumeration (Alder Lake: InstLatx64 dumps before 2023-06 show neither control):
+            # this host's CPUID wins for whether the control exists, and it does not here. RRSBA_CTRL says nothing
+            # else, so its 0 stands. BHI_CTRL also marks the long branch history of the part, which microcode does
+            # not shorten, so its 0 is not taken as "short history": it becomes unknown (control absent, short
+            # loop assumed ineffective).
+            if bit == "RRSBA_CTRL":
+                mask = edx.register.bit(bit)
+                notes.append(f"CPUID.(7,2).EDX.{bit}=0 read on this host wins over the catalog's "
+                             f"{model.id if model else ''} (1 with newer microcode): RRSBA_DIS_S does not exist here")
+                edx = RegisterFacts(edx.register, edx.value, edx.known, {
+                    **edx.sources, bit: f"this host's CPUID: its microcode does not enumerate {bit} (the catalog's "
+                                        f"{model.id if model else ''} has it with newer microcode)"},
+                    edx.unknown_reason, edx.inferred & ~mask)
+            else:
+                edx = forget(edx, bit, f"this host's microcode does not enumerate it, so BHI_DIS_S does not exist "
+                                       f"here (this host's CPUID wins); the catalog's {model.id if model else ''} "
+                                       "has it, so the part's branch history is the long one all the same")
     regs["arch_capabilities"], regs["cpuid_7_2_edx"] = arch, edx
     return CpuFacts(reading.vendor, reading.family, reading.model, reading.stepping, regs,
                     reading.identity_source), notes
@@ -203,7 +230,8 @@ def kvm_report(unknowns: list[dict[str, str]]) -> dict[str, Any] | None:
         try:
             entries = kvm.supported_cpuid()
             supported: dict[str, Any] = {}
-            for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, KVM_FEATURES):
+            for reg in (CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX, AMD_80000021_ECX,
+                        KVM_FEATURES):
                 ent = next((x for x in entries if x.function == reg.index and x.index == reg.subleaf), None)
                 supported[reg.key] = decode(reg, ent.out(reg.out)).to_json() if ent else None
             out["supported_cpuid"] = supported

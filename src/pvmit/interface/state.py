@@ -17,6 +17,7 @@ from pvmit.errors import InputError
 from pvmit.interface.core import VmInterface
 from pvmit.interface.forms import InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, can_honour, decide
+from pvmit.pool.rule import shown_bit_reasons
 from pvmit.x86.bits import SpecCtrl
 
 SCHEMA = "pvmit.interface-state/1"
@@ -154,7 +155,7 @@ def prepare(state: dict[str, Any], host: CpuFacts, settings: Settings = None, de
     `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
     settings = settings_here(carried, settings)  # the operator's settings travel with the VM
-    reasons = list(broken_promises(config.supported, host))
+    reasons = list(broken_promises(config.supported, host)) + list(shown_bit_reasons(personality, host))
     offered = [m for m in Mitigation if config.supported & m.request_bit]
     reports: list[frozenset[Mitigation] | None] = [None] + [
         frozenset(m for j, m in enumerate(offered) if k >> j & 1) for k in range(1 << len(offered))]
@@ -232,8 +233,10 @@ def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterf
 def check(state: dict[str, Any], host: CpuFacts, settings: Settings = None, decider: Decider = decide) -> Verdict:
     """Would `host` take this VM? Pure: decides every vCPU against `host`, creates nothing.
 
-    Refused when a mitigation a vCPU relies on cannot be kept effective here, or when a mitigation the VM was
-    promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later). `settings` are the
+    Refused when a mitigation a vCPU relies on cannot be kept effective here, when a mitigation the VM was
+    promised in MITIGATION_ENUM cannot be honoured here (the guest may report it later), or when a speculation bit
+    the VM was shown at boot is false here (`pvmit.pool.rule.shown_bit_reasons`: a guest shown ITS_NO moving to an
+    ITS-affected host). `settings` are the
     destination operator's settings for this VM; by default the ones that travel with it.
     """
     return verdict_for(prepare(state, host, settings, decider), state)

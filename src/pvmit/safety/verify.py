@@ -11,6 +11,10 @@ migration (snapshot, the destination's check and restore) and the guest's later 
 request value, reserved bits, attempts to clear IA32_SPEC_CTRL). After every step the promise is checked against
 `pvmit.derive` (which, for each mitigation on each host, says whether it is effective and which control makes up for
 it), independently of the policy that forced the controls.
+
+The pool rule (`pvmit.pool.rule`) is checked on every pair too: a migration `restore` accepted never lands a VM on
+a host where a speculation bit it was shown at boot is false, and what a pool of the two models may show is true on
+both (a VM booted with the pool's bits is refused by neither for a bit).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pvmit.interface.core import VmInterface
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, decide, supported_requests
 from pvmit.interface.state import restore, snapshot
+from pvmit.pool.rule import CHECKED_RULES, host_safe_bits, pool_bit_table, pool_bits, shown_bit_violations
 from pvmit.x86.bits import SpecCtrl
 
 R_DIS, B_DIS = int(SpecCtrl.RRSBA_DIS_S), int(SpecCtrl.BHI_DIS_S)
@@ -135,6 +140,20 @@ def promise_violations(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], N
     return problems
 
 
+def pool_violations(src: CpuModel, dst: CpuModel) -> list[str]:
+    """Bits a pool of `src` and `dst` would show that one of them cannot keep true for a guest shown them."""
+    pool = pool_bits([(src.id, src.facts), (dst.id, dst.facts)])
+    problems = []
+    for b in pool_bit_table():
+        if b.rule not in CHECKED_RULES or not pool.bits[b.key].show:
+            continue
+        for m in (src, dst):
+            mask, why = host_safe_bits(m.facts)[b.register.key]
+            if not mask & b.mask:
+                problems.append(f"the pool shows {b.key} ({pool.bits[b.key].why}), false on {m.id}: {why[b.name]}")
+    return problems
+
+
 def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int, sname: str,
               settings: OperatorSettings, tally: Tally, memo: MemoDecider) -> None:
     hosts: list[CpuFacts] = [src.facts] if pool == "source" else [src.facts, dst.facts]
@@ -161,6 +180,8 @@ def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int
             violation("migration", "accepted but not restored")
         return
     tally.accepted += 1
+    for bit, why in shown_bit_violations(src.facts, dst.facts):
+        violation("migration", f"accepted although the VM was shown {bit}, false here: {why}")
     if moved.vcpus[0].spec.mask & moved.vcpus[0].spec.forced:
         tally.accepted_forced += 1
     if any(e.override for d in verdict.decisions for e in d.exposures):
@@ -186,6 +207,8 @@ def _sources(catalog_files: list[str], sources: list[str], targets: list[str]) -
         src = catalog.get(src_id)
         for dst in (catalog.get(t) for t in targets):
             tally.pairs += 1
+            for p in pool_violations(src, dst):
+                tally.violations.append(Violation(src.id, dst.id, "-", "source+destination", 0, "-", "pool", p))
             for form in Form:
                 for pool in ("source", "source+destination"):
                     for reported in range(4):

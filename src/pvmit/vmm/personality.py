@@ -251,7 +251,7 @@ def build_cpuid(p: Personality, config: InterfaceConfig | None, base: list[Cpuid
         r[idx[reg.out]] = (r[idx[reg.out]] & ~named) | _shown(f, reg.key)
     if _shown(f, "cpuid_7_2_edx"):
         regs(7, 0)[0] = max(regs(7, 0)[0], 2)  # max subleaf of leaf 7
-    if _shown(f, "cpuid_80000021_eax"):
+    if _shown(f, "cpuid_80000021_eax") or _shown(f, "cpuid_80000021_ecx"):
         regs(0x80000000)[0] = max(regs(0x80000000)[0], 0x80000021)
     if config is not None and config.form is Form.INTEL:
         regs(7, 0)[3] |= int(Cpuid7_0Edx.ARCH_CAPABILITIES)  # emulated for AMD guests too

@@ -9,6 +9,7 @@ Each member carries the primary source it comes from in its comment. Abbreviatio
   Xen           xen-project/xen@c447b730 xen/arch/x86/include/asm/msr-index.h and
                 xen/include/public/arch-x86/cpufeatureset.h (names Intel/AMD bits that Linux does not define)
   QEMU          target/i386/cpu.c feature_word_info names (commit 0048035a)
+  common.c      Linux arch/x86/kernel/cpu/common.c at torvalds/linux@a508cec6 (September 2025)
 
 Linux snapshots read: msr-index.h at torvalds/linux@002bba56 (about v6.10); cpufeatures.h from linux-next
 (late 2024). A bit taken only from a posted patch says so.
@@ -139,6 +140,36 @@ class AmdCpuid80000021Eax(IntFlag):
     SRSO_NO = 1 << 29  # cpufeatures.h X86_FEATURE_SRSO_NO (20*32+29)
     SRSO_USER_KERNEL_NO = 1 << 30  # cpufeatures.h X86_FEATURE_SRSO_USER_KERNEL_NO (20*32+30)
     SRSO_MSR_FIX = 1 << 31  # cpufeatures.h X86_FEATURE_SRSO_BP_SPEC_REDUCE (20*32+31)
+
+
+class AmdCpuid80000021Ecx(IntFlag):
+    """CPUID 0x80000021.ECX: the Transient Scheduler Attack "not affected" bits (cpufeatures.h word 20 extension).
+
+    AMD's TSA guidance defines them for hypervisors to show guests on hosts that are not affected; real Zen 3/4/5
+    parts read 0 (InstLatx64 dumps of Milan, Genoa, Turin). Linux sets them itself on bare-metal parts that are not
+    Zen 3/4 (amd.c tsa_init) and forces X86_BUG_TSA on Zen guests that are not shown both (common.c)."""
+
+    TSA_SQ_NO = 1 << 1  # cpufeatures.h X86_FEATURE_TSA_SQ_NO (21*32+11, scattered): "AMD CPU not vulnerable to TSA-SQ"
+    TSA_L1_NO = 1 << 2  # cpufeatures.h X86_FEATURE_TSA_L1_NO (21*32+12, scattered): "... not vulnerable to TSA-L1"
+
+
+class LinuxVulnBlacklist(IntFlag):
+    """The flags of a model's entry in Linux's cpu_vuln_blacklist[] (common.c): which bugs Linux sets for that
+    family/model/stepping on bare metal. Not a hardware register: Linux's classification of a part, kept with the
+    register facts so that every decision reads it the same way. The bit numbers are common.c's BIT(n)."""
+
+    SRBDS = 1 << 0  # common.c SRBDS: Special Register Buffer Data Sampling
+    MMIO = 1 << 1  # common.c MMIO: "CPU is affected by X86_BUG_MMIO_STALE_DATA"
+    MMIO_SBDS = 1 << 2  # common.c MMIO_SBDS: Shared Buffers Data Sampling, a variant of MMIO Stale Data
+    RETBLEED = 1 << 3  # common.c RETBLEED: "CPU is affected by RETbleed, speculating where you would not expect it"
+    SMT_RSB = 1 << 4  # common.c SMT_RSB: "CPU is affected by SMT (cross-thread) return predictions"
+    SRSO = 1 << 5  # common.c SRSO: "CPU is affected by SRSO"
+    GDS = 1 << 6  # common.c GDS: "CPU is affected by GDS"
+    RFDS = 1 << 7  # common.c RFDS: "CPU is affected by Register File Data Sampling"
+    ITS = 1 << 8  # common.c ITS: "CPU is affected by Indirect Target Selection"
+    ITS_NATIVE_ONLY = 1 << 9  # common.c ITS_NATIVE_ONLY: "... but guest-host isolation is not affected"
+    TSA = 1 << 10  # common.c TSA: "CPU is affected by Transient Scheduler Attacks"
+    VMSCAPE = 1 << 11  # common.c VMSCAPE: "CPU is affected by VMSCAPE"
 
 
 class VirtualEnumeration(IntFlag):

@@ -47,7 +47,7 @@ class Register:
 
     key: str  # stable identifier used in data files and JSON
     name: str  # the name used by Intel/AMD/Linux documents
-    kind: Literal["msr", "cpuid"]
+    kind: Literal["msr", "cpuid", "linux"]  # "linux": a per-model table of Linux's, not a register
     index: int  # MSR index or CPUID leaf
     subleaf: int = 0
     out: Literal["eax", "ebx", "ecx", "edx", ""] = ""  # CPUID output register; "" for MSRs
@@ -58,6 +58,8 @@ class Register:
     def location(self) -> str:
         if self.kind == "msr":
             return f"MSR {self.index:#x}"
+        if self.kind == "linux":
+            return "Linux arch/x86/kernel/cpu/common.c"
         return f"CPUID.(EAX={self.index:#x},ECX={self.subleaf}).{self.out.upper()}"
 
     @property
@@ -96,6 +98,12 @@ AMD_80000008_EBX = Register(
 AMD_80000021_EAX = Register(
     "cpuid_80000021_eax", "CPUID.80000021H.EAX", "cpuid", 0x80000021, 0, "eax", bits.AmdCpuid80000021Eax, 32
 )
+AMD_80000021_ECX = Register(
+    "cpuid_80000021_ecx", "CPUID.80000021H.ECX", "cpuid", 0x80000021, 0, "ecx", bits.AmdCpuid80000021Ecx, 32
+)
+LINUX_BLACKLIST = Register(
+    "linux_blacklist", "Linux cpu_vuln_blacklist", "linux", 0, layout=bits.LinuxVulnBlacklist, width=12
+)
 VIRTUAL_ENUMERATION = Register(
     "virtual_enumeration", "MSR_VIRTUAL_ENUMERATION", "msr", MSR_VIRTUAL_ENUMERATION,
     layout=bits.VirtualEnumeration,
@@ -115,13 +123,15 @@ REGISTERS: dict[str, Register] = {
     r.key: r
     for r in (
         SPEC_CTRL, ARCH_CAPABILITIES, CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX,
-        VIRTUAL_ENUMERATION, VIRTUAL_MITIGATION_ENUM, VIRTUAL_MITIGATION_CTRL, KVM_FEATURES,
+        AMD_80000021_ECX, LINUX_BLACKLIST, VIRTUAL_ENUMERATION, VIRTUAL_MITIGATION_ENUM, VIRTUAL_MITIGATION_CTRL,
+        KVM_FEATURES,
     )
 }
 """Every register pvmit names, by key."""
 
-CPU_FACT_REGISTERS = (ARCH_CAPABILITIES, CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX)
-"""The registers a CPU catalog entry describes."""
+CPU_FACT_REGISTERS = (ARCH_CAPABILITIES, CPUID_7_0_EDX, CPUID_7_2_EDX, AMD_80000008_EBX, AMD_80000021_EAX,
+                      AMD_80000021_ECX, LINUX_BLACKLIST)
+"""The registers a CPU catalog entry describes (and Linux's per-model classification, kept the same way)."""
 
 
 def register(key: str) -> Register:
