@@ -412,11 +412,17 @@ def test_what_cannot_be_understood_is_decided_by_on_unknown(catalog: Catalog) ->
 
 
 @needs_cpu_map
-def test_passthrough_with_a_reading_is_decided(catalog: Catalog) -> None:
+def test_passthrough_is_unknown_unless_the_operator_says_hosts_are_alike(catalog: Catalog) -> None:
+    """A host-passthrough guest was shown its source host's CPU: even with what it relies on recorded, the bits it
+    was shown cannot be checked here (the pool rule of the migration check), so it is unknown; with
+    passthrough = "this-host" it is decided as shown this host's CPU."""
     xml = _with("retpoline").replace("<cpu mode='custom' match='exact' check='none'>", "<cpu mode='host-passthrough'>")
-    a = judge(xml.replace("<model fallback='forbid'>Cooperlake</model>", ""), "d", "icelake-sp", "x", FileCpuMap(),
-              catalog, HookConfig())
-    assert (a.verdict, a.allowed) == ("safe", True)
+    xml = xml.replace("<model fallback='forbid'>Cooperlake</model>", "")
+    cm = FileCpuMap()
+    assert judge(xml, "d", "icelake-sp", "x", cm, catalog, HookConfig()).verdict == "unknown"
+    alike = HookConfig(passthrough="this-host")
+    assert (judge(xml, "d", "icelake-sp", "x", cm, catalog, alike).verdict, judge(
+        xml, "d", "sapphirerapids", "x", cm, catalog, alike).verdict) == ("safe", "forced")
 
 
 @needs_cpu_map
@@ -431,7 +437,8 @@ def test_config_is_checked(tmp_path: Path) -> None:
     assert load_config(tmp_path / "none.toml").origin.startswith("built-in defaults")
     for doc, message in (({"colour": 1}, "unknown key"), ({"on_unknown": "maybe"}, "on_unknown"),
                          ({"settings": {"force_on": "IBRS_ALL"}}, "settings.force_on"),
-                         ({"hypervisor_forces": "yes"}, "hypervisor_forces"), ({"host_cpu": " "}, "host_cpu")):
+                         ({"hypervisor_forces": "yes"}, "hypervisor_forces"), ({"host_cpu": " "}, "host_cpu"),
+                         ({"passthrough": "maybe"}, "passthrough")):
         with pytest.raises(ConfigError, match=message):
             parse_config(doc, "f")
     c = HookConfig(host_cpu="icelake-sp", settings={"unreported": "trust"})
@@ -582,3 +589,18 @@ def test_hook_host_cpu_from_a_facts_file_next_to_the_settings(tmp_path: Path, ca
     cfg.write_text('host_cpu = "host.json"\nlog = ""\n')
     status, _, line, _ = decide(["cooper", "migrate", "begin", "-"], _with("retpoline"), cfg, "t")
     assert status == 1 and json.loads(line or "{}")["verdict"] == "forced"
+
+
+def test_the_pool_table_and_the_mapping_name_bits_alike() -> None:
+    """pool/bits.toml (what `pvmit pool` emits) and libvirt/data/features.toml (what pvmit reads) name the same
+    bits the same way: a name pvmit writes is one it can read back."""
+    from pvmit.pool.rule import pool_bit_table
+
+    checked = 0
+    for b in pool_bit_table():
+        for name in (b.libvirt, b.qemu):
+            if name:
+                f = feature_map().get(name)
+                assert f is not None and (f.register.key, f.bit) == (b.register.key, b.name), (b.key, name)
+                checked += 1
+    assert checked >= 40

@@ -6,6 +6,9 @@
     on_unknown = "refuse"         # what to do when the hook cannot decide (an unknown CPU model, a host-passthrough
                                   # guest with nothing recorded, missing facts, any error): refuse or allow
     mode = "enforce"              # enforce, or warn: decide and log, but allow every migration
+    passthrough = "unknown"       # a host-passthrough guest was shown its source host's CPU, which its XML does
+                                  # not describe: "unknown" (on_unknown decides), or "this-host": take it as this
+                                  # host's (for clusters whose hosts have one CPU)
     hypervisor_forces = false     # true only where the hypervisor forces IA32_SPEC_CTRL controls for its guests;
                                   # stock QEMU/KVM does not, so a guest that would be safe only with a control
                                   # forced is not protected there and is refused
@@ -45,6 +48,7 @@ class HookConfig:
     host_cpu: str = INSPECT
     on_unknown: Literal["refuse", "allow"] = "refuse"
     mode: Literal["enforce", "warn"] = "enforce"
+    passthrough: Literal["unknown", "this-host"] = "unknown"
     hypervisor_forces: bool = False
     log: str = DEFAULT_LOG
     catalogs: tuple[str, ...] = ()
@@ -54,11 +58,12 @@ class HookConfig:
 
     def to_json(self) -> dict[str, object]:
         return {"file": self.origin, "host_cpu": self.host_cpu, "on_unknown": self.on_unknown, "mode": self.mode,
-                "hypervisor_forces": self.hypervisor_forces, "log": self.log, "catalogs": list(self.catalogs),
-                "cpu_map": self.cpu_map, "settings": dict(self.settings)}
+                "passthrough": self.passthrough, "hypervisor_forces": self.hypervisor_forces, "log": self.log,
+                "catalogs": list(self.catalogs), "cpu_map": self.cpu_map, "settings": dict(self.settings)}
 
 
-KEYS = {"host_cpu", "on_unknown", "mode", "hypervisor_forces", "log", "catalogs", "cpu_map", "settings"}
+KEYS = {"host_cpu", "on_unknown", "mode", "passthrough", "hypervisor_forces", "log", "catalogs", "cpu_map",
+        "settings"}
 
 
 def parse_config(doc: dict[str, Any], where: str) -> HookConfig:
@@ -99,7 +104,8 @@ def parse_config(doc: dict[str, Any], where: str) -> HookConfig:
             raise ConfigError(f"{where}: settings.{key}: {e}") from None
         settings[key] = value.strip()
     return HookConfig(host_cpu, string("on_unknown", "refuse", ("refuse", "allow")),  # type: ignore[arg-type]
-                      string("mode", "enforce", ("enforce", "warn")), forces,  # type: ignore[arg-type]
+                      string("mode", "enforce", ("enforce", "warn")),  # type: ignore[arg-type]
+                      string("passthrough", "unknown", ("unknown", "this-host")), forces,  # type: ignore[arg-type]
                       string("log", DEFAULT_LOG), tuple(catalogs), string("cpu_map", str(DEFAULT_DIR)), settings,
                       where)
 
@@ -137,6 +143,10 @@ on_unknown = {q(c.on_unknown)}
 
 # "enforce" refuses unsafe migrations; "warn" decides and logs the same, but allows every migration.
 mode = {q(c.mode)}
+
+# A host-passthrough guest was shown its source host's CPU, which its XML does not describe: "unknown" leaves it to
+# on_unknown; "this-host" takes it as this host's CPU (only where every host a guest may come from has this CPU).
+passthrough = {q(c.passthrough)}
 
 # true only where this host's hypervisor forces IA32_SPEC_CTRL controls for guests (pvmit's VMM does; stock
 # QEMU/KVM does not). With false, a guest that would be safe only with a control forced is refused.

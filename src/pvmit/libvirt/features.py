@@ -121,6 +121,15 @@ def parse_feature_map(doc: dict[str, Any], where: str) -> FeatureMap:
     return FeatureMap(tuple(feats), dict(sources), tuple(hidden), check_source(tcg.get("source"), "[tcg]"))
 
 
+def _from_identity(reg: Register, vendor: Vendor, family: int, model: int, stepping: int | None,
+                   where: str) -> RegisterFacts:
+    from pvmit.catalog.linux_lists import blacklist_facts
+
+    if reg.key != "linux_blacklist" or not family:
+        return RegisterFacts.unknown(reg, f"{where}: no CPU identity to look {reg.name} up by")
+    return blacklist_facts(vendor, family, [model], None if stepping is None else [stepping])
+
+
 @lru_cache(maxsize=1)
 def feature_map() -> FeatureMap:
     """The mapping shipped with pvmit."""
@@ -138,6 +147,9 @@ def facts_from_features(present: Iterable[str], knows: Callable[[str], bool], *,
     listed = fm.canonical(present)
     regs: dict[str, RegisterFacts] = {}
     for reg in CPU_FACT_REGISTERS:
+        if reg.kind not in ("cpuid", "msr"):  # Linux's per-model lists: from the identity, as everywhere in pvmit
+            regs[reg.key] = _from_identity(reg, vendor, family, model, stepping, where)
+            continue
         if tcg and reg.key in fm.tcg_hidden:
             regs[reg.key] = RegisterFacts.exact(reg, 0, f"{where}: a TCG guest is shown none of {reg.name} "
                                                         f"({fm.cite(fm.tcg_source)})")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pvmit.catalog.facts import CpuFacts
 from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.errors import PvmitError
@@ -57,9 +56,6 @@ def vm_row(name: str, host: str, personality: Personality, relies_on: frozenset[
 
 def document(hosts: list[dict[str, Any]], vms: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"schema": SCHEMA, "hosts": hosts, "vms": vms, **extra}
-
-
-PASSTHROUGH_NOTE = "host-passthrough: its source host's CPU, not described by the XML (unused: reliance is known)"
 
 
 @dataclass(frozen=True)
@@ -111,16 +107,23 @@ def judge(domain_xml: str, host_name: str, host_cpu: str | dict[str, Any] | None
         return _unknown(config, str(e), vm_info, host_info)
     reading: GuestReading | None = record.reading
     vm_info["relies_on"] = reading.to_json() if reading else "never read: judged by its unreported setting"
+    if host_cpu is None:
+        return _unknown(config, f"this host's CPU: {host_why}", vm_info, host_info)
     try:
         personality = guest_personality(dom, cpumap, catalog)
     except Unknowable as e:
-        if reading is None:
-            return _unknown(config, f"{e}; and nothing is recorded of what it relies on (pvmit libvirt record)",
-                            vm_info, host_info)
-        personality = Personality(PASSTHROUGH_NOTE, CpuFacts("intel", 0, 0, None, {}), f"domain {dom.name} XML")
+        if dom.cpu.mode != "host-passthrough" or config.passthrough != "this-host":
+            return _unknown(config, f"{e}: neither what it relies on nor the bits it was shown can be checked "
+                                    "against this host", vm_info, host_info)
+        try:  # the operator's word: passthrough guests move only between hosts with this CPU
+            _key, _label, facts = Resolver(catalog).host_cpu(
+                host_cpu if isinstance(host_cpu, str) else json.dumps(host_cpu), Path("."))
+        except ValueError as err:
+            return _unknown(config, f"this host's CPU: {err}", vm_info, host_info)
+        personality = Personality("host-passthrough (taken as this host's CPU)", facts, f"domain {dom.name} XML",
+                                  "host-passthrough, shown its source host's CPU: taken as this host's "
+                                  "(passthrough = this-host)")
     vm_info["personality"] = {"name": personality.name, "description": personality.description}
-    if host_cpu is None:
-        return _unknown(config, f"this host's CPU: {host_why}", vm_info, host_info)
     doc = document([host_row(host_name, host_cpu, config.settings)],
                    [vm_row(dom.name, host_name, personality, reading.relies_on if reading else None,
                            record.settings)])
