@@ -9,8 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
 
 from pvmit.catalog.loader import Catalog, load_catalog
+
+# tools/mutation.py runs the tests once per mutant: there a failing example is enough, shrinking it only costs time,
+# and a fixed seed makes the score repeatable. Property tests made with `settings(...)` inherit this profile.
+settings.register_profile("mutation", phases=(Phase.explicit, Phase.reuse, Phase.generate), database=None,
+                          derandomize=True)
+if os.environ.get("PVMIT_HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["PVMIT_HYPOTHESIS_PROFILE"])
 
 REPO = Path(__file__).resolve().parent.parent
 

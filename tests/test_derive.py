@@ -138,3 +138,118 @@ def test_pinned_catalog_answers(catalog: Catalog, model: str, retp: bool, bhb: b
 def test_sierraforest_answer_says_it_was_assumed(catalog: Catalog) -> None:
     r = retpoline_effective(catalog.get("sierraforest").facts)
     assert r.assumed == ("arch_capabilities.RRSBA",) and r.reason.startswith("assumed ineffective")
+
+
+def inferred(vendor: str = "intel", **bits: bool) -> CpuFacts:
+    """Like `cpu`, with every named bit only inferred (a rule for a class of parts)."""
+    f = cpu(vendor, **bits)
+    return CpuFacts(f.vendor, f.family, f.model, f.stepping,
+                    {k: RegisterFacts(r.register, r.value, r.known, r.sources, r.unknown_reason, r.known)
+                     for k, r in f.registers.items()})
+
+
+LB = "linux_blacklist"
+
+# (facts, finding function, answer, reason as it starts, text it contains, facts named as assumed): every branch of
+# the three questions, with the reason an operator reads (`pvmit policy`, `pvmit catalog show`).
+BRANCHES = [
+    (cpu("amd"), retpoline_effective, True, "no RSBA/RRSBA on AMD (Intel behaviours, enumerated in the Intel-only "
+     "IA32_ARCH_CAPABILITIES); RET speculation there (Branch Type Confusion on Zen 1/2, SRSO) is handled by Linux's "
+     "separate retbleed/SRSO mitigations (untrained return thunk, IBPB), which it deploys whatever the spectre_v2 "
+     "mode and which this interface does not cover", "", ()),
+    (cpu(**{f"{AC}__RRSBA": True}), retpoline_effective, False,
+     "RET may predict from the BTB on RSB underflow: IA32_ARCH_CAPABILITIES.RRSBA=1 [test]", "", ()),
+    (cpu(**{f"{AC}__RSBA": True}), retpoline_effective, False,
+     "RET may predict from the BTB on RSB underflow (Retbleed): IA32_ARCH_CAPABILITIES.RSBA=1 [test]", "", ()),
+    (cpu(**{f"{LB}__RETBLEED": True, f"{AC}__RRSBA": False}), retpoline_effective, False,
+     "Linux lists this part as RETBLEED-affected, so RET may predict from the BTB whatever RRSBA says: Linux "
+     "cpu_vuln_blacklist.RETBLEED=1 [test]", "", ()),
+    (cpu(), retpoline_effective, False, "assumed ineffective: IA32_ARCH_CAPABILITIES.IBRS_ALL=unknown",
+     "RRSBA=unknown", ("arch_capabilities.IBRS_ALL", "arch_capabilities.RRSBA", "arch_capabilities.RSBA",
+                       "linux_blacklist.RETBLEED")),
+    (inferred(**{f"{AC}__IBRS_ALL": True, f"{AC}__RRSBA": False, f"{LB}__RETBLEED": False}), retpoline_effective,
+     False, "assumed ineffective: IA32_ARCH_CAPABILITIES.IBRS_ALL=unknown [only inferred (test)]",
+     "RRSBA=unknown [only inferred (test), not relied on in this direction]",
+     ("arch_capabilities.IBRS_ALL", "arch_capabilities.RRSBA", "arch_capabilities.RSBA", "linux_blacklist.RETBLEED")),
+    (cpu(**{f"{AC}__IBRS_ALL": True, f"{LB}__RETBLEED": False}), retpoline_effective, False,
+     "assumed ineffective: IA32_ARCH_CAPABILITIES.RRSBA=unknown [no source gives this bit]; eIBRS parts have RRSBA "
+     "behaviour unless shown otherwise (IA32_ARCH_CAPABILITIES.IBRS_ALL=1 [test])", "", ("arch_capabilities.RRSBA",)),
+    (cpu(**{f"{AC}__IBRS_ALL": True, f"{AC}__RRSBA": False}), retpoline_effective, False,
+     "assumed ineffective: Linux cpu_vuln_blacklist.RETBLEED=unknown [register not described] (a "
+     "RETBLEED-affected part is not retpoline-safe whatever RRSBA says)", "", ("linux_blacklist.RETBLEED",)),
+    (cpu(**{f"{AC}__IBRS_ALL": True, f"{AC}__RRSBA": False, f"{LB}__RETBLEED": False}), retpoline_effective, True,
+     "eIBRS part without RRSBA behaviour, not RETBLEED-affected: IA32_ARCH_CAPABILITIES.RRSBA=0 [test], "
+     "IA32_ARCH_CAPABILITIES.IBRS_ALL=1 [test], Linux cpu_vuln_blacklist.RETBLEED=0 [test]", "", ()),
+    (cpu(**{f"{AC}__IBRS_ALL": False, f"{LB}__RETBLEED": False}), retpoline_effective, False,
+     "assumed ineffective: IA32_ARCH_CAPABILITIES.RSBA=unknown [no source gives this bit] on a part without eIBRS",
+     "", ("arch_capabilities.RSBA",)),
+    (cpu(**{f"{AC}__IBRS_ALL": False, f"{AC}__RSBA": False}), retpoline_effective, False,
+     "assumed ineffective: Linux cpu_vuln_blacklist.RETBLEED=unknown [register not described] (a "
+     "RETBLEED-affected part is not retpoline-safe)", "", ("linux_blacklist.RETBLEED",)),
+    (cpu(**{f"{AC}__IBRS_ALL": False, f"{AC}__RSBA": False, f"{LB}__RETBLEED": False}), retpoline_effective, True,
+     "no RSB-underflow fallback to the BTB: IA32_ARCH_CAPABILITIES.RSBA=0 [test], IA32_ARCH_CAPABILITIES.IBRS_ALL=0 "
+     "[test], Linux cpu_vuln_blacklist.RETBLEED=0 [test]", "", ()),
+    (cpu("hygon"), bhb_short_effective, True,
+     "HYGON is on Linux's NO_BHI list (common.c): not affected by BHI", "", ()),
+    (cpu(**{f"{AC}__BHI_NO": True}), bhb_short_effective, True,
+     "not affected by cross-mode BHI: IA32_ARCH_CAPABILITIES.BHI_NO=1 [test]", "", ()),
+    (inferred(**{f"{AC}__BHI_NO": True, f"{C72}__BHI_CTRL": True}), bhb_short_effective, False,
+     "branch history longer than the 5x5 loop clears (Alder Lake and newer): CPUID.(7,2).EDX.BHI_CTRL=1 (inferred) "
+     "[test]", "", ()),
+    (inferred(**{f"{C72}__BHI_CTRL": False}), bhb_short_effective, False,
+     "assumed ineffective: CPUID.(7,2).EDX.BHI_CTRL=unknown [only inferred (test), not relied on in this direction]",
+     "", ("cpuid_7_2_edx.BHI_CTRL",)),
+    (cpu(**{f"{C72}__BHI_CTRL": False}), bhb_short_effective, True,
+     "pre-Alder Lake branch history, which the 5x5 loop clears: CPUID.(7,2).EDX.BHI_CTRL=0 [test]", "", ()),
+]
+
+
+@pytest.mark.parametrize("facts,question,answer,reason,contains,assumed", BRANCHES)
+def test_each_branch_says_why(facts: CpuFacts, question, answer: bool, reason: str, contains: str,  # type: ignore[no-untyped-def]
+                              assumed: tuple[str, ...]) -> None:
+    f = question(facts)
+    assert (f.answer, f.assumed, f.conservative) == (answer, assumed, bool(assumed))
+    assert f.reason.startswith(reason) and contains in f.reason, f.reason
+    assert f.to_json() == {"answer": answer, "reason": f.reason, "assumed": list(assumed)}
+
+
+def test_control_reasons() -> None:
+    r = SpecCtrl.RRSBA_DIS_S
+    assert control_available(cpu("amd"), r).reason == "RRSBA_DIS_S is an Intel control; AMD CPUs do not have it"
+    assert control_available(cpu(**{f"{C72}__RRSBA_CTRL": True}), r).reason == \
+        "RRSBA_DIS_S exists: CPUID.(7,2).EDX.RRSBA_CTRL=1 [test]"
+    assert control_available(cpu(**{f"{C72}__BHI_CTRL": False}), SpecCtrl.BHI_DIS_S).reason == \
+        "BHI_DIS_S does not exist: CPUID.(7,2).EDX.BHI_CTRL=0 [test]"
+    guessed = control_available(inferred(**{f"{C72}__RRSBA_CTRL": True}), r)
+    assert not guessed.answer and guessed.assumed == ("cpuid_7_2_edx.RRSBA_CTRL",)
+    assert guessed.reason == "assumed absent: CPUID.(7,2).EDX.RRSBA_CTRL=unknown [only inferred (test), not relied " \
+                             "on in this direction]"
+    kept = control_available(inferred(**{f"{C72}__RRSBA_CTRL": False}), r)  # inferred absent: counts
+    assert not kept.answer and not kept.assumed and kept.reason.startswith("RRSBA_DIS_S does not exist")
+    with pytest.raises(ValueError, match=r"pvmit does not force <SpecCtrl.STIBP: 2>"):
+        control_available(cpu(), SpecCtrl.STIBP)
+
+
+def test_need_names_its_parts() -> None:
+    rsba = cpu(**{f"{AC}__RSBA": True, f"{AC}__IBRS_ALL": False, f"{C72}__RRSBA_CTRL": True})
+    n = need(rsba, Mitigation.RETPOLINE)
+    assert (n.mitigation, n.control) == (Mitigation.RETPOLINE, SpecCtrl.RRSBA_DIS_S)
+    assert n.available.reason == "RSBA (pre-eIBRS) has no IA32_SPEC_CTRL disable; RRSBA_DIS_S covers RRSBA only"
+    both = cpu(**{f"{AC}__RSBA": True, f"{AC}__RRSBA": True, f"{C72}__RRSBA_CTRL": True})
+    assert need(both, Mitigation.RETPOLINE).can_force, "RRSBA_DIS_S does cover a part that also shows RRSBA"
+    b = need(cpu(), Mitigation.BHB_SHORT)
+    assert (b.mitigation, b.control, b.must_force, b.can_force) == (Mitigation.BHB_SHORT, SpecCtrl.BHI_DIS_S, True,
+                                                                    False)
+    assert b.assumed == ("cpuid_7_2_edx.BHI_CTRL", "cpuid_7_2_edx.BHI_CTRL")
+
+
+def test_cpu_summary(catalog: Catalog) -> None:
+    from pvmit.derive import cpu_summary
+
+    spr = catalog.get("sapphirerapids").facts
+    doc = cpu_summary(spr)
+    assert doc == {"retpoline_effective": retpoline_effective(spr).to_json(),
+                   "bhb_short_effective": bhb_short_effective(spr).to_json(),
+                   "controls": {"RRSBA_DIS_S": control_available(spr, SpecCtrl.RRSBA_DIS_S).to_json(),
+                                "BHI_DIS_S": control_available(spr, SpecCtrl.BHI_DIS_S).to_json()}}
+    assert doc["retpoline_effective"]["answer"] is False and doc["controls"]["BHI_DIS_S"]["answer"] is True

@@ -67,6 +67,23 @@ class Protocol(RuleBasedStateMachine):
         if index == 0x48:
             assert ok == (0 <= value < 1 << 64 and not value & ~self.vm.vcpus[i].spec.writable)
 
+    @rule(data=st.data())
+    def operator_forces_off_what_the_guest_then_sets(self, data: st.DataObject) -> None:
+        """The case a uniform draw seldom makes: the operator forces a bit off that the guest's personality lets it
+        write, and the guest then sets exactly that bit (with others it may write)."""
+        i = self._vcpu(data)
+        writable = self.vm.vcpus[i].spec.writable
+        choices = [b for b in FORCE_BITS if b & writable]
+        if not choices:
+            return
+        bit = data.draw(st.sampled_from(choices))
+        old = self.vm.settings
+        self.vm.set_settings(OperatorSettings(old.force_on & ~bit, old.force_off | bit, old.unreported))
+        value = bit | (data.draw(st.integers(0, (1 << 11) - 1)) & writable)
+        assert self.vm.wrmsr(i, 0x48, value), self.vm.last_fault
+        self.spec[i] = value
+        assert self.vm.rdmsr(i, 0x48) == value and not self.vm.vcpus[i].spec.effective & bit
+
     @rule(data=st.data(), index=st.sampled_from(MSRS))
     def guest_reads(self, data: st.DataObject, index: int) -> None:
         i = self._vcpu(data)

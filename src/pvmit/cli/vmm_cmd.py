@@ -119,7 +119,7 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         personality = resolve(catalog, guest_cpu)
         relied = parse_uses(uses) if uses is not None else predict(personality.facts).relies_on
         hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
-        if len(hosts) > 1:  # shown only the speculation bits every host of its pool keeps true
+        if len(hosts) > 1:  # shown only the speculation bits every host of its pool keeps true (pool rule)
             personality = shown_in_pool(personality, [(str(i), h) for i, h in enumerate(hosts)])
         config = InterfaceConfig(Form(form), supported_requests(hosts))
         boot = Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory)

@@ -12,6 +12,11 @@ request value, reserved bits, attempts to clear IA32_SPEC_CTRL). After every ste
 `pvmit.derive` (which, for each mitigation on each host, says whether it is effective and which control makes up for
 it), independently of the policy that forced the controls.
 
+`pvmit.derive` itself is checked first against a second statement of the same rules written from the sources as
+tables (`pvmit.safety.reference_rules`, no code shared), on every catalog model and on synthetic facts (every
+combination of the deciding bits, known, inferred and unknown): a wrong derivation would otherwise pass, since the
+promise above is judged by derive too.
+
 The pool rule (`pvmit.pool.rule`) is checked on every pair too: a migration `restore` accepted never lands a VM on
 a host where a speculation bit it was shown at boot is false, and what a pool of the two models may show is true on
 both (a VM booted with the pool's bits is refused by neither for a bit).
@@ -26,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from pvmit import derive
 from pvmit.catalog.facts import CpuFacts
 from pvmit.catalog.loader import CpuModel, load_catalog
 from pvmit.derive import Mitigation, Need, need
@@ -34,6 +40,7 @@ from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, decide, supported_requests
 from pvmit.interface.state import restore, snapshot
 from pvmit.pool.rule import CHECKED_RULES, host_safe_bits, pool_bit_table, pool_bits, shown_bit_violations
+from pvmit.safety import reference_rules
 from pvmit.x86.bits import SpecCtrl
 
 R_DIS, B_DIS = int(SpecCtrl.RRSBA_DIS_S), int(SpecCtrl.BHI_DIS_S)
@@ -105,10 +112,12 @@ class Tally:
     accepted_forced: int = 0
     refused: int = 0
     overrides: int = 0
+    derivations: int = 0  # CPUs whose derivation was checked against the reference rules
     violations: list[Violation] = field(default_factory=list)
 
     def to_json(self, limit: int = 50) -> dict[str, Any]:
         return {"schema": "pvmit.verify/1", "pairs": self.pairs, "scenarios": self.scenarios,
+                "derivations_checked": self.derivations,
                 "accepted": self.accepted, "accepted_with_forced_controls": self.accepted_forced,
                 "refused": self.refused, "operator_overrides_reported": self.overrides,
                 "violations": len(self.violations),
@@ -138,6 +147,37 @@ def promise_violations(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], N
                                 f"{n.control.name} {'held' if held else 'not held'}, "
                                 f"{'exists' if n.can_force else 'absent'} on this host")
     return problems
+
+
+def derivation_disagreements(cpu: CpuFacts) -> list[str]:
+    """Where `pvmit.derive` and the reference rules answer differently for `cpu`: whether each mitigation is
+    effective, whether its control exists, whether it can be forced. Each line shows both answers and why."""
+    problems = []
+    for m in Mitigation:
+        n = derive.need(cpu, m)  # looked up now: the check judges whatever derive answers at this moment
+        e = reference_rules.expected(cpu, m.value)
+        exists = derive.control_available(cpu, m.control)
+        for what, derived, reason, ref, ref_why in (
+                ("effective", n.effective.answer, n.effective.reason, e.effective, e.why[0]),
+                (f"{m.control.name} exists", exists.answer, exists.reason, e.control_exists, e.why[1]),
+                (f"{m.control.name} can be forced", n.can_force, n.available.reason, e.can_force, e.why[1])):
+            if derived != ref:
+                problems.append(f"{m.title} {what}: derive says {'yes' if derived else 'no'} ({reason}); the "
+                                f"reference rules say {'yes' if ref else 'no'} ({ref_why})")
+        for what, said, ref_assumed in (("effective", n.effective.assumed, e.effective_assumed),
+                                        (f"{m.control.name} exists", exists.assumed, e.control_assumed)):
+            if set(said) != set(ref_assumed):
+                problems.append(f"{m.title} {what}: derive takes {', '.join(said) or 'nothing'} as assumed; the "
+                                f"reference rules, {', '.join(ref_assumed) or 'nothing'}")
+    return problems
+
+
+def check_derivation(cpus: Iterable[tuple[str, CpuFacts]], tally: Tally) -> None:
+    """Count each CPU checked, and a violation (step "derivation") for every disagreement."""
+    for label, cpu in cpus:
+        tally.derivations += 1
+        for p in derivation_disagreements(cpu):
+            tally.violations.append(Violation(label, "-", "-", "-", 0, "-", "derivation", p))
 
 
 def pool_violations(src: CpuModel, dst: CpuModel) -> list[str]:
@@ -218,13 +258,18 @@ def _sources(catalog_files: list[str], sources: list[str], targets: list[str]) -
 
 
 def verify(catalog_files: list[str], models: Iterable[str] | None = None, *, jobs: int = 0,
-           progress: Callable[[int, int], None] | None = None) -> Tally:
-    """Check every scenario over the catalog (the built-in one plus `catalog_files`), or over `models` of it.
-    Source models are spread over `jobs` worker processes (0: one per CPU)."""
+           progress: Callable[[int, int], None] | None = None, synthetic: bool = True) -> Tally:
+    """Check the derivation of every model against the reference rules (and, with `synthetic`, of every
+    combination of the deciding bits), then every scenario over the catalog (the built-in one plus
+    `catalog_files`), or over `models` of it. Source models are spread over `jobs` worker processes (0: one per
+    CPU)."""
     catalog = load_catalog(catalog_files)
     ids = [catalog.get(m).id for m in models] if models else [m.id for m in catalog]
     jobs = jobs or os.cpu_count() or 1
     total = Tally()
+    check_derivation(((i, catalog.get(i).facts) for i in ids), total)
+    if synthetic:
+        check_derivation(reference_rules.synthetic(), total)
     done = 0
     if jobs == 1:
         parts = [_sources(catalog_files, [s], ids) for s in ids]
@@ -245,6 +290,6 @@ def verify(catalog_files: list[str], models: Iterable[str] | None = None, *, job
 
 
 def _merge(total: Tally, part: Tally) -> None:
-    for name in ("scenarios", "pairs", "accepted", "accepted_forced", "refused", "overrides"):
+    for name in ("scenarios", "pairs", "accepted", "accepted_forced", "refused", "overrides", "derivations"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.violations.extend(part.violations)

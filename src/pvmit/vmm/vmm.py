@@ -3,8 +3,9 @@
 Guest RDMSR/WRMSR of the interface's MSRs and IA32_ARCH_CAPABILITIES reach Python through KVM's MSR filter
 (KVM_CAP_X86_USER_SPACE_MSR + KVM_X86_SET_MSR_FILTER); IA32_SPEC_CTRL joins them only while the core forces a bit,
 so with nothing forced the guest's IA32_SPEC_CTRL accesses never leave KVM. The value in effect is written to KVM
-for the bits this machine's hardware has; the rest (on an AMD host: RRSBA_DIS_S and BHI_DIS_S) are kept in the
-vCPU state and reported as modelled only.
+for the bits this machine's hardware has and its KVM keeps (probed once per vCPU); the rest (on an AMD host:
+RRSBA_DIS_S and BHI_DIS_S; on a KVM that emulates guests in software: all) are kept in the vCPU state and reported
+as modelled only.
 
 The pass-through path is KVM's own: with nothing forced, a guest write of a bit the hardware lacks is KVM's to
 accept or refuse (the KVM on the development machine drops it; mainline KVM answers #GP), exactly as without pvmit.
@@ -26,7 +27,7 @@ from pvmit.interface.spec_ctrl import guest_writable
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError
 from pvmit.kvm.system import CpuidEntry, Kvm
-from pvmit.kvm.vcpu import IoExit, MsrExit
+from pvmit.kvm.vcpu import IoExit, MsrExit, Vcpu
 from pvmit.kvm.vm import MsrRange
 from pvmit.vmm.machine import Machine, enter_long_mode
 from pvmit.vmm.personality import Personality, build_cpuid
@@ -36,6 +37,25 @@ from pvmit.x86.registers import CPU_FACT_REGISTERS, KVM_CPUID_FEATURES, MSR_IA32
 
 USER_SPACE_MSR_REASONS = (abi.KVM_MSR_EXIT_REASON_INVAL | abi.KVM_MSR_EXIT_REASON_UNKNOWN |
                           abi.KVM_MSR_EXIT_REASON_FILTER)
+
+
+def spec_ctrl_bits_kept(vcpu: Vcpu, candidates: int) -> int:
+    """The IA32_SPEC_CTRL bits among `candidates` (what the CPU enumerates) that this KVM keeps for a vCPU: each is
+    written alone and read back. A KVM that emulates its guests in software may keep none. Leaves the register 0."""
+    kept = 0
+    for bit in (1 << i for i in range(64) if candidates >> i & 1):
+        try:
+            if vcpu.set_msrs({MSR_IA32_SPEC_CTRL: bit}) and \
+                    vcpu.get_msrs([MSR_IA32_SPEC_CTRL]).get(MSR_IA32_SPEC_CTRL, 0) & bit:
+                kept |= bit
+        except KvmError:
+            pass
+    if candidates:
+        try:
+            vcpu.set_msrs({MSR_IA32_SPEC_CTRL: 0})
+        except KvmError:
+            pass
+    return kept
 
 
 class GuestStopped(Exception):
@@ -94,7 +114,7 @@ class Vmm:
         self.events: list[str] = []
         self._intercepting = False
         self._running = False  # before the first run, KVM's IA32_SPEC_CTRL holds nothing of the guest's
-        self._hw = host.hardware_spec_ctrl
+        self._hw = spec_ctrl_bits_kept(self.vcpu, host.hardware_spec_ctrl)  # what reaches the hardware here
         self._interface_ranges = self._ranges_for(config)
         self._interface_indices = frozenset(r.base for r in self._interface_ranges) | {MSR_IA32_SPEC_CTRL}
         self.after_msr_exit: Callable[[Vmm], None] | None = None  # a test's invariant check, run after each
@@ -102,6 +122,9 @@ class Vmm:
         wanted = build_cpuid(personality, config, kvm.supported_cpuid())
         self.vcpu.set_cpuid(wanted)
         self.cpuid_overridden = self._cpuid_differences(wanted)
+        if host.hardware_spec_ctrl & ~self._hw:
+            self._event("this KVM does not keep IA32_SPEC_CTRL " + "+".join(
+                str(b.name) for b in SpecCtrl if b & host.hardware_spec_ctrl & ~self._hw) + ": modelled only")
         for leaf in self.cpuid_overridden:
             self._event(f"this KVM did not keep CPUID {leaf}: the guest does not see the personality there")
         self._apply(self.core.take_effects())

@@ -1,0 +1,116 @@
+"""The backend-facing events of the protocol core (what a VMM calls besides guest accesses): taking over a core,
+moving it to another host, syncing the guest's IA32_SPEC_CTRL, the VM's combined reliance, and the neutral form's
+CPUID leaves."""
+
+from __future__ import annotations
+
+import struct
+
+from pvmit.catalog.loader import Catalog
+from pvmit.derive import Mitigation
+from pvmit.interface import Form, InterfaceConfig, OperatorSettings, VmInterface, decide
+from pvmit.interface.forms import NEUTRAL_SIGNATURE, CpuidLeaf, neutral_leaves
+from pvmit.x86.bits import SpecCtrl
+
+R_DIS, B_DIS = int(SpecCtrl.RRSBA_DIS_S), int(SpecCtrl.BHI_DIS_S)
+CTRL = 0x50000002
+
+
+def vm(catalog: Catalog, host: str = "sapphirerapids", vcpus: int = 2) -> VmInterface:
+    return VmInterface(InterfaceConfig(Form.INTEL, 3), catalog.get(host).facts, catalog.get("icelake-sp").facts,
+                       OperatorSettings(unreported="trust"), vcpus)
+
+
+def test_current_effects_give_every_vcpu_and_drop_queued_ones(catalog: Catalog) -> None:
+    v = vm(catalog, vcpus=3)
+    v.take_effects()
+    v.wrmsr(1, CTRL, 2)  # queues an effect for vCPU 1
+    effects = v.current_effects()
+    assert [e.vcpu for e in effects] == [0, 1, 2]
+    assert [e.mask for e in effects] == [0, R_DIS, 0] and [e.intercept for e in effects] == [False, True, False]
+    assert v.take_effects() == [], "nothing queued is left to apply twice"
+
+
+def test_set_host_redecides_every_vcpu(catalog: Catalog) -> None:
+    v = vm(catalog, host="icelake-sp")
+    v.wrmsr(0, CTRL, 2)
+    v.wrmsr(1, CTRL, 1)
+    assert [c.spec.mask for c in v.vcpus] == [0, 0]
+    v.take_effects()
+    v.set_host(catalog.get("sapphirerapids").facts)
+    assert v.host is catalog.get("sapphirerapids").facts
+    assert [c.spec.mask for c in v.vcpus] == [R_DIS, B_DIS]
+    assert [e.vcpu for e in v.take_effects()] == [0, 1]
+    # a core that decides through a table made for its old host answers for the new one with the real policy
+    icx = catalog.get("icelake-sp").facts
+
+    def only_icx(host, *rest):  # type: ignore[no-untyped-def]
+        assert host is icx, "asked about a host it was not made for"
+        return decide(host, *rest)
+
+    v2 = VmInterface(InterfaceConfig(Form.INTEL, 3), icx, icx, OperatorSettings(unreported="trust"), 1,
+                     decider=only_icx)
+    v2.wrmsr(0, CTRL, 2)
+    v2.set_host(catalog.get("sapphirerapids").facts)
+    assert v2.vcpus[0].spec.mask == R_DIS
+    same = catalog.get("sapphirerapids").facts
+    v2.set_host(same)  # the same host again: decided again, nothing changes
+    assert v2.vcpus[0].spec.mask == R_DIS
+
+
+def test_reliance_is_the_union_of_the_reports(catalog: Catalog) -> None:
+    v = vm(catalog, vcpus=3)
+    assert v.reliance() is None
+    v.wrmsr(0, CTRL, 0)
+    assert v.reliance() == frozenset()
+    v.wrmsr(1, CTRL, 2)
+    v.wrmsr(2, CTRL, 1)
+    assert v.reliance() == frozenset(Mitigation)
+
+
+def test_sync_takes_the_guest_value_as_written(catalog: Catalog) -> None:
+    v = vm(catalog)
+    v.sync_guest_spec_ctrl(0, 0x441)
+    assert v.vcpus[0].spec.guest == 0x441 and v.rdmsr(0, 0x48) == 0x441
+    v.sync_guest_spec_ctrl(1, (1 << 64) | 1)
+    assert v.vcpus[1].spec.guest == 1
+
+
+def test_neutral_leaves() -> None:
+    sig, info = neutral_leaves(InterfaceConfig(Form.NEUTRAL, 2, neutral_base=0x40000200, neutral_msr=0x40000210))
+    b, c, d = struct.unpack("<3I", NEUTRAL_SIGNATURE)
+    assert sig == CpuidLeaf(0x40000200, 0, 0x40000201, b, c, d)
+    assert info == CpuidLeaf(0x40000201, 0, 1, 0x40000210, 2, 0)
+    assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == b"VirtMitigCtl"
+
+
+def test_config_and_settings_json(catalog: Catalog) -> None:
+    import pytest
+
+    cfg = InterfaceConfig(Form.NEUTRAL, 1, neutral_base=0x40000300, neutral_msr=0x40000310)
+    doc = cfg.to_json()
+    assert doc == {"form": "neutral", "supported": 1, "neutral_base": 0x40000300, "neutral_msr": 0x40000310}
+    assert InterfaceConfig.from_json(doc) == cfg
+    assert InterfaceConfig.from_json({"form": "kvm", "supported": 2}) == InterfaceConfig(Form.KVM, 2)
+    assert OperatorSettings.from_json({}) == OperatorSettings()
+    assert OperatorSettings.from_json({"force_off": ["SSBD"]}) == OperatorSettings(force_off=int(SpecCtrl.SSBD))
+    with pytest.raises(ValueError, match="^expected a list of IA32_SPEC_CTRL bit names, got 'SSBD'$"):
+        OperatorSettings.from_json({"force_on": "SSBD"})
+    with pytest.raises(ValueError, match="^SSBD\\+RRSBA_DIS_S cannot be forced both on and off$"):
+        OperatorSettings(force_on=R_DIS | int(SpecCtrl.SSBD) | B_DIS, force_off=R_DIS | int(SpecCtrl.SSBD) | 1)
+
+
+def test_msr_access_edges(catalog: Catalog) -> None:
+    v = VmInterface(InterfaceConfig(Form.INTEL, 3), catalog.get("icelake-sp").facts,
+                    catalog.get("icelake-sp").facts)
+    assert len(v.vcpus) == 1, "one vCPU unless told otherwise"
+    assert not v.wrmsr(0, 0x1234, 0) and v.last_fault == "MSR 0x1234 is not handled by the mitigation interface"
+    assert v.rdmsr(0, 0x1234) is None
+    assert not v.wrmsr(0, 0x48, (1 << 64) - 1) and "not enumerated" in v.last_fault, "the largest value is 64-bit"
+    assert not v.wrmsr(0, 0x48, 1 << 64) and v.last_fault == "WRMSR 0x48: 0x10000000000000000 is not a 64-bit value"
+    from pvmit.vmm.personality import resolve
+
+    no_caps = resolve(catalog, "icelake-server-v2").facts  # QEMU's Icelake-Server-v2: no IA32_ARCH_CAPABILITIES
+    v = VmInterface(InterfaceConfig(Form.KVM, 3), catalog.get("icelake-sp").facts, no_caps)
+    assert v.rdmsr(0, 0x10A) is None
+    assert v.last_fault == "IA32_ARCH_CAPABILITIES is not enumerated by the guest's CPU personality"
