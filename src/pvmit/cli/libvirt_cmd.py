@@ -15,6 +15,7 @@ import click
 from pvmit.cli.output import emit_json, err, esc, warn
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
+from pvmit.userfiles import write_atomic
 
 UNKNOWN_CHOICE = click.Choice(["refuse", "allow"])
 
@@ -57,9 +58,7 @@ def inventory_cmd(st: State, uris: tuple[str, ...], output: Path | None, agent: 
         click.echo(text, nl=False)
     else:
         try:
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(output)
+            write_atomic(output, text)  # whole, or the old file stays
         except OSError as e:
             raise InputError(f"{e.filename or output}: cannot write the inventory: {e.strerror or e}") from None
         click.echo(f"pvmit: wrote {output}: {len(g.hosts)} hosts, {len(g.vms)} VMs", err=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from pvmit.agent.decide import decide
 from pvmit.derive import Mitigation
+from pvmit.userfiles import FileError, load_json
 
 VULN_DIR = "/sys/devices/system/cpu/vulnerabilities"
 VULNERABILITIES = ("gather_data_sampling", "indirect_target_selection", "itlb_multihit", "l1tf", "mds", "meltdown",
@@ -38,8 +39,8 @@ class AgentError(Exception):
 def _call(send: Send, execute: str, **arguments: Any) -> Any:
     reply_text = send(json.dumps({"execute": execute, "arguments": arguments}))
     try:
-        reply = json.loads(reply_text)
-    except (ValueError, RecursionError):
+        reply = load_json(reply_text, f"{execute}: the agent's reply")
+    except FileError:
         raise AgentError(f"{execute}: the agent's reply is not JSON: {reply_text[:80]!r}") from None
     if not isinstance(reply, dict):
         raise AgentError(f"{execute}: the agent's reply is not a JSON object")

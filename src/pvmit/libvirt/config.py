@@ -25,7 +25,7 @@ Every value is checked; `ConfigError` names the file and the key.
 
 from __future__ import annotations
 
-import tomllib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pvmit.errors import InputError
 from pvmit.fleet.inventory import SETTINGS_COLUMNS, parse_bits, parse_unreported
 from pvmit.libvirt.cpumap import DEFAULT_DIR
+from pvmit.userfiles import FileError, load_toml, read_text
 
 DEFAULT_PATH = Path("/etc/pvmit/libvirt-hook.toml")
 DEFAULT_LOG = "/var/log/pvmit/libvirt-hook.log"
@@ -110,18 +111,18 @@ def parse_config(doc: dict[str, Any], where: str) -> HookConfig:
                       where)
 
 
+CAP = 1 << 20
+"""The settings file is a few hundred bytes; more is refused."""
+
+
 def load_config(path: Path) -> HookConfig:
     """The settings in `path`; the built-in defaults where the file does not exist."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return HookConfig(origin=f"built-in defaults ({path} does not exist)")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        doc = load_toml(read_text(path, "hook settings", CAP), str(path))
+    except FileError as e:
+        raise ConfigError(str(e)) from None
     return parse_config(doc, str(path))
 
 

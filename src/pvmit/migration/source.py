@@ -334,11 +334,13 @@ class Outgoing:
                 chan.close()
 
     def _abort(self, out: Outcome) -> Outcome:
-        """The guest stays (or resumes) here. If the destination may hold it prepared, tell it, in passing."""
+        """The guest stays (or resumes) here. If the destination may hold it prepared, tell it, in passing, from
+        another thread: the guest resumes now, not after the destination answers (it also asks us if it must)."""
         self.ledger.decide(self.migration, "aborted", out.reason or "aborted")
         control = out.ready.get("control") if out.ready else None
         if isinstance(control, str) and control:
-            self.ask(control, self.migration, "aborted")  # best effort: it also asks us if it must
+            threading.Thread(target=self.ask, args=(control, self.migration, "aborted"), name="tell-aborted",
+                             daemon=True).start()
         return out
 
     def _settle(self, out: Outcome, control: str) -> Outcome:
