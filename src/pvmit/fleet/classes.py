@@ -39,13 +39,14 @@ from pvmit.fleet.inventory import (
     parse_bits,
     parse_form,
     parse_mitigations,
+    parse_relies_on,
     parse_supported,
     parse_unreported,
 )
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.userfiles import FileError, MiB, load_json, read_json
-from pvmit.vmm.personality import resolve
+from pvmit.vmm.personality import Personality, resolve
 
 T = TypeVar("T")
 HOST_FACTS_CAP = 1 * MiB
@@ -80,10 +81,12 @@ class VmClass:
     supported: int  # MITIGATION_ENUM request bits
     settings: PartialSettings
     facts: CpuFacts = field(compare=False, hash=False, repr=False)
+    read_in_guest: bool = False  # `reported` is the inventory's relies_on, read inside a VM that never reported
 
     @property
     def mitigations(self) -> str:
-        return mitigations_label(self.reported)
+        label = mitigations_label(self.reported)
+        return f"{label} (read in the guest)" if self.read_in_guest else label
 
     @property
     def label(self) -> str:
@@ -145,21 +148,38 @@ class Resolver:
         return f"model:{m.id}", m.id, m.facts
 
     def personality(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
-        """(key, label, facts) for a catalog model, built-in template, or template file."""
+        """(key, label, facts) for a catalog model, built-in template, template file, or a personality's JSON."""
         k = (text, base)
         if k not in self._personalities:
             name = text.strip()
             if name.lower().endswith(".toml") and not Path(name).is_absolute():
                 name = str(base / name)
             try:
-                p = resolve(self.catalog, name)
-                self._personalities[k] = (p.origin, p.name, p.facts)
-            except PvmitError as e:
+                if name.startswith("{"):
+                    p = _inline_personality(name)
+                    self._personalities[k] = (f"inline:{facts_digest(p.facts)}", p.name, p.facts)
+                else:
+                    p = resolve(self.catalog, name)
+                    self._personalities[k] = (p.origin, p.name, p.facts)
+            except (PvmitError, ValueError) as e:
                 self._personalities[k] = str(e)
         got = self._personalities[k]
         if isinstance(got, str):
             raise ValueError(got)
         return got
+
+
+def _inline_personality(text: str) -> Personality:
+    """A personality given as the JSON `Personality.to_json` writes (or bare CPU facts)."""
+    try:
+        doc = load_json(text, "the personality")
+    except FileError as e:
+        raise ValueError(str(e)) from None
+    if isinstance(doc, dict) and "facts" in doc:
+        return Personality.from_json(doc)
+    facts = CpuFacts.from_json(doc)
+    return Personality(f"{facts.vendor} {facts.family:#x}/{facts.model:#x} (facts {facts_digest(facts)[:6]})", facts,
+                       "inline facts")
 
 
 @dataclass
@@ -523,6 +543,7 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     ons, on_c = _column(src, "force_on", parse_bits, errors, bad, False)
     offs, off_c = _column(src, "force_off", parse_bits, errors, bad, False)
     uns, un_c = _column(src, "unreported", parse_unreported, errors, bad, False)
+    rels, rel_c = _column(src, "relies_on", parse_relies_on, errors, bad, False)
 
     all_ok = not bad.any()
     ok = np.arange(src.num_rows, dtype=np.int64) if all_ok else np.flatnonzero(~bad)
@@ -532,12 +553,12 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
 
     host_ok = rows_ok(vm_host)
     cl = np.where(rows_ok(sup_c) < 0, cluster_code[host_ok], -1).astype(np.int32)
-    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c)] + [cl]
+    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c, rel_c)] + [cl]
     first, group = _combine(cols)
     index: dict[VmClass, int] = {}
     group_class = np.full(first.size, -1, dtype=np.int64)
     for g, r in enumerate(first):
-        p, m, f, s, on, off, un, c = (int(col[r]) for col in cols)
+        p, m, f, s, on, off, un, rel, c = (int(col[r]) for col in cols)
         pkey, plabel, pfacts = pers[p]
         reported, form = mits[m], forms[f]
         problem: tuple[str, str] | None = None
@@ -556,6 +577,13 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
                                           f"{bits_label(supported)}) never offered")
         else:
             supported = cluster_supported.get(c, 0) | mitigations_to_bits(reported or frozenset())
+        read_in_guest = rel >= 0
+        if problem is None and read_in_guest:
+            if reported is not None:
+                problem = ("relies_on", f"relies_on is for a VM that never reported; this one reported "
+                                        f"{mitigations_label(reported)} through the interface")
+            else:
+                reported = rels[rel]  # decided as a report: what the kernel relies on is known
         settings = None
         if problem is None:
             try:
@@ -568,7 +596,7 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
             errors.add(src.file, src.table, fld, msg, src.rows[rows_g])
             bad[rows_g] = True
             continue
-        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts)
+        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest)
         group_class[g] = index.setdefault(vc, len(index))
     vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int64)
     keep = vm_class_ok >= 0
