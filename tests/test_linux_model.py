@@ -7,6 +7,7 @@ import pytest
 from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.errors import InputError
+from pvmit.linux.kernel import Kernel, KernelVersion
 from pvmit.linux.model import Cmdline, predict
 from pvmit.linux.spectre_v2 import Bhi, V2Mode, parse_spectre_v2
 
@@ -99,7 +100,9 @@ def test_bhi_options_and_bare_metal(catalog: Catalog) -> None:
     assert predict(skx, hypervisor=False).bhi is Bhi.NOT_AFFECTED  # bare metal needs eIBRS
     cwf = catalog.get("clearwaterforest").facts
     assert predict(cwf, hypervisor=False).bhi is Bhi.BHI_DIS_S  # current kernels ignore BHI_NO
-    assert predict(cwf, hypervisor=False, honour_bhi_no=True).bhi is Bhi.NOT_AFFECTED  # 6.9-era
+    before = Kernel(KernelVersion(6, 12, 28))  # 9f725eec8fc0 reached 6.12 in 6.12.29
+    assert predict(cwf, hypervisor=False, kernel=before).bhi is Bhi.NOT_AFFECTED
+    assert "arch_capabilities.BHI_NO" in predict(cwf, hypervisor=False, kernel=before).trusts
 
 
 def test_amd_is_not_affected_by_bhi_and_autoibrs_counts_as_eibrs(catalog: Catalog) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from pvmit.catalog.facts import RegisterFacts
 from pvmit.catalog.loader import Catalog
+from pvmit.linux.kernel import CURRENT, Kernel, KernelVersion
 from pvmit.linux.model import predict
 from pvmit.linux.spectre_v2 import parse_spectre_v2
 
@@ -39,6 +40,7 @@ def test_the_oracle_is_broad() -> None:
     models = {o["model"] for o in OBS}
     assert len(models) >= 12 and len(OBS) >= 20
     assert sum(o["expect"] == "agree" for o in OBS) >= 20
+    assert sum("kernel_version" in o for o in OBS) >= 8
 
 
 @pytest.mark.parametrize("obs", OBS, ids=[f"{o['model']}:{o['cpu'][:28]}" for o in OBS])
@@ -54,7 +56,8 @@ def test_prediction_matches_what_linux_printed(catalog: Catalog, obs: dict) -> N
         facts = replace(facts, registers=regs)
     seen = parse_spectre_v2(as_sysfs(obs["line"], obs["printer"]))
     assert seen.mode is not None, f"could not parse {obs['line']!r}"
-    p = predict(facts, hypervisor=obs["where"] == "guest")
+    kernel = Kernel(KernelVersion.parse(obs["kernel_version"])) if "kernel_version" in obs else CURRENT
+    p = predict(facts, hypervisor=obs["where"] == "guest", kernel=kernel, sev_snp=obs.get("sev_snp", False))
     agrees = (p.mode, p.bhi) == (seen.mode, seen.bhi)
     if obs["expect"] == "agree":
         assert agrees, f"{obs['cpu']}: Linux printed {seen.mode} / {seen.bhi}, pvmit predicts {p.mode} / {p.bhi}"

@@ -1,69 +1,112 @@
-"""The Linux oracle: Debian's own kernel booted under QEMU (TCG) for QEMU CPU models x command lines.
+"""The Linux oracle: Debian's own kernels (6.1 and 6.12) booted under QEMU (TCG) for QEMU CPU models x command lines.
 
-The recorded results (tests/fixtures/linux_oracle.json, written by `pvmit oracle linux --record`) are evaluated
-again against the current model and agent on every run: a case marked "agree" must still agree, a documented
-disagreement must still disagree. One case is booted for real where qemu-system-x86_64, a Debian kernel, busybox
-and python3 are installed.
+The recorded results (tests/fixtures/linux_oracle-<branch>.json, one per kernel, written by `pvmit oracle linux
+--kernel ... --record`) are evaluated again against the current model, for the kernel version each case records,
+and against the current agent on every run: a case marked "agree" must still agree, a documented disagreement must
+still disagree. One case per recorded kernel is booted for real where qemu-system-x86_64, that kernel, busybox and
+python3 are installed.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pvmit.agent.decide import decide
 from pvmit.catalog.loader import Catalog
+from pvmit.linux.kernel import KernelVersion
 from pvmit.oracle import initramfs
 from pvmit.oracle.boot import BootFailed, find_qemu, parse
 from pvmit.oracle.cases import all_cases, select
 from pvmit.oracle.compare import evaluate
 from pvmit.oracle.cpio import Entry, newc
-from pvmit.oracle.linux import observed, run
+from pvmit.oracle.linux import kernel_config, observed, run
 from pvmit.vmm.personality import resolve
 
-FIXTURE = Path(__file__).parent / "fixtures" / "linux_oracle.json"
-DOC = json.loads(FIXTURE.read_text())
-RECORDED = {r["id"]: r for r in DOC["cases"]}
+FIXTURES = sorted((Path(__file__).parent / "fixtures").glob("linux_oracle-*.json"))
+DOCS: dict[str, dict[str, Any]] = {f.stem.removeprefix("linux_oracle-"): json.loads(f.read_text()) for f in FIXTURES}
+"""Recorded runs by kernel branch ('6.1', '6.12')."""
 CASES = {c.id: c for c in all_cases()}
+RECORDS = [(branch, r) for branch, doc in DOCS.items() for r in doc["cases"]]
+RECORD_IDS = [f"{branch}:{r['id']}" for branch, r in RECORDS]
 
 
-def test_the_record_is_broad_and_complete() -> None:
-    assert DOC["schema"] == "pvmit.linux-oracle/1" and DOC["accel"] == "tcg"
-    assert DOC["kernel"]["package"].startswith("linux-image-") and "Debian" in DOC["kernel"]["version"]
-    assert len(RECORDED) >= 8 and not DOC["failures"]
-    assert len({r["cpu"] for r in RECORDED.values()}) >= 6
-    assert len({r["cmdline"] for r in RECORDED.values()}) >= 8
-    assert set(RECORDED) == set(CASES), "cases.toml and the record differ: run pvmit oracle linux --record"
-    for r in RECORDED.values():  # every record is of the case as defined now
+def recorded(branch: str, case_id: str) -> dict[str, Any]:
+    return next(r for r in DOCS[branch]["cases"] if r["id"] == case_id)
+
+
+def test_both_debian_kernels_are_recorded() -> None:
+    assert set(DOCS) == {"6.1", "6.12"}
+    for branch, doc in DOCS.items():
+        v = KernelVersion.parse(doc["kernel"]["version"])
+        assert v.branch_name == branch and doc["kernel"]["package"].startswith(f"linux-image-{branch}")
+        assert doc["kernel"]["config"]["CONFIG_KVM"] == "m"
+
+
+@pytest.mark.parametrize("branch", sorted(DOCS))
+def test_the_record_is_broad_and_complete(branch: str) -> None:
+    doc = DOCS[branch]
+    assert doc["schema"] == "pvmit.linux-oracle/2" and doc["accel"] == "tcg"
+    assert "Debian" in doc["kernel"]["version"]
+    by_id = {r["id"]: r for r in doc["cases"]}
+    assert len(by_id) >= 8 and not doc["failures"]
+    assert len({r["cpu"] for r in by_id.values()}) >= 6
+    assert len({r["cmdline"] for r in by_id.values()}) >= 8
+    assert set(by_id) == set(CASES), "cases.toml and the record differ: run pvmit oracle linux --record"
+    for r in by_id.values():  # every record is of the case as defined now, on this kernel
         c = CASES[r["id"]]
         assert (r["cpu"], r["cmdline"]) == (c.cpu, c.cmdline)
         assert r["observed"]["proc_cmdline"].endswith(c.cmdline)
+        assert r["observed"]["kernel"]["version"] == doc["kernel"]["version"]
 
 
-@pytest.mark.parametrize("case_id", sorted(RECORDED))
-def test_recorded_kernel_against_the_current_model(catalog: Catalog, case_id: str) -> None:
-    """The kernel's recorded choice, against what pvmit predicts today."""
-    case = CASES[case_id]
-    r = evaluate(case, RECORDED[case_id]["observed"], catalog)
-    assert not r["personality_differences"], r["personality_differences"]
+@pytest.mark.parametrize("branch,r", RECORDS, ids=RECORD_IDS)
+def test_recorded_kernel_against_the_current_model(catalog: Catalog, branch: str, r: dict[str, Any]) -> None:
+    """The kernel's recorded choice, against what pvmit predicts today for that kernel's version."""
+    case = CASES[r["id"]]
+    now = evaluate(case, r["observed"], catalog)
+    assert now["kernel"]["version"].startswith(branch + ".")
+    assert not now["personality_differences"], now["personality_differences"]
     if case.expect == "agree":
-        assert all(r["agree"].values()), (r["agree"], r["observed"]["sysfs"]["spectre_v2"], r["prediction"])
+        assert all(now["agree"].values()), (now["agree"], r["observed"]["sysfs"], now["prediction"])
     else:
-        assert not all(r["agree"].values()), f"{case_id} is a documented disagreement but now agrees: update cases.toml"
+        assert not all(now["agree"].values()), f"{r['id']} is a documented disagreement but now agrees"
 
 
-@pytest.mark.parametrize("case_id", sorted(RECORDED))
-def test_agent_in_the_guest_decided_as_the_agent_does_now(case_id: str) -> None:
-    o = RECORDED[case_id]["observed"]
-    now = decide(o["sysfs"]["spectre_v2"], o["proc_cmdline"])
+@pytest.mark.parametrize("branch,r", RECORDS, ids=RECORD_IDS)
+def test_agent_in_the_guest_decided_as_the_agent_does_now(branch: str, r: dict[str, Any]) -> None:
+    o = r["observed"]
+    now = decide(o["sysfs"]["spectre_v2"], o["proc_cmdline"], o["sysfs"].get("indirect_target_selection"))
     assert o["agent"]["relies_on"] == now.relies_on and o["agent"]["request_bits"] == hex(now.bits)
 
 
-def test_tcg_offers_no_interface_and_no_speculation_controls() -> None:
+def test_the_two_kernels_differ_where_the_version_rules_say() -> None:
+    """What the kernel-version axis exists for, as the two kernels printed it."""
+    def line(branch: str, case_id: str, file: str = "spectre_v2") -> str:
+        return str(recorded(branch, case_id)["observed"]["sysfs"][file])
+
+    # spectre_bhi=vmexit (42c141fbb651, 6.11): 6.1 ignores it and runs the loop on system calls, 6.12 does not
+    assert line("6.1", "skylake-server:lfence-bhi-vmexit").endswith("BHI: SW loop, KVM: SW loop")
+    assert line("6.12", "skylake-server:lfence-bhi-vmexit").endswith("BHI: Vulnerable, KVM: SW loop")
+    assert recorded("6.1", "skylake-server:lfence-bhi-vmexit")["observed"]["agent"]["relies_on"] == ["bhb-short"]
+    assert recorded("6.12", "skylake-server:lfence-bhi-vmexit")["observed"]["agent"]["relies_on"] == []
+    # indirect_target_selection=stuff (facd226f7e0c): 6.12 only; 6.1 has no call depth tracking
+    assert line("6.1", "skylake-server:its-stuff", "indirect_target_selection") == \
+        "Mitigation: Aligned branch/return thunks"
+    assert line("6.12", "skylake-server:its-stuff", "indirect_target_selection") == \
+        "Mitigation: Retpolines, Stuffing RSB"
+
+
+@pytest.mark.parametrize("branch", sorted(DOCS))
+def test_tcg_offers_no_interface_and_no_speculation_controls(branch: str) -> None:
     """What docs/linux-guests.md says TCG cannot show, as the guests saw it."""
-    for r in RECORDED.values():
+    for r in DOCS[branch]["cases"]:
         o = r["observed"]
         assert o["agent"]["exit_status"] == 6 and o["agent"]["interface"] == "not offered"
         assert "hypervisor leaves: 0x40000000 'TCGTCGTCGTCG'" in o["agent"]["probes"]
@@ -75,8 +118,9 @@ def test_tcg_offers_no_interface_and_no_speculation_controls() -> None:
 
 
 def test_the_oracle_finds_both_reliances() -> None:
-    relied = {tuple(r["observed"]["agent"]["relies_on"]) for r in RECORDED.values()}
-    assert {("retpoline",), ("bhb-short",), ()} <= relied
+    for doc in DOCS.values():
+        relied = {tuple(r["observed"]["agent"]["relies_on"]) for r in doc["cases"]}
+        assert {("retpoline",), ("bhb-short",), ()} <= relied
 
 
 def test_templates_describe_what_tcg_shows(catalog: Catalog) -> None:
@@ -110,10 +154,20 @@ def test_parse_serial_output() -> None:
         parse("Kernel panic - not syncing\n")
 
 
-def _real_boot_prerequisites() -> None:
+def installed_kernel(branch: str, recorded_image: Path) -> Path:
+    """The recorded kernel where it is installed, else the newest /boot/vmlinuz-<branch>.* (a newer Debian update
+    of the same branch: the case must still agree with the model for that version)."""
+    if recorded_image.is_file():
+        return recorded_image
+    found = sorted(Path("/boot").glob(f"vmlinuz-{branch}.*"),
+                   key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
+    return found[-1] if found else recorded_image
+
+
+def _real_boot_prerequisites(image: Path) -> None:
     try:
         find_qemu()
-        initramfs.find_kernel()
+        initramfs.find_kernel(image)
         initramfs.find_python()
         initramfs.find_busybox()
     except initramfs.OracleUnavailable as e:
@@ -121,24 +175,64 @@ def _real_boot_prerequisites() -> None:
 
 
 @pytest.mark.qemu
-def test_boot_one_case_for_real(catalog: Catalog) -> None:
-    """Boots Debian's kernel under QEMU TCG with the agent in the guest (about 10-25 s)."""
-    _real_boot_prerequisites()
-    case = CASES["skylake-server:retpoline-lfence"]
-    doc = run([case], catalog, jobs=1, timeout=300)
-    assert not doc["failures"], doc["failures"]
-    r = doc["cases"][0]
-    assert r["as_expected"] and r["observed"]["agent"]["relies_on"] == ["bhb-short"]
-    recorded = RECORDED[case.id]["observed"]
-    if doc["kernel"]["release"] == DOC["kernel"]["release"]:  # the same kernel prints the same line
-        assert r["observed"]["sysfs"] == recorded["sysfs"] and r["observed"]["agent"] == {
-            **recorded["agent"], "stderr": r["observed"]["agent"]["stderr"]}
+@pytest.mark.parametrize("branch", sorted(DOCS))
+def test_boot_one_case_for_real(catalog: Catalog, branch: str) -> None:
+    """Boots the recorded Debian kernel of `branch` under QEMU TCG with the agent in the guest (10-40 s here); the
+    6.12 kernel's modules are .ko.xz, read with the standard library's lzma."""
+    doc = DOCS[branch]
+    image = installed_kernel(branch, Path(doc["kernel"]["image"]))
+    _real_boot_prerequisites(image)
+    case = CASES["skylake-server:lfence-bhi-vmexit"]
+    got = run([case], catalog, kernel=image, jobs=1, timeout=300)
+    assert not got["failures"], got["failures"]
+    r = got["cases"][0]
+    assert r["as_expected"], r["agree"]
+    assert KernelVersion.parse(r["observed"]["kernel"]["version"]).branch_name == branch
+    rec = recorded(branch, case.id)["observed"]
+    if r["observed"]["kernel"]["version"] == rec["kernel"]["version"]:  # the recorded kernel prints the same
+        assert r["observed"]["sysfs"] == rec["sysfs"] and r["observed"]["agent"] == {
+            **rec["agent"], "stderr": r["observed"]["agent"]["stderr"]}
 
 
 def test_docs_show_the_recorded_results() -> None:
     from pvmit.oracle.linux import markdown_table
     docs = (Path(__file__).parent.parent / "docs" / "linux-guests.md").read_text()
-    assert markdown_table(DOC) in docs, "docs/linux-guests.md: paste `pvmit oracle linux --markdown` output"
+    for branch, doc in DOCS.items():
+        assert markdown_table(doc) in docs, f"docs/linux-guests.md: paste `pvmit oracle linux --markdown` ({branch})"
+
+
+def test_compressed_modules_are_read(tmp_path: Path) -> None:
+    """Debian 6.12 ships msr.ko.xz: the initramfs gets the plain ELF module, whatever the compression."""
+    import gzip
+    import lzma
+    elf = b"\x7fELF" + bytes(60)
+    kdir = tmp_path / "lib/modules/9.9/kernel/arch/x86/kernel"
+    kdir.mkdir(parents=True)
+    (kdir / "msr.ko.xz").write_bytes(lzma.compress(elf, check=lzma.CHECK_CRC32))
+    (kdir / "cpuid.ko.gz").write_bytes(gzip.compress(elf))
+    k = initramfs.Kernel(tmp_path / "vmlinuz", "9.9", tmp_path / "lib/modules")
+    paths = {n: kdir / f"{n}.ko{ext}" for n, ext in (("msr", ".xz"), ("cpuid", ".gz"))}
+    for name, path in paths.items():
+        assert initramfs._module(k, name) == path and initramfs.module_bytes(path) == elf
+    zstd = shutil.which("zstd")
+    if zstd:  # Debian's zstd program (Python 3.14 would use compression.zstd)
+        subprocess.run([zstd, "-q", "-o", str(kdir / "z.ko.zst"), "-"], input=elf, check=True)
+        assert initramfs.module_bytes(kdir / "z.ko.zst") == elf
+    (kdir / "bad.ko.xz").write_bytes(b"not xz")
+    with pytest.raises(initramfs.OracleUnavailable, match="cannot decompress"):
+        initramfs.module_bytes(kdir / "bad.ko.xz")
+    (kdir / "text.ko").write_bytes(b"hello")
+    with pytest.raises(initramfs.OracleUnavailable, match="not an ELF module"):
+        initramfs.module_bytes(kdir / "text.ko")
+    with pytest.raises(initramfs.OracleUnavailable, match=r"nope\.ko is missing \(nor \.ko\.xz"):
+        initramfs._module(k, "nope")
+
+
+def test_kernel_config_is_read(tmp_path: Path) -> None:
+    (tmp_path / "config-9.9").write_text("CONFIG_KVM=m\n# CONFIG_MITIGATION_ITS is not set\nCONFIG_RETPOLINE=y\n")
+    got = kernel_config("9.9", tmp_path)
+    assert got["CONFIG_KVM"] == "m" and got["CONFIG_MITIGATION_ITS"] == "n" and got["CONFIG_RETPOLINE"] == "y"
+    assert kernel_config("nope", tmp_path) == {}
 
 
 def test_oracle_cli_errors(cli) -> None:  # type: ignore[no-untyped-def]
@@ -153,6 +247,7 @@ def test_oracle_cli_errors(cli) -> None:  # type: ignore[no-untyped-def]
 def test_parse_a_real_serial_log() -> None:
     """A whole serial log of one boot (tests/fixtures/oracle_serial.txt, CRLF and all) reads as the record."""
     seen = parse((Path(__file__).parent / "fixtures" / "oracle_serial.txt").read_text())
-    o, rec = observed(seen), RECORDED["skylake-server:retpoline-lfence"]["observed"]
-    assert seen.release == DOC["kernel"]["release"] and o["sysfs"] == rec["sysfs"] and o["cpu"] == rec["cpu"]
+    o, rec = observed(seen), recorded("6.1", "skylake-server:retpoline-lfence")["observed"]
+    assert seen.release == DOCS["6.1"]["kernel"]["release"] and o["cpu"] == rec["cpu"]
+    assert o["sysfs"]["spectre_v2"] == rec["sysfs"]["spectre_v2"]
     assert o["agent"]["relies_on"] == ["bhb-short"] and o["agent"]["exit_status"] == 6

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pvmit.kvm.system import kvm_available
-from pvmit.node.cluster import VmmHandle
+from pvmit.node.cluster import COUNT, VmmHandle
 from pvmit.node.process import DEFAULT_HEARTBEAT
 
 USABLE, WHY = kvm_available()
@@ -235,3 +235,103 @@ def test_demo_runs_the_whole_story(cli) -> None:  # type: ignore[no-untyped-def]
     assert not doc["refusal"]["migrated"] and doc["refusal"]["paused_at"] is None
     assert any("RRSBA_CTRL" in r for r in doc["refusal"]["verdict"]["reasons"])
     assert doc["seconds"] < 60
+
+
+# --- a lost commit: exactly one side runs the guest, and it continues where it stopped ---------------------------
+def continuous_across(first: VmmHandle, second: VmmHandle) -> None:
+    before, after = first.counts(), second.counts()
+    assert after[0] == before[-1] + DEFAULT_HEARTBEAT, (before[-3:], after[:3])
+    assert_continuous(after)
+
+
+def wait_state(h: VmmHandle, state: str, timeout: float = 30) -> None:
+    h.wait_for(lambda: h.status()["state"] == state, f"state {state}", timeout)
+
+
+@pytest.mark.parametrize("fault,side,runs_on", [
+    ("drop-before-commit", "source", "source"),  # no decision reached the destination: the source keeps it
+    ("die-before-commit", "source", "destination"),  # the source's VMM is gone: the prepared copy is the only one
+    ("lose-commit-ack", "source", "destination"),  # CMIT arrived, CACK lost: the source asks and lets go
+    ("die-after-commit", "source", "destination"),
+    ("lose-commit", "destination", "destination"),  # CMIT lost in flight: each asks the other, the decision holds
+    ("die-after-ready", "destination", "source"),  # the destination's VMM is gone: the source resumes
+    ("drop-before-cack", "destination", "destination"),
+])
+def test_a_lost_commit_is_settled_with_the_guest_on_exactly_one_side(pair, fault: str, side: str,
+                                                                       runs_on: str) -> None:  # type: ignore[no-untyped-def]
+    dest_args = ["--host-cpu", "sapphirerapids", "--settle-notice", "5"]
+    if side == "destination":
+        dest_args += ["--fault", fault]
+    src, dst, to = pair([*RETPOLINE_GUEST, "--settle-notice", "5"], dest_args)
+    r = migrate(src, to, *(["--fault", fault] if side == "source" else []))
+    assert "Traceback" not in r.stderr + src.text() + dst.text()
+    if runs_on == "destination":
+        wait_state(dst, "running")
+        dst.wait_counts(3)
+        continuous_across(src, dst)
+        if src.proc.poll() is None:
+            assert src.status()["state"] == "migrated"
+    else:
+        src.wait_counts(3)
+        assert src.status()["state"] == "running"
+        assert_continuous(src.counts())
+        if dst.proc.poll() is None:
+            wait_state(dst, "waiting")
+            assert dst.counts() == []
+
+
+def test_a_stalled_destination_never_pauses_the_guest(tmp_path: Path) -> None:
+    """The destination stops (SIGSTOP) during pre-copy: the guest keeps counting on the source, and after the stall
+    limit the source gives up, never having paused it."""
+    src = VmmHandle(tmp_path, "src", [*RETPOLINE_GUEST[:-2], "--memory", "64M", "--fill-memory", "random",
+                                      "--stall", "4"])
+    dst = VmmHandle(tmp_path, "dst", ["--incoming", f"unix:{tmp_path / 'dst.mig'}", "--host-cpu", "sapphirerapids"])
+    try:
+        src.wait_counts(3)
+        stopped: list[int] = []
+
+        def on_event(doc: dict[str, object]) -> None:
+            if str(doc.get("event", "")).startswith("pre-copy round 1") and not stopped:
+                os.kill(dst.proc.pid, signal.SIGSTOP)
+                stopped.append(len(src.counts()))
+
+        result = src.migrate(f"unix:{tmp_path / 'dst.mig'}", on_event=on_event)
+        assert stopped, "the migration never reached pre-copy"
+        counted_while_stopped = len(src.counts()) - stopped[0]
+        assert counted_while_stopped >= 2, counted_while_stopped  # the guest ran while the peer was stopped
+        assert not result["migrated"] and result["paused_at"] is None and "stalled" in result["reason"], result
+        os.kill(dst.proc.pid, signal.SIGCONT)
+        src.wait_counts(2)
+        assert src.status()["state"] == "running"
+        assert_continuous(src.counts())
+        wait_state(dst, "waiting")
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+        src.stop()
+        dst.stop()
+
+
+def test_back_and_forth_migrations_keep_every_count(tmp_path: Path) -> None:
+    """Several migrations between two VMMs that each take guests in: every heartbeat line in either log is whole
+    (the source never prints the line the guest was writing when it paused: that line travels), and the counts,
+    read across both logs in order, go up one heartbeat at a time."""
+    a = VmmHandle(tmp_path, "a", [*RETPOLINE_GUEST, "--incoming", f"unix:{tmp_path / 'a.mig'}"])
+    b = VmmHandle(tmp_path, "b", ["--incoming", f"unix:{tmp_path / 'b.mig'}", "--host-cpu", "sapphirerapids"])
+    try:
+        a.wait_counts(2)
+        here, there, there_mig = a, b, "b.mig"
+        for _ in range(6):
+            result = here.migrate(f"unix:{tmp_path / there_mig}", fault="pause-mid-line")
+            assert result["migrated"], result
+            there.wait_counts(1)
+            here, there = there, here
+            there_mig = "a.mig" if there is a else "b.mig"
+        for h in (a, b):
+            lines = [ln for ln in h.lines() if ln.startswith("guest: count ")]
+            assert all(COUNT.match(ln) for ln in lines), [ln for ln in lines if not COUNT.match(ln)]
+        counts = sorted(a.counts() + b.counts())
+        assert_continuous(counts)
+        assert len(set(counts)) == len(counts)
+    finally:
+        a.stop()
+        b.stop()

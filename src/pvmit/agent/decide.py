@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pvmit.agent.wire import BHB_CLEAR_SEQ_S_USED, RETPOLINE_S_USED
-from pvmit.linux.spectre_v2 import Bhi, V2Mode, parse_spectre_v2
+from pvmit.linux.spectre_v2 import Bhi, Its, V2Mode, parse_its, parse_spectre_v2
 
-CMDLINE_OPTIONS = ("mitigations", "spectre_v2", "nospectre_v2", "spectre_bhi", "retbleed", "spectre_v2_user")
+CMDLINE_OPTIONS = ("mitigations", "spectre_v2", "nospectre_v2", "spectre_bhi", "retbleed", "spectre_v2_user",
+                   "indirect_target_selection")
 """Kernel parameters that change the choices the line reports; quoted in the reasons."""
 
 
@@ -28,6 +29,7 @@ class Reliance:
     bhi: Bhi
     reasons: tuple[str, ...]
     assumed: tuple[str, ...] = ()
+    its: Its = Its.ABSENT
 
     @property
     def bits(self) -> int:
@@ -41,7 +43,7 @@ class Reliance:
 
     def to_json(self) -> dict[str, object]:
         return {"relies_on": self.relies_on, "request_bits": hex(self.bits),
-                "mode": self.mode.value if self.mode else None, "bhi": self.bhi.name,
+                "mode": self.mode.value if self.mode else None, "bhi": self.bhi.name, "its": self.its.name,
                 "reasons": list(self.reasons), "assumed": list(self.assumed)}
 
 
@@ -50,14 +52,27 @@ def cmdline_options(cmdline: str) -> list[str]:
     return [w for w in cmdline.split() if w.partition("=")[0] in CMDLINE_OPTIONS]
 
 
-def decide(spectre_v2: str, cmdline: str = "") -> Reliance:
-    """The request bits for a kernel that printed `spectre_v2` (its sysfs line) and booted with `cmdline`."""
+def _its_reason(its: Its) -> str:
+    if its is Its.ABSENT:
+        return "indirect_target_selection: no such file (a kernel before the ITS mitigation)"
+    if its is Its.UNKNOWN:
+        return "indirect_target_selection: text pvmit does not know (reported as is)"
+    return f"indirect_target_selection: {its.value}" + (
+        " (an Intel guest says so only when shown ITS_NO or BHI_CTRL, which must then stay true on every host it "
+        "may run on)" if its is Its.NOT_AFFECTED else "")
+
+
+def decide(spectre_v2: str, cmdline: str = "", its_line: str | None = None) -> Reliance:
+    """The request bits for a kernel that printed `spectre_v2` (its sysfs line) and booted with `cmdline`;
+    `its_line` (indirect_target_selection, None where the file is missing) is reported, not requested: the
+    interface has no ITS bit."""
     line = spectre_v2.strip()
+    its = parse_its(its_line)
     opts = cmdline_options(cmdline)
     why = [f"command line: {' '.join(opts)}" if opts else "command line: no spectre options (the kernel chose)"]
     if line.startswith("Not affected"):
-        why.append("spectre_v2: Not affected: no software mitigation in use")
-        return Reliance(False, False, None, Bhi.NOT_AFFECTED, tuple(why))
+        why += ["spectre_v2: Not affected: no software mitigation in use", _its_reason(its)]
+        return Reliance(False, False, None, Bhi.NOT_AFFECTED, tuple(why), its=its)
     seen = parse_spectre_v2(line)
     assumed: list[str] = []
     head = line.split(";")[0].strip()
@@ -86,5 +101,6 @@ def decide(spectre_v2: str, cmdline: str = "") -> Reliance:
         why.append(f"BHI: {seen.bhi.value}: " + (
             "the short BHB-clearing loop runs on system calls" if bhb else
             "the loop runs only on VM exit (for the guest's own guests), not on system calls"
-            if seen.bhi is Bhi.VMEXIT_ONLY else "no short BHB-clearing loop on system calls"))
-    return Reliance(retpoline, bhb, seen.mode, seen.bhi, tuple(why), tuple(assumed))
+            if seen.bhi in (Bhi.VMEXIT_ONLY, Bhi.SYSCALL_HARDENING) else "no short BHB-clearing loop on system calls"))
+    why.append(_its_reason(its))
+    return Reliance(retpoline, bhb, seen.mode, seen.bhi, tuple(why), tuple(assumed), its)

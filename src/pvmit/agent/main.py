@@ -76,6 +76,8 @@ def print_text(doc: dict[str, object], out: TextIO) -> None:
     kernel = doc.get("kernel")
     if isinstance(kernel, dict):
         line("kernel", f"{kernel['release']}: spectre_v2: {kernel['spectre_v2']}")
+        if kernel.get("indirect_target_selection") is not None:
+            line("", f"indirect_target_selection: {kernel['indirect_target_selection']}")
     d = doc.get("decision")
     if isinstance(d, dict):
         line("relies on", ", ".join(d["relies_on"]) or "nothing the interface covers")

@@ -17,6 +17,7 @@ from pvmit.agent.wire import REQUEST_BITS, bit_names
 
 SCHEMA = "pvmit.guest-agent/1"
 SPECTRE_V2 = "/sys/devices/system/cpu/vulnerabilities/spectre_v2"
+ITS = "/sys/devices/system/cpu/vulnerabilities/indirect_target_selection"
 CMDLINE = "/proc/cmdline"
 
 
@@ -63,12 +64,13 @@ def run(command: str, dry_run: bool, m: Machine) -> tuple[dict[str, object], Sta
 
 
 def _run(command: str, dry_run: bool, m: Machine, doc: dict[str, object]) -> Status:
-    line, cmdline = m.read(SPECTRE_V2), m.read(CMDLINE) or ""
-    doc["kernel"] = {"release": m.release(), "cmdline": cmdline, "spectre_v2": line}
+    line, cmdline, its = m.read(SPECTRE_V2), m.read(CMDLINE) or "", m.read(ITS)
+    doc["kernel"] = {"release": m.release(), "cmdline": cmdline, "spectre_v2": line,
+                     "indirect_target_selection": its}
     if line is None:
         raise AgentError(Status.KERNEL_UNKNOWN, f"{SPECTRE_V2} cannot be read (sysfs not mounted, or a kernel "
                                                 "before 4.15): cannot tell which mitigations the kernel uses")
-    decision = decide(line, cmdline)
+    decision = decide(line, cmdline, its)
     doc["decision"] = decision.to_json()
     if m.euid() != 0:
         raise AgentError(Status.NOT_ROOT, "the agent must run as root: CPUID and MSRs are read through the "

@@ -37,6 +37,7 @@ def _register() -> None:
         oracle_cmd,
         policy_cmd,
         run_cmd,
+        tls_cmd,
         verify_cmd,
         vmm_cmd,
     )
@@ -55,6 +56,7 @@ def _register() -> None:
     cli.add_command(guest_cmd.guest)
     cli.add_command(oracle_cmd.oracle)
     cli.add_command(fleet_cmd.fleet)
+    cli.add_command(tls_cmd.tls)
 
 
 _register()

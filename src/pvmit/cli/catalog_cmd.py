@@ -16,7 +16,8 @@ from pvmit.derive import (
     need,
 )
 from pvmit.errors import CatalogError, InputError
-from pvmit.linux.model import Cmdline, predict
+from pvmit.linux.kernel import Kernel, KernelVersion
+from pvmit.linux.model import Cmdline, Prediction, predict
 from pvmit.x86 import decode, register
 from pvmit.x86.registers import CPU_FACT_REGISTERS
 
@@ -48,7 +49,7 @@ def list_cmd(st: State, vendor: str | None, json_out: bool) -> None:
     out.print(t)
 
 
-def _show_text(m: CpuModel, cmdline: Cmdline) -> None:
+def _show_text(p: Prediction, kernel: Kernel, m: CpuModel, cmdline: Cmdline) -> None:
     out.print(f"[bold]{esc(m.name)}[/] ({m.id})  {m.vendor} family {m.family:#x} model "
               f"{', '.join(f'{x:#x}' for x in m.models)} steppings {esc(str(list(m.steppings) or 'any'))}")
     out.print(esc(f"  {m.microarchitecture}; {', '.join(m.marketing)}; {m.segment}, {m.year or 'year unknown'}"))
@@ -70,9 +71,9 @@ def _show_text(m: CpuModel, cmdline: Cmdline) -> None:
                 t.add_row(reg.name, name, "1" if f.value else "0", esc(f.source))
     out.print(t)
     d = derived_table(cpu_summary(m.facts), "Derived (pvmit.derive)")
-    p = predict(m.facts, cmdline)
-    d.add_row(esc(f"Linux guest picks{' (' + str(cmdline) + ')' if str(cmdline) else ''}"),
-              esc(f"{p.sysfs_mode}; {p.sysfs_bhi}"), esc(p.reason))
+    d.add_row(esc(f"Linux {kernel.version} guest picks{' (' + str(cmdline) + ')' if str(cmdline) else ''}"),
+              esc(f"{p.sysfs_mode}; {p.sysfs_bhi or 'no BHI field'}; ITS: {p.its.sysfs or 'no ITS file'}"),
+              esc(p.reason))
     relies = ", ".join(sorted(x.value for x in p.relies_on)) or "nothing"
     d.add_row("guest would report", relies, "RFC: RETPOLINE_S_USED in (eibrs,)retpoline mode; BHB_CLEAR_SEQ_S_USED "
                                             "with the SW loop")
@@ -82,22 +83,26 @@ def _show_text(m: CpuModel, cmdline: Cmdline) -> None:
 @catalog.command("show")
 @click.argument("name")
 @click.option("--cmdline", default="", help="Guest kernel command line for the Linux prediction.")
+@click.option("--kernel", "kernel_version", default="6.18", show_default=True, metavar="VERSION",
+              help="Guest kernel version for the Linux prediction (upstream, 5.10 to 6.18, such as 6.1.192).")
 @json_option
 @pass_state
-def show_cmd(st: State, name: str, cmdline: str, json_out: bool) -> None:
+def show_cmd(st: State, name: str, cmdline: str, kernel_version: str, json_out: bool) -> None:
     """Show model NAME (id, name, QEMU model name or alias; any case): identity, every sourced fact, and what
     pvmit derives from it."""
     m = st.catalog.get(name)
     cl = Cmdline.parse(cmdline)
+    kernel = Kernel(KernelVersion.parse(kernel_version))
+    p = predict(m.facts, cl, kernel=kernel)  # before any output: a version the model cannot place exits 2
     if json_out:
         doc = {"schema": "pvmit.catalog-show/1", **m.to_json(), "derived": cpu_summary(m.facts),
                "needs": {x.value: {"must_force": (n := need(m.facts, x)).must_force, "control": n.control.name,
                                    "can_force": n.can_force} for x in Mitigation},
-               "linux_guest": {"cmdline": str(cl), **predict(m.facts, cl).to_json()},
+               "linux_guest": {"cmdline": str(cl), **p.to_json()},
                "sources": {k: s.model_dump() for k, s in st.catalog.sources.items()}}
         emit_json(doc)
         return
-    _show_text(m, cl)
+    _show_text(p, kernel, m, cl)
 
 
 @catalog.command("check")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,9 +17,13 @@ from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.kvm.system import Kvm
 from pvmit.linux.model import predict
+from pvmit.migration.destination import DEST_FAULTS
 from pvmit.migration.source import FAULTS, allow_fault
-from pvmit.migration.transport import Address
-from pvmit.node.process import DEFAULT_HEARTBEAT, Boot, VmmProcess, control_request
+from pvmit.net.address import Address
+from pvmit.net.text import shorten
+from pvmit.net.tls import Credentials
+from pvmit.node.control import request as control_request
+from pvmit.node.process import DEFAULT_HEARTBEAT, FILLS, MAX_HEARTBEAT, Boot, Limits, VmmProcess
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
@@ -26,19 +32,40 @@ from pvmit.vmm.personality import resolve
 def parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        value = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise InputError(f"{text!r} is not a size (for example 64M or 512M)") from None
+    digits = t[:-1] if t and t[-1] in units else t
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 12:
+        raise InputError(f"{shorten(text, 40)!r} is not a size (for example 64M or 512M)")
+    value = int(digits) * units.get(t[-1], 1)
     if value < 4 << 20 or value > MAX_MEMORY or value % (2 << 20):
-        raise InputError(f"guest memory {text!r} must be a multiple of 2 MiB from 4 MiB to {MAX_MEMORY >> 30} GiB")
+        raise InputError(f"guest memory {shorten(text, 40)!r} must be a multiple of 2 MiB from 4 MiB to "
+                         f"{MAX_MEMORY >> 30} GiB")
     return value
 
 
+tls_option = click.option(
+    "--tls-creds", "tls_creds", metavar="DIR", type=click.Path(path_type=Path),
+    help="Mutual TLS credentials for TCP endpoints, laid out as QEMU's tls-creds-x509 (ca-cert.pem, server-cert.pem, "
+         "server-key.pem, client-cert.pem, client-key.pem). `pvmit tls make-test-ca` makes a test set.")
+
+
+def load_creds(path: Path | None, roles: tuple[str, ...], *addresses: Address | None) -> Credentials | None:
+    """The credentials, checked now; plain TCP (without them) refused with the way to give them."""
+    creds = Credentials.load(path, roles=roles) if path is not None else None
+    for a in addresses:
+        if a is not None and a.is_tcp and creds is None:
+            from pvmit.net.tls import HOW
+            where = "" if a.is_loopback else ", not a loopback address,"
+            raise InputError(f"{a}{where} is TCP: pvmit speaks TCP only over mutual TLS (any local user can connect "
+                             f"to a loopback port); {HOW}")
+    return creds
+
+
 @click.command("vmm")
-@click.option("--control", required=True, metavar="ADDR", help="Control socket: unix:/path or tcp:127.0.0.1:PORT.")
+@click.option("--control", required=True, metavar="ADDR", help="Control socket: unix:/path or tcp:HOST:PORT (TLS).")
 @click.option("--host-cpu", metavar="MODEL", help="A catalog model standing in for this host (default: this machine).")
-@click.option("--incoming", metavar="ADDR", help="Wait for a guest migrating in at ADDR instead of booting one.")
+@click.option("--incoming", metavar="ADDR",
+              help="Accept guests migrating in at ADDR (unix:/path or tcp:HOST:PORT with --tls-creds); without "
+                   "--guest-cpu, wait for one instead of booting.")
 @click.option("--guest-cpu", metavar="MODEL", help="Personality of the guest to boot.")
 @click.option("--form", type=click.Choice([f.value for f in Form]), default="intel", show_default=True)
 @click.option("--uses", default=None, metavar="LIST",
@@ -46,17 +73,26 @@ def parse_size(text: str) -> int:
                    "guest shown the personality would use).")
 @click.option("--pool", default="", metavar="MODELS", help="Catalog models this VM may run on (MITIGATION_ENUM).")
 @click.option("--memory", default="64M", show_default=True, help="Guest memory.")
-@click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True, help="Guest iterations per heartbeat.")
-@click.option("--fill-memory", is_flag=True, help="Fill the guest's free memory with data (for benchmarks).")
-@click.option("--fault", type=click.Choice(["die-after-pages", "die-after-state"]), hidden=True)
+@click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True,
+              type=click.IntRange(1, MAX_HEARTBEAT), help="Guest iterations per heartbeat line.")
+@click.option("--fill-memory", type=click.Choice(FILLS), default="none", is_flag=False, flag_value="pattern",
+              help="Fill the guest's free memory with data (for benchmarks): a pattern, or random bytes.")
+@click.option("--deadline", default=300.0, show_default=True, type=click.FloatRange(1, 86400),
+              help="Seconds a migration, in or out, may take in all before it is given up.")
+@click.option("--stall", default=30.0, show_default=True, type=click.FloatRange(0.5, 3600),
+              help="Seconds a migration peer may send or take nothing before it is given up.")
+@click.option("--settle-notice", default=60.0, show_default=True, type=click.FloatRange(0.5, 86400), hidden=True)
+@click.option("--fault", type=click.Choice(DEST_FAULTS), hidden=True)
+@tls_option
 @operator_options
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
-        uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: bool, fault: str | None,
-        force_on: str, force_off: str, unreported: str) -> int:
-    """Run a VMM process: boot the counting guest (--guest-cpu) or receive one (--incoming), and serve commands
-    on the control socket until told to quit. A guest received keeps the operator settings it had on its source;
-    --force-on, --force-off or --unreported given here replace those fields only."""
+        uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: str, deadline: float, stall: float,
+        settle_notice: float, fault: str | None, tls_creds: Path | None, force_on: str, force_off: str,
+        unreported: str) -> int:
+    """Run a VMM process: boot the counting guest (--guest-cpu) and/or receive guests (--incoming), and serve
+    commands on the control socket until told to quit. A guest received keeps the operator settings it had on its
+    source; --force-on, --force-off or --unreported given here replace those fields only."""
     catalog = st.catalog
     settings = settings_from_options(force_on, force_off, unreported)
     ctx = click.get_current_context()
@@ -69,10 +105,21 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
     allow_fault(fault)
     control_addr = Address.parse(control)
     incoming_addr = Address.parse(incoming) if incoming else None
-    if (incoming_addr is None) == (guest_cpu is None):
-        raise InputError("give either --guest-cpu (boot a guest here) or --incoming ADDR (receive one)")
+    if incoming_addr is None and guest_cpu is None:
+        raise InputError("give --guest-cpu (boot a guest here), --incoming ADDR (receive one), or both")
+    if incoming_addr is not None and str(incoming_addr) == str(control_addr):
+        raise InputError("--control and --incoming must be different addresses")
+    creds = load_creds(tls_creds, ("server", "client"), control_addr, incoming_addr)
+    # Everything the user gave is checked before anything is created: an error leaves no socket behind.
+    boot: Boot | None = None
     real, notes = this_machine(catalog)
     host = stand_in(catalog, host_cpu, real) if host_cpu else real
+    if guest_cpu is not None:
+        personality = resolve(catalog, guest_cpu)
+        relied = parse_uses(uses) if uses is not None else predict(personality.facts).relies_on
+        hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
+        config = InterfaceConfig(Form(form), supported_requests(hosts))
+        boot = Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -80,19 +127,21 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
     for n in notes:
         say(f"vmm: host reading: {n}")
     with Kvm() as kvm:
-        proc = VmmProcess(kvm, host, control_addr, say, here if incoming_addr and given else None, fault)
-        say(f"vmm: control socket {control_addr}, pid {__import__('os').getpid()}")
-        if incoming_addr is not None:
-            proc.wait_incoming(incoming_addr)
-        else:
-            assert guest_cpu is not None
-            personality = resolve(catalog, guest_cpu)
-            relied = parse_uses(uses) if uses is not None else predict(personality.facts).relies_on
-            hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
-            config = InterfaceConfig(Form(form), supported_requests(hosts))
-            proc.boot(Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory))
+        proc = VmmProcess(kvm, host, control_addr, say, creds=creds, incoming=incoming_addr,
+                          settings=here if incoming_addr and given else None, fault=fault,
+                          limits=Limits(deadline, stall, settle_notice))
+        try:
+            if boot is not None:
+                proc.boot(boot)
+        except BaseException:
+            proc.close()
+            raise
         proc.serve()
     return 0
+
+
+def _answer_error(answer: dict[str, Any]) -> str:
+    return shorten(str(answer.get("error")), 2000)
 
 
 @click.command("migrate")
@@ -100,47 +149,79 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
 @click.option("--to", "dest", required=True, metavar="ADDR", help="The destination VMM's incoming address.")
 @click.option("--check", is_flag=True, help="Only ask the destination for its verdict; move nothing.")
 @click.option("--fault", type=click.Choice(FAULTS), hidden=True, help="Test only: make the source misbehave.")
+@tls_option
 @json_option
-def migrate(source: str, dest: str, check: bool, fault: str | None, json_out: bool) -> int:
+def migrate(source: str, dest: str, check: bool, fault: str | None, tls_creds: Path | None, json_out: bool) -> int:
     """Move the running guest of the VMM at --from to the VMM waiting at --to. The destination decides before the
     source pauses; a refusal or any failure leaves the guest running on the source. Exit 0 when the guest moved
-    (or, with --check, would be accepted), 1 when refused or failed."""
-    Address.parse(source)
+    (or, with --check, would be accepted), 1 when refused or failed (or in doubt: the message says what to run)."""
+    src = Address.parse(source)
     Address.parse(dest)
+    creds = load_creds(tls_creds, ("client",), src)
 
     def event(doc: dict[str, object]) -> None:
         if not json_out:
-            err.print(esc(f"migrate: {doc['event']}"))
+            err.print(esc(f"migrate: {shorten(str(doc.get('event')), 2000)}"))
 
-    answer = control_request(source, {"cmd": "migrate", "to": dest, "check": check, "fault": fault}, event)
+    answer = control_request(src, {"cmd": "migrate", "to": dest, "check": check, "fault": fault}, event,
+                             creds=creds)
     if not answer.get("ok"):
-        raise PvmitError(f"the source VMM says: {answer.get('error')}")
-    result = answer["result"]
-    assert isinstance(result, dict)
+        raise PvmitError(f"the source VMM says: {_answer_error(answer)}")
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        raise PvmitError("the source VMM's answer has no result")
     if json_out:
-        emit_json({"schema": "pvmit.migrate/1", **result})
+        emit_json({"schema": "pvmit.migrate/2", **result})
     else:
         verdict = result.get("verdict") or {}
-        if result["migrated"]:
+        if result.get("migrated"):
             ready = result.get("ready") or {}
-            out.print(esc(f"migrated ({result['mode']}, {result['rounds']} pre-copy rounds, {result['pages_sent']} "
-                          f"pages, {result['total_seconds']} s): the destination forces "
-                          f"{', '.join(ready.get('forced', [])) or 'nothing'}"))
-        elif check and result["accepted"]:
+            out.print(esc(f"migrated ({result.get('mode')}, {result.get('rounds')} pre-copy rounds, "
+                          f"{result.get('pages_sent')} pages of which {result.get('zero_pages')} zero, "
+                          f"{result.get('total_seconds')} s): the destination forces "
+                          f"{', '.join(str(f) for f in ready.get('forced', [])) or 'nothing'}"))
+        elif check and result.get("accepted"):
             out.print("check: the destination would accept the guest")
         else:
-            out.print(esc(f"not moved: {result['reason']}; {result['guest']}"))
+            out.print(esc(f"not moved: {shorten(str(result.get('reason')), 2000)}; {result.get('guest')}"))
         for r in verdict.get("reasons", []) if isinstance(verdict, dict) else []:
-            out.print(esc(f"  reason: {r}"))
-    ok = result["migrated"] or (check and result["accepted"])
+            out.print(esc(f"  reason: {shorten(str(r), 2000)}"))
+    ok = result.get("migrated") or (check and result.get("accepted"))
     return 0 if ok else 1
 
 
 @click.command("ctl")
 @click.argument("address")
-@click.argument("command", type=click.Choice(["status", "quit"]))
-def ctl(address: str, command: str) -> int:
-    """Send COMMAND (status or quit) to the VMM whose control socket is ADDRESS; prints its JSON answer."""
-    answer = control_request(address, {"cmd": command}, lambda doc: None, timeout=30)
+@click.argument("command", type=click.Choice(["status", "quit", "resolve", "outcome"]))
+@click.argument("argument", required=False)
+@click.option("--force", is_flag=True, help="quit: even while a migration is in flight.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds to wait for the answer.")
+@tls_option
+def ctl(address: str, command: str, argument: str | None, force: bool, timeout: float,
+        tls_creds: Path | None) -> int:
+    """Send COMMAND to the VMM whose control socket is ADDRESS; prints its JSON answer.
+
+    \b
+    status                 what the VMM runs and does
+    quit [--force]         end the VMM (refused while a migration is in flight, unless forced)
+    resolve run|discard    settle a migration in doubt: run the guest here, or discard this copy
+    outcome MIGRATION      what this VMM knows of a migration (what VMMs ask each other)
+    """
+    addr = Address.parse(address)
+    creds = load_creds(tls_creds, ("client",), addr)
+    doc: dict[str, Any] = {"cmd": command}
+    if command == "quit" and force:
+        doc["force"] = True
+    if command in ("resolve", "outcome"):
+        if not argument:
+            wanted = "run or discard" if command == "resolve" else "a migration id"
+            raise InputError(f"ctl {command} needs an argument ({wanted})")
+        if command == "resolve" and argument not in ("run", "discard"):
+            raise InputError("ctl resolve takes run or discard")
+        doc["action" if command == "resolve" else "migration"] = argument
+    elif argument is not None:
+        raise InputError(f"ctl {command} takes no argument")
+    answer = control_request(addr, doc, creds=creds, timeout=timeout)
     sys.stdout.write(json.dumps(answer, indent=2) + "\n")
     return 0 if answer.get("ok") else 1

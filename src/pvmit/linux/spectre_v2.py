@@ -1,8 +1,8 @@
 """Linux's spectre_v2 modes and BHI mitigations, the strings it prints for them in sysfs, and parsing those strings.
 
 Standard library only: the guest agent (`pvmit.agent`) runs this inside small guests.
-Strings follow arch/x86/kernel/cpu/bugs.c (spectre_v2_strings[], spectre_bhi_state()); older kernels print
-"Enhanced IBRS" where current ones print "Enhanced / Automatic IBRS", and the parser accepts both.
+Strings follow arch/x86/kernel/cpu/bugs.c (spectre_v2_strings[], spectre_bhi_state(), its_strings[]) of every
+kernel from 5.10 to 6.18: which kernel prints which wording is in linux/kernels.toml (the parser accepts them all).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class Bhi(Enum):
     RETPOLINE = "Retpoline"
     VMEXIT_ONLY = "Vulnerable, KVM: SW loop"
     VULNERABLE = "Vulnerable"
-    SYSCALL_HARDENING = "Syscall hardening, KVM: SW loop"  # 6.9-era kernels
+    SYSCALL_HARDENING = "Syscall hardening, KVM: SW loop"  # spectre_bhi=auto, in kernels before 5f882f3b0a8b
+    SYSCALL_HARDENING_VULNERABLE = "Vulnerable (Syscall hardening enabled)"  # the same kernels, nothing in place
     NOT_REPORTED = "not reported"  # no BHI field: kernels before the 2024 BHI mitigation (no loop), and lines that
     # omit it (WHOLE_LINES; "Vulnerable: LFENCE" on kernels from 6.9 until 2025), whose kernel may run the loop
     UNKNOWN = "unknown"
@@ -60,13 +61,26 @@ MODE_STRINGS: dict[V2Mode, str] = {
 """bugs.c spectre_v2_strings[] (current mainline)."""
 
 _OLD_HEADS = {
-    "Mitigation: Enhanced IBRS": V2Mode.EIBRS,  # before AutoIBRS support (v6.3)
+    "Mitigation: Enhanced IBRS": V2Mode.EIBRS,  # before AutoIBRS support (e7862eda309e, v6.3; 6.1.84)
     "Mitigation: Enhanced IBRS + LFENCE": V2Mode.EIBRS_LFENCE,
     "Mitigation: Enhanced IBRS + Retpolines": V2Mode.EIBRS_RETPOLINE,
-    "Mitigation: Full generic retpoline": V2Mode.RETPOLINE,  # before v5.17
+    "Mitigation: Full generic retpoline": V2Mode.RETPOLINE,  # before v5.17 (the Spectre-BHB series, 244d00b5dd47)
     "Mitigation: Full AMD retpoline": V2Mode.LFENCE,
-    "Mitigation: LFENCE": V2Mode.LFENCE,  # before 2025 (bugs.c d1cc1bae)
+    "Mitigation: LFENCE": V2Mode.LFENCE,  # the string before d1cc1baef67a (v6.18); sysfs printed "Vulnerable: LFENCE"
 }
+
+OLD_MODE_STRINGS: dict[str, dict[V2Mode, str]] = {
+    "before retpoline_generic": {V2Mode.NONE: "Vulnerable", V2Mode.RETPOLINE: "Mitigation: Full generic retpoline",
+                                 V2Mode.LFENCE: "Mitigation: Full AMD retpoline",
+                                 V2Mode.EIBRS: "Mitigation: Enhanced IBRS"},
+    "before autoibrs": {**MODE_STRINGS, V2Mode.EIBRS: "Mitigation: Enhanced IBRS",
+                        V2Mode.EIBRS_LFENCE: "Mitigation: Enhanced IBRS + LFENCE",
+                        V2Mode.EIBRS_RETPOLINE: "Mitigation: Enhanced IBRS + Retpolines"},
+}
+"""spectre_v2_strings[] of older kernels (linux/kernels.toml says which: rules retpoline_generic and autoibrs)."""
+
+MODULE_SUFFIX = " - vulnerable module loaded"
+"""spectre_v2_module_string(): appended to the whole line once a module built without retpoline is loaded."""
 
 WHOLE_LINES = {
     "Vulnerable: eIBRS with unprivileged eBPF": V2Mode.EIBRS,
@@ -88,7 +102,8 @@ class SysfsSpectreV2:
 def parse_spectre_v2(line: str) -> SysfsSpectreV2:
     """Parse /sys/devices/system/cpu/vulnerabilities/spectre_v2. Unknown text gives mode None / Bhi.UNKNOWN."""
     line = line.strip()
-    head, *fields = [p.strip() for p in line.split(";")]
+    body = line.removesuffix(MODULE_SUFFIX)
+    head, *fields = [p.strip() for p in body.split(";")]
     if ", " in head:  # kernels before v5.x separated every field with ", "
         head, *more = [p.strip() for p in head.split(", ")]
         fields = more + fields
@@ -102,3 +117,29 @@ def parse_spectre_v2(line: str) -> SysfsSpectreV2:
             text = f[len("BHI:"):].strip()
             bhi = next((b for b in Bhi if b.value == text), Bhi.UNKNOWN)
     return SysfsSpectreV2(mode, bhi, line)
+
+
+class Its(Enum):
+    """/sys/devices/system/cpu/vulnerabilities/indirect_target_selection (bugs.c its_strings[], since the ITS
+    mitigation: 6.15, and 6.1.139 / 6.6.91 / 6.12.29)."""
+
+    NOT_AFFECTED = "Not affected"
+    VULNERABLE = "Vulnerable"
+    VMEXIT_ONLY = "Mitigation: Vulnerable, KVM: Not affected"
+    ALIGNED_THUNKS = "Mitigation: Aligned branch/return thunks"
+    RETPOLINE_STUFF = "Mitigation: Retpolines, Stuffing RSB"
+    ABSENT = "no indirect_target_selection file"  # a kernel from before the ITS mitigation
+    UNKNOWN = "unknown"
+
+    @property
+    def sysfs(self) -> str | None:
+        """The text the kernel prints, None where there is no file."""
+        return None if self in (Its.ABSENT, Its.UNKNOWN) else self.value
+
+
+def parse_its(line: str | None) -> Its:
+    """Parse the indirect_target_selection line; None (no file) is Its.ABSENT, unknown text Its.UNKNOWN."""
+    if line is None:
+        return Its.ABSENT
+    text = line.strip()
+    return next((i for i in Its if i.sysfs == text), Its.UNKNOWN)

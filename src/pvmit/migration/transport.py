@@ -1,148 +1,174 @@
-"""Sockets for migration and control: Unix sockets or loopback TCP only, framed by `stream`."""
+"""The migration stream on a socket: framed sends and receives with deadlines, memory pages without copies.
+
+The framing rules are `stream`'s (one copy); this module only moves bytes. Every read and write is bounded twice:
+by an idle limit (no byte for that long) and by the channel's overall deadline, so a peer that trickles one byte
+every few seconds cannot hold a VMM. Guest pages are written from a memoryview over guest memory in one vectored
+send (no copy in Python) and received straight into guest memory (`receive(into=...)`), their checksum computed
+there.
+"""
 
 from __future__ import annotations
 
-import os
 import socket
-import stat
+import ssl
+import time
+import zlib
 from dataclasses import dataclass
 
-from pvmit.errors import InputError
-from pvmit.migration.stream import Header, Section, StreamDecoder, StreamError
+from pvmit.migration.stream import (
+    CRC,
+    HEADER_FIXED,
+    PAGE,
+    PAGES_HEAD,
+    SECTION_HEAD,
+    Header,
+    Section,
+    StreamError,
+    check_header_fixed,
+    check_section_head,
+    parse_header,
+)
+from pvmit.net.address import Address, PeerGone
 
-RECV_CHUNK = 1 << 20
+__all__ = ["Address", "Channel", "PeerClosed", "PeerGone", "Pages", "StreamTimeout"]
 
-
-@dataclass(frozen=True)
-class Address:
-    """`unix:/path` or `tcp:127.0.0.1:PORT` (loopback only: migration traffic stays on this machine)."""
-
-    family: int
-    target: str | tuple[str, int]
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        if text.startswith("unix:"):
-            path = text[len("unix:"):]
-            if not path:
-                raise InputError(f"{text!r}: a Unix socket address needs a path (unix:/run/pvmit/dst.sock)")
-            return cls(socket.AF_UNIX, path)
-        if text.startswith("tcp:"):
-            host, _, port = text[len("tcp:"):].rpartition(":")
-            if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
-                raise InputError(f"{text!r}: only loopback TCP addresses are allowed (127.0.0.1, ::1)")
-            try:
-                p = int(port)
-            except ValueError:
-                raise InputError(f"{text!r}: {port!r} is not a port number") from None
-            if not 0 < p < 65536:
-                raise InputError(f"{text!r}: port {p} is out of range")
-            fam = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-            return cls(fam, (host.strip("[]").replace("localhost", "127.0.0.1"), p))
-        raise InputError(f"{text!r}: an address is unix:/path or tcp:127.0.0.1:PORT")
-
-    def __str__(self) -> str:
-        if self.family == socket.AF_UNIX:
-            return f"unix:{self.target}"
-        assert isinstance(self.target, tuple)
-        host, port = self.target
-        return f"tcp:{host}:{port}"
-
-    def listen(self) -> socket.socket:
-        """A listening socket. A Unix socket is created mode 0600. A Unix socket path left by a process that died is
-        replaced; a path that is not a socket, or a socket something still listens on, is an error rather than
-        something to delete."""
-        if self.family == socket.AF_UNIX:
-            self._clear_stale(str(self.target))
-        s = socket.socket(self.family, socket.SOCK_STREAM)
-        if self.family != socket.AF_UNIX:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        old_umask = os.umask(0o177) if self.family == socket.AF_UNIX else None
-        try:
-            s.bind(self.target)  # a Unix socket is created 0600: only its owner may command or feed this VMM
-            s.listen(4)
-        except OSError as e:
-            s.close()
-            raise InputError(f"cannot listen at {self}: {e.strerror or e}") from None
-        finally:
-            if old_umask is not None:
-                os.umask(old_umask)
-        return s
-
-    def _clear_stale(self, path: str) -> None:
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(mode):
-            raise InputError(f"cannot listen at {self}: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens: left behind by a process that is gone
-            return
-        except OSError:
-            return  # let bind() report it
-        finally:
-            probe.close()
-        raise InputError(f"cannot listen at {self}: another process is listening there")
-
-    def unlink(self) -> None:
-        """Remove a Unix socket's path (after closing the listening socket); nothing for TCP."""
-        if self.family == socket.AF_UNIX:
-            try:
-                os.unlink(str(self.target))
-            except FileNotFoundError:
-                pass
-
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(self.target)
-        except OSError as e:
-            s.close()
-            raise ConnectionError(f"cannot connect to {self}: {e.strerror or e}") from None
-        return s
+IDLE_SECONDS = 30.0
 
 
 class PeerClosed(ConnectionError):
     """The peer closed the connection cleanly between messages."""
 
 
-class Channel:
-    """A socket carrying the migration stream: send encoded bytes, receive decoded events."""
+class StreamTimeout(ConnectionError):
+    """The peer sent or took nothing for the idle limit, or the channel's overall deadline passed."""
 
-    def __init__(self, sock: socket.socket, *, expect_header: bool, timeout: float = 30.0) -> None:
+
+@dataclass(frozen=True)
+class Pages:
+    """A MEMP section received straight into guest memory: pages [first, first + count) now hold it."""
+
+    first: int
+    count: int
+    offset: int
+    kind: bytes = b"MEMP"
+
+
+class Channel:
+    """A connected socket (plain or TLS) carrying the migration stream in one direction and answers in the other."""
+
+    def __init__(self, sock: socket.socket, *, expect_header: bool, idle: float = IDLE_SECONDS,
+                 deadline: float | None = None) -> None:
         self.sock = sock
-        self.sock.settimeout(timeout)
-        self.decoder = StreamDecoder(expect_header=expect_header)
+        self.idle = idle
+        self.deadline = deadline  # time.monotonic() after which every operation fails; None: only the idle limit
+        self._need_header = expect_header
+        self._pos = 0  # bytes of the stream received so far
+        self._head = bytearray(PAGES_HEAD.size + SECTION_HEAD.size)
         self.sent = 0
         self.received = 0
+        self._vectored = not isinstance(sock, ssl.SSLSocket)  # SSLSocket has no sendmsg
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-        self.sent += len(data)
+    # --- limits ------------------------------------------------------------------------------------------------
+    def _arm(self) -> None:
+        limit = self.idle
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise StreamTimeout("the migration's deadline passed")
+            limit = min(limit, left)
+        self.sock.settimeout(limit)
 
-    def receive(self) -> Header | Section:
-        """The next header or section; PeerClosed on a clean close, StreamError on a cut or corrupt stream."""
-        while True:
-            event = self.decoder.next_event()
-            if event is not None:
-                return event
+    def _timeout(self, what: str) -> StreamTimeout:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return StreamTimeout(f"the migration's deadline passed while {what}")
+        return StreamTimeout(f"the peer stalled: nothing for {self.idle:g} s while {what}")
+
+    # --- sending -----------------------------------------------------------------------------------------------
+    def send(self, *parts: bytes | memoryview) -> None:
+        """Send the parts in order, as one write where the socket allows (a vectored sendmsg: nothing copied)."""
+        try:
+            if self._vectored and len(parts) > 1:
+                views = [memoryview(p).cast("B") for p in parts]
+                while views:
+                    self._arm()
+                    n = self.sock.sendmsg(views)
+                    self.sent += n
+                    while views and n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    if views and n:
+                        views[0] = views[0][n:]
+            else:
+                for p in parts:
+                    self._arm()
+                    self.sock.sendall(p)
+                    self.sent += len(p)
+        except TimeoutError:
+            raise self._timeout("sending") from None
+
+    # --- receiving ---------------------------------------------------------------------------------------------
+    def _read_into(self, view: memoryview, what: str) -> None:
+        got = 0
+        while got < len(view):
+            self._arm()
             try:
-                data = self.sock.recv(RECV_CHUNK)
+                n = self.sock.recv_into(view[got:])
             except TimeoutError:
-                raise ConnectionError("timed out waiting for the peer") from None
-            if not data:
-                self.decoder.end()  # raises StreamError if something was cut short
-                raise PeerClosed("the peer closed the connection")
-            self.received += len(data)
-            self.decoder.feed(data)
+                raise self._timeout(f"receiving {what}") from None
+            if not n:
+                if got == 0 and what == "the next section":
+                    raise PeerClosed("the peer closed the connection")
+                raise StreamError(f"truncated stream: the peer closed inside {what} at byte {self._pos + got}")
+            got += n
+            self.received += n
+        self._pos += got
 
-    def expect(self, *kinds: bytes) -> Section:
-        event = self.receive()
+    def _read(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        self._read_into(memoryview(buf), what)
+        return bytes(buf)
+
+    def receive(self, into: memoryview | None = None) -> Header | Section | Pages:
+        """The next header or section. With `into` (guest memory), a MEMP section's pages are read straight into it
+        after their range is checked, and come back as `Pages`. PeerClosed on a clean close between sections,
+        StreamError on a cut or corrupt stream, StreamTimeout when the peer stalls."""
+        if self._need_header:
+            start = self._pos
+            fixed = self._read(HEADER_FIXED.size, "the stream header")
+            try:
+                length = check_header_fixed(fixed)
+            except StreamError as e:
+                raise StreamError(f"{e} (at byte {start})") from None
+            header = parse_header(fixed + self._read(length + CRC.size, "the stream header"))
+            self._need_header = False
+            return header
+        offset = self._pos
+        head = self._read(SECTION_HEAD.size, "the next section")
+        kind, length = SECTION_HEAD.unpack(head)
+        check_section_head(kind, length, offset)
+        name = f"the {kind.decode()} section at byte {offset}"
+        if kind == b"MEMP" and into is not None and length >= PAGES_HEAD.size:
+            pages_head = self._read(PAGES_HEAD.size, name)
+            first, count = PAGES_HEAD.unpack(pages_head)
+            if length != PAGES_HEAD.size + count * PAGE:
+                raise StreamError(f"MEMP section at byte {offset}: says {count} pages but carries "
+                                  f"{length - PAGES_HEAD.size} bytes")
+            if (first + count) * PAGE > len(into):
+                raise StreamError(f"MEMP section at byte {offset} writes beyond guest memory (pages {first}.."
+                                  f"{first + count - 1}, guest has {len(into) // PAGE})")
+            target = into[first * PAGE:(first + count) * PAGE]
+            self._read_into(target, name)
+            crc = zlib.crc32(target, zlib.crc32(pages_head, zlib.crc32(head)))
+            if CRC.unpack(self._read(CRC.size, name))[0] != crc:
+                raise StreamError(f"MEMP section at byte {offset}: checksum mismatch (corrupted)")
+            return Pages(first, count, offset)
+        body = self._read(length + CRC.size, name)
+        if CRC.unpack_from(body, length)[0] != zlib.crc32(body[:length], zlib.crc32(head)):
+            raise StreamError(f"{kind.decode()} section at byte {offset}: checksum mismatch (corrupted)")
+        return Section(kind, body[:length], offset)
+
+    def expect(self, *kinds: bytes, into: memoryview | None = None) -> Section | Pages:
+        event = self.receive(into)
         if isinstance(event, Header):
             raise StreamError("unexpected second stream header")
         if event.kind not in kinds:

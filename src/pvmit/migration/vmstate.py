@@ -9,7 +9,9 @@ from typing import Any
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError
 from pvmit.kvm.vcpu import REG_NAMES, Regs, Vcpu
+from pvmit.migration.fields import checked, need, optional
 from pvmit.migration.stream import StreamError
+from pvmit.net.text import shorten
 
 # MSRs carried with the vCPU (beyond those the interface core owns: IA32_SPEC_CTRL, IA32_ARCH_CAPABILITIES).
 CARRIED_MSRS = (
@@ -38,6 +40,8 @@ def _blob(obj: C.Structure) -> str:
 
 
 def _unblob(text: Any, cls: type[C.Structure], what: str) -> C.Structure:
+    if not isinstance(text, str) or len(text) > 4 * C.sizeof(cls):
+        raise StreamError(f"CPUS section: {what} must be a base64 string of {C.sizeof(cls)} bytes")
     try:
         raw = base64.b64decode(text, validate=True)
     except (TypeError, ValueError):
@@ -72,21 +76,29 @@ def capture(vcpu: Vcpu) -> dict[str, Any]:
 
 
 def restore(vcpu: Vcpu, state: Any) -> list[str]:
-    """Load `state` into `vcpu`. Returns what this KVM would not take (MSRs, state structures): the destination
-    refuses the guest if anything did not fit, rather than run it with part of its state missing."""
+    """Load `state` into `vcpu`, every field checked before anything is set. Returns what this KVM would not take
+    (MSRs, state structures): the destination refuses the guest if anything did not fit, rather than run it with
+    part of its state missing."""
     if not isinstance(state, dict):
         raise StreamError("CPUS section: not a JSON object")
-    try:
-        regs = state["regs"]
-        values = [int(regs[n]) for n in REG_NAMES]
-    except (KeyError, TypeError, ValueError) as e:
-        raise StreamError(f"CPUS section: registers incomplete or not numbers ({e})") from None
-    if any(not 0 <= v < 1 << 64 for v in values):
-        raise StreamError("CPUS section: a register value does not fit 64 bits")
+    need(state, "regs", dict, where="CPUS section")
+    values = [need(state, f"regs.{n}", int, where="CPUS section", lo=0, hi=(1 << 64) - 1) for n in REG_NAMES]
+    msrs = optional(state, "msrs", dict, {}, where="CPUS section")
+    if len(msrs) > len(CARRIED_MSRS):
+        raise StreamError(f"CPUS section: {len(msrs)} MSRs, more than the {len(CARRIED_MSRS)} a pvmit VMM carries")
+    pairs = []
+    for key, value in msrs.items():
+        if not (key.startswith("0x") and 2 < len(key) <= 10 and all(c in "0123456789abcdefABCDEF" for c in key[2:])):
+            raise StreamError(f"CPUS section: MSR index {shorten(key, 40)!r} is not 0x followed by up to 8 hex digits")
+        v = checked(value, f"msrs[{key}]", int, where="CPUS section", lo=0, hi=(1 << 64) - 1)
+        pairs.append((int(key, 16), v))
     sregs = _unblob(state.get("sregs"), abi.KvmSregs, "sregs")
     fpu = _unblob(state.get("fpu"), abi.KvmFpu, "fpu")
     events = _unblob(state.get("events"), abi.KvmVcpuEvents, "events")
     extra = [(name, _unblob(state[name], struct, name), put) for name, struct, _, put in STRUCTS if name in state]
+    unknown = sorted(set(state) - {"regs", "sregs", "fpu", "events", "msrs"} - {n for n, *_ in STRUCTS})
+    if unknown:  # state this VMM would silently drop: refuse rather than run the guest without it
+        raise StreamError(f"CPUS section: unknown field {shorten(unknown[0], 40)!r}")
     vcpu.set_sregs(sregs)  # type: ignore[arg-type]
     vcpu.set_regs(Regs(*values))
     vcpu.set_fpu(fpu)  # type: ignore[arg-type]
@@ -97,18 +109,6 @@ def restore(vcpu: Vcpu, state: Any) -> list[str]:
         except KvmError as e:
             refused.append(f"{name} ({e})")
     vcpu.set_events(events)  # type: ignore[arg-type]
-    msrs = state.get("msrs", {})
-    if not isinstance(msrs, dict):
-        raise StreamError("CPUS section: msrs must be an object")
-    pairs = []
-    for key, value in msrs.items():
-        try:
-            index, v = int(key, 16), int(value)
-        except (TypeError, ValueError):
-            raise StreamError(f"CPUS section: MSR entry {key!r} is not index -> number") from None
-        if not 0 <= index < 1 << 32 or not 0 <= v < 1 << 64:
-            raise StreamError(f"CPUS section: MSR entry {key!r} is out of range")
-        pairs.append((index, v))
     while pairs:  # one KVM_SET_MSRS for all; KVM stops at one it refuses, which is noted and skipped
         n = vcpu.set_msrs(dict(pairs))
         if n < len(pairs):

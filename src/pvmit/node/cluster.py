@@ -6,7 +6,6 @@ VMM processes talking over sockets.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -16,32 +15,43 @@ from pathlib import Path
 from typing import Any
 
 from pvmit.errors import PvmitError
-from pvmit.node.process import control_request
+from pvmit.net.tls import Credentials
+from pvmit.node.control import request as control_request
 
-COUNT = re.compile(r"^guest: count 0x([0-9a-f]+) spec_ctrl 0x([0-9a-f]+)", re.M)
+COUNT = re.compile(r"^guest: count 0x([0-9a-f]+) spec_ctrl 0x([0-9a-f]+) gp 0x[0-9a-f]+$", re.M)
 PAUSED = re.compile(r"^vmm: paused at monotonic ([0-9.]+)", re.M)
 RESUMED = re.compile(r"^vmm: resumed at monotonic ([0-9.]+)", re.M)
 
 
 class VmmHandle:
-    """One `pvmit vmm` process, its log file and its control socket."""
+    """One `pvmit vmm` process, its log file and its control socket (a Unix socket in `workdir` unless `control`
+    names another address; `creds` is a TLS credentials directory for TCP endpoints; `prefix` runs the process
+    under another command, such as `ip netns exec NAME`)."""
 
     def __init__(self, workdir: Path, name: str, args: list[str], *, catalogs: list[str] | None = None,
-                 timeout: float = 60) -> None:
+                 timeout: float = 60, control: str | None = None, creds: Path | None = None,
+                 prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.log = workdir / f"{name}.log"
-        sock = workdir / f"{name}.ctl"
-        self.control = f"unix:{sock}"
+        self.control = control or f"unix:{workdir / f'{name}.ctl'}"
+        self.creds = Credentials.load(creds, roles=("client",)) if creds else None
         pre = [x for c in (catalogs or []) for x in ("--catalog", c)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "pvmit", *pre, "vmm", "--control", self.control, *args],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        tls = ["--tls-creds", str(creds)] if creds else []
+        self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "pvmit", *pre, "vmm", "--control",
+                                      self.control, *tls, *args],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
-        while not sock.exists():
+        ready = "vmm: control socket" if not args or "--incoming" not in args else "vmm: incoming migrations at"
+        while ready not in self.text():
             if self.proc.poll() is not None:
                 raise PvmitError(f"VMM {name} exited with status {self.proc.returncode}:\n{self.text()[-2000:]}")
             if time.monotonic() > deadline:
                 raise PvmitError(f"VMM {name} did not start within {timeout} s")
             time.sleep(0.05)
+
+    def request(self, doc: dict[str, Any], on_event: Callable[[dict[str, Any]], None] = lambda d: None,
+                timeout: float = 600) -> dict[str, Any]:
+        return control_request(self.control, doc, on_event, creds=self.creds, timeout=timeout)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -58,14 +68,13 @@ class VmmHandle:
 
     def status(self) -> dict[str, Any]:
         try:
-            return control_request(self.control, {"cmd": "status"}, lambda d: None, timeout=30)
-        except (ConnectionError, OSError, json.JSONDecodeError):
+            return self.request({"cmd": "status"}, timeout=30)
+        except (ConnectionError, OSError, PvmitError):
             return {"state": "gone"}
 
     def migrate(self, to: str, *, check: bool = False, fault: str | None = None,
                 on_event: Callable[[dict[str, Any]], None] = lambda d: None) -> dict[str, Any]:
-        answer = control_request(self.control, {"cmd": "migrate", "to": to, "check": check, "fault": fault},
-                                 on_event)
+        answer = self.request({"cmd": "migrate", "to": to, "check": check, "fault": fault}, on_event)
         if not answer.get("ok"):
             raise PvmitError(f"{self.name}: {answer.get('error')}")
         result = answer["result"]
@@ -86,8 +95,8 @@ class VmmHandle:
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
-                control_request(self.control, {"cmd": "quit"}, lambda d: None, timeout=10)
-            except (ConnectionError, OSError, json.JSONDecodeError):
+                self.request({"cmd": "quit", "force": True}, timeout=10)
+            except (ConnectionError, OSError, PvmitError):
                 pass
             try:
                 self.proc.wait(10)

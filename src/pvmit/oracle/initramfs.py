@@ -8,7 +8,11 @@ bugs lines), runs `python3 -m pvmit.agent report --dry-run --json`, and powers o
 
 from __future__ import annotations
 
+import gzip
+import importlib
+import importlib.util
 import json
+import lzma
 import os
 import re
 import shutil
@@ -60,10 +64,11 @@ class OracleUnavailable(PvmitError):
 class Kernel:
     image: Path
     release: str
+    modules_root: Path = Path("/lib/modules")
 
     @property
     def modules(self) -> Path:
-        return Path("/lib/modules") / self.release
+        return self.modules_root / self.release
 
 
 def find_kernel(image: Path | None = None) -> Kernel:
@@ -151,12 +156,55 @@ def python_files(python: Path, bundle: Path) -> tuple[list[Path], str]:
     return sorted(files), doc["version"]
 
 
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+"""How Debian's kernels ship a module: plain (6.1), xz (6.12: CONFIG_MODULE_COMPRESS_XZ), zstd or gzip (other
+distributions' kernels). The initramfs gets the plain module, so busybox's insmod needs no decompressor."""
+
+
 def _module(kernel: Kernel, name: str) -> Path:
-    path = kernel.modules / "kernel" / "arch" / "x86" / "kernel" / f"{name}.ko"
-    if not path.is_file():
-        raise OracleUnavailable(f"{path} is missing: the {name} module of {kernel.release} is needed (Debian's "
-                                "linux-image package ships it; compressed modules are not supported)")
-    return path
+    base = kernel.modules / "kernel" / "arch" / "x86" / "kernel" / name
+    for suffix in MODULE_SUFFIXES:
+        path = base.with_name(name + suffix)
+        if path.is_file():
+            return path
+    raise OracleUnavailable(f"{base}.ko is missing (nor {', '.join(MODULE_SUFFIXES[1:])}): the {name} module of "
+                            f"{kernel.release} is needed (Debian's linux-image package ships it)")
+
+
+def _zstd_decompress(data: bytes, path: Path) -> bytes:
+    """zstd: the standard library has it only from Python 3.14 (compression.zstd); before that the `zstd` program
+    (Debian's zstd package) does it, so the oracle needs no PyPI package for a format Debian's kernels do not use."""
+    if importlib.util.find_spec("compression") is not None:
+        zstd = importlib.import_module("compression.zstd")
+        try:
+            return bytes(zstd.decompress(data))
+        except Exception as e:  # compression.zstd.ZstdError
+            raise OracleUnavailable(f"{path}: cannot decompress: {e}") from None
+    exe = shutil.which("zstd")
+    if exe is None:
+        raise OracleUnavailable(f"{path}: a zstd-compressed module needs Python 3.14 or the zstd program "
+                                "(apt-get install zstd)")
+    p = subprocess.run([exe, "-d", "-c", "-q"], input=data, capture_output=True, timeout=60)
+    if p.returncode:
+        raise OracleUnavailable(f"{path}: zstd -d failed: {p.stderr.decode('utf-8', 'replace').strip()}")
+    return p.stdout
+
+
+def module_bytes(path: Path) -> bytes:
+    """The plain ELF module from `path`, decompressed by its suffix; OracleUnavailable when that fails."""
+    data = path.read_bytes()
+    try:
+        if path.name.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif path.name.endswith(".zst"):
+            data = _zstd_decompress(data, path)
+        elif path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
+        raise OracleUnavailable(f"{path}: cannot decompress: {e}") from None
+    if not data.startswith(b"\x7fELF"):
+        raise OracleUnavailable(f"{path}: not an ELF module once decompressed")
+    return data
 
 
 def build(kernel: Kernel, python: Path | None = None) -> bytes:
@@ -171,7 +219,7 @@ def build(kernel: Kernel, python: Path | None = None) -> bytes:
 
     add_file(busybox, "bin/busybox", 0o755)
     for name in ("msr", "cpuid"):
-        add_file(_module(kernel, name), f"lib/modules/{name}.ko", 0o644)
+        files[f"lib/modules/{name}.ko"] = (module_bytes(_module(kernel, name)), 0o644, 0)
     with tempfile.TemporaryDirectory() as tmp:
         for rel, data in agent_files().items():
             (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)

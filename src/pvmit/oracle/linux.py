@@ -19,15 +19,42 @@ from pvmit.oracle.boot import BASE_APPEND, BootFailed, Seen, boot, find_qemu, qe
 from pvmit.oracle.cases import Case
 from pvmit.oracle.compare import evaluate
 
-SCHEMA = "pvmit.linux-oracle/1"
+SCHEMA = "pvmit.linux-oracle/2"
+CONFIG_OPTIONS = ("CONFIG_KVM", "CONFIG_RETPOLINE", "CONFIG_MITIGATION_RETPOLINE", "CONFIG_CPU_IBRS_ENTRY",
+                  "CONFIG_MITIGATION_IBRS_ENTRY", "CONFIG_CALL_DEPTH_TRACKING",
+                  "CONFIG_MITIGATION_SPECTRE_BHI", "CONFIG_MITIGATION_ITS", "CONFIG_MITIGATION_CALL_DEPTH_TRACKING")
+"""The build options of the kernel under test that the model's choice depends on (recorded from /boot/config-*)."""
 
 
-def observed(seen: Seen) -> dict[str, Any]:
-    """What a boot showed, in the recorded form `compare.evaluate` reads."""
+def kernel_config(release: str, boot: Path = Path("/boot")) -> dict[str, str]:
+    """CONFIG_OPTIONS as the kernel's config file names them ('n' for '# ... is not set', and for CONFIG_KVM when
+    absent); {} when there is no config file."""
+    path = boot / f"config-{release}"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in CONFIG_OPTIONS:
+            found[key] = value
+        elif line.startswith("# ") and line.endswith(" is not set") and line[2:-11] in CONFIG_OPTIONS:
+            found[line[2:-11]] = "n"
+    if not found:
+        return {}
+    return {"CONFIG_KVM": "n"} | {k: found[k] for k in CONFIG_OPTIONS if k in found}  # (options renamed between
+    # versions appear only under the name the kernel uses: CONFIG_RETPOLINE became CONFIG_MITIGATION_RETPOLINE)
+
+
+def observed(seen: Seen, kvm: bool | None = None) -> dict[str, Any]:
+    """What a boot showed, in the recorded form `compare.evaluate` reads. `kvm`: whether the kernel was built with
+    KVM (its /boot/config; None when unknown, which the model reads as built with it)."""
     agent = seen.agent or {}
     decision = agent.get("decision") or {}
     iface = agent.get("interface") or {}
     return {
+        "kernel": {"release": seen.release, "version": seen.version, "kvm": kvm},
         "proc_cmdline": seen.cmdline,
         "sysfs": {k: seen.vulnerabilities.get(k) for k in ("spectre_v2", "retbleed", "spectre_v1",
                                                             "indirect_target_selection")},
@@ -58,6 +85,8 @@ def run(cases: list[Case], catalog: Catalog, *, kernel: Path | None = None, pyth
     q = find_qemu(qemu)
     progress(f"building the initramfs for {k.release} (busybox, msr/cpuid modules, python3, the agent)")
     image = initramfs.build(k, python)
+    config = kernel_config(k.release)
+    kvm = None if not config else config["CONFIG_KVM"] in ("y", "m")
     results: dict[str, dict[str, Any]] = {}
     failures: list[dict[str, str]] = []
     versions: set[str] = set()
@@ -73,7 +102,7 @@ def run(cases: list[Case], catalog: Catalog, *, kernel: Path | None = None, pyth
                 progress(f"{case.id}: boot failed")
                 return
             versions.add(seen.version)
-            results[case.id] = evaluate(case, observed(seen), catalog)
+            results[case.id] = evaluate(case, observed(seen, kvm), catalog)
             r = results[case.id]
             progress(f"{case.id}: {seen.seconds:.0f} s, {'as expected' if r['as_expected'] else 'UNEXPECTED'}")
 
@@ -83,7 +112,7 @@ def run(cases: list[Case], catalog: Catalog, *, kernel: Path | None = None, pyth
     return {
         "schema": SCHEMA,
         "kernel": {"release": k.release, "image": str(k.image), "package": _package(k.release),
-                   "version": sorted(versions)[0] if len(versions) == 1 else sorted(versions)},
+                   "version": sorted(versions)[0] if len(versions) == 1 else sorted(versions), "config": config},
         "qemu": qemu_version(q),
         "accel": "tcg",
         "base_cmdline": BASE_APPEND,
@@ -121,13 +150,15 @@ def verdict(r: dict[str, Any]) -> str:
 
 def markdown_table(doc: dict[str, Any]) -> str:
     """The results as the Markdown table docs/linux-guests.md shows (`pvmit oracle linux --markdown`)."""
-    rows = ["| case | `-cpu` | command line | kernel printed (mode; BHI) | pvmit predicts | agent in the guest | "
-            "agree |", "|---|---|---|---|---|---|---|"]
+    rows = ["| case | `-cpu` | command line | kernel printed (mode; BHI; ITS) | pvmit predicts | agent in the guest "
+            "| agree |", "|---|---|---|---|---|---|---|"]
     for r in doc["cases"]:
         line = r["observed"]["sysfs"]["spectre_v2"]
         bhi = next((f for f in line.split("; ") if f.startswith("BHI:")), "no BHI field")
+        its = r["observed"]["sysfs"].get("indirect_target_selection") or "no ITS file"
         p, agent = r["prediction"], r["observed"]["agent"]
         rows.append(f"| `{r['id']}` | {r['cpu']} | {'`' + r['cmdline'] + '`' if r['cmdline'] else '-'} | "
-                    f"{line.split(';')[0]}; {bhi} | {p['sysfs_mode']}; {p['sysfs_bhi']} | "
+                    f"{line.split(';')[0]}; {bhi}; ITS: {its} | {p['sysfs_mode']}; {p['sysfs_bhi'] or 'no BHI field'}; "
+                    f"ITS: {p['sysfs_its'] or 'no ITS file'} | "
                     f"{', '.join(agent['relies_on'] or []) or 'nothing'} | {verdict(r)} |")
     return "\n".join(rows)

@@ -87,3 +87,4 @@ class Machine:
     def close(self) -> None:
         self.vcpu.close()
         self.vm.close()
+        self.memory.close()
