@@ -114,3 +114,30 @@ def test_msr_access_edges(catalog: Catalog) -> None:
     v = VmInterface(InterfaceConfig(Form.KVM, 3), catalog.get("icelake-sp").facts, no_caps)
     assert v.rdmsr(0, 0x10A) is None
     assert v.last_fault == "IA32_ARCH_CAPABILITIES is not enumerated by the guest's CPU personality"
+
+
+def test_fault_reasons_name_the_register(catalog: Catalog) -> None:
+    """What the VMM logs with each #GP it injects: which register, and why."""
+    from pvmit.interface.forms import MSR_KVM_PVMIT_MITIGATION
+
+    v = VmInterface(InterfaceConfig(Form.INTEL, 3), catalog.get("sapphirerapids").facts,
+                    catalog.get("sapphirerapids").facts)
+    for index, name in ((0x50000000, "MSR_VIRTUAL_ENUMERATION"), (0x50000001, "MSR_VIRTUAL_MITIGATION_ENUM"),
+                        (0x10A, "IA32_ARCH_CAPABILITIES")):
+        assert not v.wrmsr(0, index, 1) and v.last_fault == f"{name} is read-only: WRMSR 0x1 refused"
+    assert v.rdmsr(0, MSR_KVM_PVMIT_MITIGATION) is None
+    assert v.last_fault == "MSR 0x4b564d80 does not exist for this VM: it uses the intel form"
+    k = VmInterface(InterfaceConfig(Form.KVM, 3), catalog.get("sapphirerapids").facts,
+                    catalog.get("sapphirerapids").facts)
+    for index in (0x50000000, 0x50000001, 0x50000002):
+        assert k.rdmsr(0, index) is None and not k.wrmsr(0, index, 0)
+        assert k.last_fault == (f"MSR {index:#x} does not exist for this VM: it uses the kvm form "
+                                "(IA32_ARCH_CAPABILITIES bit 63 is clear)")
+
+
+def test_effects_carry_the_decision(catalog: Catalog) -> None:
+    v = vm(catalog)
+    v.take_effects()
+    v.wrmsr(0, CTRL, 2)
+    (e,) = v.take_effects()
+    assert e.decision is v.vcpus[0].decision and e.decision.mask == R_DIS
