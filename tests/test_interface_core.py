@@ -141,3 +141,12 @@ def test_effects_carry_the_decision(catalog: Catalog) -> None:
     v.wrmsr(0, CTRL, 2)
     (e,) = v.take_effects()
     assert e.decision is v.vcpus[0].decision and e.decision.mask == R_DIS
+
+
+def test_trusting_an_unreported_guest_names_every_mitigation_at_risk(catalog: Catalog) -> None:
+    d = decide(catalog.get("sapphirerapids").facts, None, catalog.get("skylake-sp").facts,
+               OperatorSettings(unreported="trust"))
+    assert d.mask == 0
+    (w,) = d.warnings
+    assert w.startswith("guest has not reported and the operator trusts it: nothing is forced, although short "
+                        "BHB-clearing sequence, retpoline would be ineffective here (boot personality suggests ")
