@@ -6,6 +6,7 @@
     .venv/bin/python tools/mutation.py interface plan derive  # several, one after another
     .venv/bin/python tools/mutation.py migration --jobs 1    # the migration sides (slower: needs /dev/kvm)
     .venv/bin/python tools/mutation.py --list               # modules and the tests each runs
+    .venv/bin/python tools/mutation.py --report derive      # the last run's score and survivors again
 
 For each module it copies src/, tests/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
 a copy of the tree it mutates, under mutants/), adds the module's [tool.mutmut] section, runs `mutmut run` with
@@ -104,7 +105,9 @@ def diff_of(workdir: Path, mutant: str) -> tuple[str, str]:
     p = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir, capture_output=True,
                        text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-    function = mutant.split(".")[-1].split("__mutmut_")[0].removeprefix("x_").replace("ǁ", ".").strip(".")
+    # mutmut names a function x_NAME and a method xǁCLASSǁNAME
+    raw = mutant.split(".")[-1].split("__mutmut_")[0]
+    function = raw[2:].replace("ǁ", ".") if raw.startswith("xǁ") else raw.removeprefix("x_")
     return function, "\n".join(lines)
 
 
@@ -113,13 +116,18 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     print(f"== {name}: mutating {', '.join(module.mutate)}; tests: {' '.join(module.tests)}", flush=True)
     if module.note:
         print(f"   note: {module.note}", flush=True)
-    prepare(name, module, workdir)
     started = time.monotonic()
     log = workdir / "mutmut-run.log"
-    env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}  # tests/conftest.py: no shrinking, fixed seed
-    with log.open("w") as out:
-        p = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)], cwd=workdir,
-                           stdout=out, stderr=subprocess.STDOUT, env=env)
+    returncode = 0
+    if not args.report:
+        prepare(name, module, workdir)
+        env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}  # tests/conftest.py: no shrinking, fixed seed
+        with log.open("w") as out:
+            returncode = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs)],
+                                        cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    elif not workdir.exists():
+        print(f"   no earlier run in {workdir}", file=sys.stderr)
+        return False
     elapsed = time.monotonic() - started
     res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
                          capture_output=True, text=True)
@@ -128,8 +136,8 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
         m = _RESULT.match(line)
         if m:
             statuses[m.group(1)] = m.group(2)
-    if p.returncode or not statuses:
-        print(f"   mutmut failed (exit {p.returncode}); its output is in {log}", file=sys.stderr)
+    if returncode or not statuses:
+        print(f"   mutmut failed (exit {returncode}); its output is in {log}", file=sys.stderr)
         return False
     killed = sum(1 for s in statuses.values() if s in _KILLED)
     total = len(statuses)
@@ -149,7 +157,8 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     ok = score >= args.target and not unexplained
     print(f"   {name}: killed {killed} / {total} mutants; {len(equivalent)} equivalent (listed); "
           f"{len(unexplained)} unexplained; score {killed}/{scored} = {score:.1%} "
-          f"(target {args.target:.0%}): {'PASS' if ok else 'FAIL'}; {elapsed:.0f} s with {args.jobs} children",
+          f"(target {args.target:.0%}): {'PASS' if ok else 'FAIL'}"
+          + ("" if args.report else f"; {elapsed:.0f} s with {args.jobs} children"),
           flush=True)
     if args.verbose:
         for mutant, function, why in equivalent:
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=REPO / ".mutation", help="where the copies go")
     ap.add_argument("--list", action="store_true", help="show the modules and their tests, run nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="also list the equivalent mutants")
+    ap.add_argument("--report", action="store_true", help="report on the last run in --workdir, run nothing")
     args = ap.parse_args(argv)
     names = args.modules or ["derive", "interface", "plan"]
     bad = [n for n in names if n not in MODULES]
