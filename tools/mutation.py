@@ -58,7 +58,8 @@ MODULES: dict[str, Module] = {
                          "tests/test_derive.py")),
     "plan": Module(("src/pvmit/fleet/plan.py",), ("tests/test_fleet_plan.py",)),
     "migration": Module(("src/pvmit/migration/*",),
-                        ("tests/test_migration_stream.py", "tests/test_stream_validation.py", "tests/test_migration.py"),
+                        ("tests/test_migration_stream.py", "tests/test_stream_validation.py",
+                         "tests/test_migration.py"),
                         "needs /dev/kvm for the end-to-end tests; on this machine's emulating KVM it is slow"),
 }
 DESELECT = "not cli and not whole_catalog"
