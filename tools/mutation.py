@@ -7,6 +7,7 @@
     .venv/bin/python tools/mutation.py migration --jobs 1    # the migration sides (slower: needs /dev/kvm)
     .venv/bin/python tools/mutation.py --list               # modules and the tests each runs
     .venv/bin/python tools/mutation.py --report derive      # the last run's score and survivors again
+    .venv/bin/python tools/mutation.py --survivors derive   # after adding tests: rerun the survivors only
 
 For each module it copies src/, tests/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
 a copy of the tree it mutates, under mutants/), adds the module's [tool.mutmut] section, runs `mutmut run` with
@@ -101,6 +102,18 @@ use_git_change_detection = false
 """)
 
 
+def results(workdir: Path) -> dict[str, str]:
+    """mutmut's status of every mutant of the last run in `workdir`."""
+    res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
+                         capture_output=True, text=True)
+    statuses: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        m = _RESULT.match(line)
+        if m:
+            statuses[m.group(1)] = m.group(2)
+    return statuses
+
+
 def diff_of(workdir: Path, mutant: str) -> tuple[str, str]:
     """(function, the lines the mutant changes as '-old / +new') for one mutant."""
     p = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir, capture_output=True,
@@ -120,7 +133,7 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     started = time.monotonic()
     log = workdir / "mutmut-run.log"
     returncode = 0
-    if not args.report:
+    if not args.report and not args.survivors:
         prepare(name, module, workdir)
         env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}  # tests/conftest.py: no shrinking, fixed seed
         with log.open("w") as out:
@@ -129,14 +142,24 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     elif not workdir.exists():
         print(f"   no earlier run in {workdir}", file=sys.stderr)
         return False
+    if args.survivors:  # the same mutants again, against the tests as they are now (the code must be unchanged)
+        for pattern in module.mutate:
+            for path in REPO.glob(pattern):
+                if path.read_bytes() != (workdir / path.relative_to(REPO)).read_bytes():
+                    print(f"   {path.relative_to(REPO)} changed since the last run: run the module afresh",
+                          file=sys.stderr)
+                    return False
+        lived = [k for k, s in results(workdir).items() if s not in _KILLED]
+        for dest in (workdir / "tests", workdir / "mutants" / "tests"):
+            shutil.rmtree(dest)
+            shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
+        env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}
+        with log.open("a") as out:
+            returncode = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs),
+                                         *lived], cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env).returncode
     elapsed = time.monotonic() - started
-    res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
-                         capture_output=True, text=True)
-    statuses: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        m = _RESULT.match(line)
-        if m:
-            statuses[m.group(1)] = m.group(2)
+    statuses = results(workdir)
     if returncode or not statuses:
         print(f"   mutmut failed (exit {returncode}); its output is in {log}", file=sys.stderr)
         return False
@@ -159,7 +182,8 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
     print(f"   {name}: killed {killed} / {total} mutants; {len(equivalent)} equivalent (listed); "
           f"{len(unexplained)} unexplained; score {killed}/{scored} = {score:.1%} "
           f"(target {args.target:.0%}): {'PASS' if ok else 'FAIL'}"
-          + ("" if args.report else f"; {elapsed:.0f} s with {args.jobs} children"),
+          + ("" if args.report else f"; {elapsed:.0f} s with {args.jobs} children"
+                                    + (" (survivors only)" if args.survivors else "")),
           flush=True)
     if args.verbose:
         for mutant, function, why in equivalent:
@@ -181,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="show the modules and their tests, run nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="also list the equivalent mutants")
     ap.add_argument("--report", action="store_true", help="report on the last run in --workdir, run nothing")
+    ap.add_argument("--survivors", action="store_true",
+                    help="rerun only the last run's survivors against the current tests (the code must not have "
+                         "changed)")
     args = ap.parse_args(argv)
     names = args.modules or ["derive", "interface", "plan"]
     bad = [n for n in names if n not in MODULES]
