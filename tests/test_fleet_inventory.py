@@ -213,3 +213,28 @@ def test_live_hosts_with_the_same_bits_are_one_class(catalog: Catalog, tmp_path:
     f = load(catalog, write_json(tmp_path / "inv.json", hosts, [vm("v", "a", "icelake-sp", "none")]))
     assert not f.errors
     assert f.host_class.tolist() == [0, 0, 1]
+
+
+def test_duplicate_names_are_found_when_every_hash_collides(catalog: Catalog, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """VM names are compared as strings wherever their hashes are equal: with every hash equal, the duplicates
+    (and only they) are still found, each against its earliest row; blank names are still 'required'."""
+    import numpy as np
+
+    from pvmit.fleet import classes
+
+    real = classes._name_hashes
+
+    def colliding(col):  # type: ignore[no-untyped-def]
+        hashes, blank = real(col)
+        return np.zeros_like(hashes), blank
+
+    monkeypatch.setattr(classes, "_name_hashes", colliding)
+    vms = [vm("a", "icx-1", "icelake-sp", "none"), vm("b", "icx-1", "icelake-sp", "none"),
+           vm("a", "icx-1", "icelake-sp", "none"), vm(" ", "icx-1", "icelake-sp", "none"),
+           vm("b", "icx-1", "icelake-sp", "none"), vm("c", "icx-1", "icelake-sp", "none")]
+    f = load(catalog, write_json(tmp_path / "inv.json", HOSTS, vms))
+    msgs = {e.row: e.message for e in f.errors.first()}
+    assert msgs == {3: "duplicate VM name 'a' (first at row 1)", 4: "required, but empty",
+                    5: "duplicate VM name 'b' (first at row 2)"}
+    assert f.vm_names.to_pylist() == ["a", "b", "c"]

@@ -157,6 +157,11 @@ def test_pools(catalog: Catalog, tmp_path: Path) -> None:
     names = f.vm_names.to_pylist()
     pool_of = {names[i]: p.pools[int(p.vm_class_pool[f.vm_class[i]])].id for i in range(len(names))}
     assert pool_of == {"rp-1": "P2", "amd-1": "P3", "bhb-1": "P1", "old-1": "P1"}
+    # pools say what they may show and which shown bits keep their VMs off the other hosts
+    p2 = p.pools[1]
+    assert "CPUID.(7,2).EDX.PSFD" in p2.constraining_bits  # rp-1 was shown Ice Lake's PSFD: not on Cascade Lake
+    assert "arch_capabilities.IBRS_ALL" in p2.shows and p2.mitigation_enum == 3
+    assert "arch_capabilities.ITS_NO" not in p.pools[0].shows  # Cascade Lake and Ice Lake are ITS-affected
     # in its pool a VM is never exposed
     for pool in p.pools:
         assert (p.verdict[np.ix_(np.array(pool.vm_classes), np.array(pool.host_classes))] != Verdict.EXPOSED).all()

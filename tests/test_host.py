@@ -25,7 +25,7 @@ def test_host_json_shape(cli) -> None:  # type: ignore[no-untyped-def]
     assert ident["family"] > 0 and ident["signature"] != "0x00000000" and ident["cpuid_method"]
     regs = doc["facts"]["registers"]
     assert set(regs) == {"arch_capabilities", "cpuid_7_0_edx", "cpuid_7_2_edx", "cpuid_80000008_ebx",
-                         "cpuid_80000021_eax", "linux_blacklist"}
+                         "cpuid_80000021_eax", "cpuid_80000021_ecx", "linux_blacklist"}
     for r_ in regs.values():  # each is either read in full or unknown with a reason
         assert r_["all_known"] or r_["unknown_reason"]
     for key in ("retpoline_effective", "bhb_short_effective"):

@@ -292,3 +292,16 @@ def test_a_trickling_peer_cannot_hold_the_vmm(catalog: Catalog, dest: VmmHandle)
     s, chan = accepted(dest, header, hello)
     s.close()
     waiting(dest)
+
+
+def test_a_guest_that_would_see_another_cpu_is_refused_before_the_pause(catalog: Catalog, dest: VmmHandle) -> None:
+    header, hello = valid(catalog)
+    header = put(header, "vm.cpuid", {"0x0.0.ebx": 0x12345678})  # not the vendor this destination shows
+    s, chan = opened(dest)
+    s.sendall(encode_header(header) + encode_json(b"HELO", hello))
+    verdict = chan.expect(b"VRDT").json()  # type: ignore[union-attr]
+    assert not verdict["accepted"]
+    assert any("would see a different CPU here: CPUID 0x0.0.ebx: 0x12345678 on the source" in r
+               for r in verdict["reasons"]), verdict
+    s.close()
+    waiting(dest)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pvmit.catalog.loader import Catalog
 
-TARGET_SECONDS = 10.0
+TARGET_SECONDS = 5.0  # issue 18: 10,000,000 VMs over 100,000 hosts, pool enumeration included, on 2 cores
 TARGET_RSS_BYTES = 2 * 1024**3
 
 

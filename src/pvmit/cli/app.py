@@ -36,6 +36,7 @@ def _register() -> None:
         host_cmd,
         oracle_cmd,
         policy_cmd,
+        pool_cmd,
         run_cmd,
         tls_cmd,
         verify_cmd,
@@ -56,6 +57,7 @@ def _register() -> None:
     cli.add_command(guest_cmd.guest)
     cli.add_command(oracle_cmd.oracle)
     cli.add_command(fleet_cmd.fleet)
+    cli.add_command(pool_cmd.pool)
     cli.add_command(tls_cmd.tls)
 
 

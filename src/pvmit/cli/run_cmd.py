@@ -6,6 +6,7 @@ import click
 
 from pvmit.cli.output import emit_json, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
+from pvmit.cli.pool_cmd import shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
@@ -56,6 +57,8 @@ def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | 
     real, notes = this_machine(catalog)
     host = stand_in(catalog, host_cpu, real) if host_cpu else real
     hosts = [host] + [stand_in(catalog, m.strip(), real) for m in pool.split(",") if m.strip()]
+    if len(hosts) > 1:  # the guest is shown only the speculation bits every host of its pool keeps true
+        personality = shown_in_pool(personality, [(h.name, h.facts) for h in hosts])
 
     def live(line: str) -> None:
         if not json_out:

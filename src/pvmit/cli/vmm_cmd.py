@@ -11,6 +11,7 @@ import click
 
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
+from pvmit.cli.pool_cmd import shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
 from pvmit.interface.forms import Form, InterfaceConfig
@@ -118,6 +119,8 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         personality = resolve(catalog, guest_cpu)
         relied = parse_uses(uses) if uses is not None else predict(personality.facts).relies_on
         hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
+        if len(hosts) > 1:  # shown only the speculation bits every host of its pool keeps true (pool rule)
+            personality = shown_in_pool(personality, [(str(i), h) for i, h in enumerate(hosts)])
         config = InterfaceConfig(Form(form), supported_requests(hosts))
         boot = Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory)
 

@@ -17,9 +17,10 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -197,7 +198,11 @@ class Fleet:
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-def encode(col: pa.ChunkedArray) -> tuple[list[str | None], IntArray]:
+Codes = npt.NDArray[np.integer[Any]]
+"""Row codes into a column's distinct values (int32 from `encode`; -1 for an absent cell)."""
+
+
+def encode(col: pa.ChunkedArray) -> tuple[list[str | None], Codes]:
     """The distinct values of a column and each row's index into them (-1 for an absent cell)."""
     if not pa.types.is_dictionary(col.type):
         col = col.dictionary_encode()
@@ -206,12 +211,16 @@ def encode(col: pa.ChunkedArray) -> tuple[list[str | None], IntArray]:
     if not chunks:
         return [], np.empty(0, dtype=np.int64)
     values: list[str | None] = chunks[0].dictionary.to_pylist()
-    codes = np.concatenate([pc.fill_null(c.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-                            for c in chunks])
+    codes = np.empty(sum(len(c) for c in chunks), dtype=np.int32)  # int32: half the memory of int64 at 10M rows
+    pos = 0
+    for c in chunks:
+        idx = c.indices if not c.null_count else pc.fill_null(c.indices, -1)
+        codes[pos:pos + len(c)] = idx.to_numpy(zero_copy_only=False)
+        pos += len(c)
     return values, codes
 
 
-def _log_by_code(errors: ErrorLog, src: TableSource, fld: str, messages: Sequence[str | None], codes: IntArray,
+def _log_by_code(errors: ErrorLog, src: TableSource, fld: str, messages: Sequence[str | None], codes: Codes,
                  bad: BoolArray) -> None:
     """Log, per distinct value with a message, the rows holding it (and mark them bad), with array passes only."""
     is_bad = np.array([m is not None for m in messages] + [False], dtype=bool)  # [-1] -> the appended False
@@ -231,7 +240,7 @@ def _log_by_code(errors: ErrorLog, src: TableSource, fld: str, messages: Sequenc
 
 
 def _column(src: TableSource, name: str, parse: Callable[[str], T], errors: ErrorLog, bad: BoolArray,
-            required: bool) -> tuple[dict[int, T], IntArray]:
+            required: bool) -> tuple[dict[int, T], Codes]:
     """A column checked once per distinct value: {code: parsed value} for the good values, and each row's code
     (-1 for an absent cell). Rows with a bad value, or absent where the column is required, are logged and marked."""
     values, codes = encode(src.data.column(name))
@@ -340,37 +349,106 @@ DUPLICATES_NAMED = 1000
 """Duplicate VM names reported one by one with the earlier row; beyond that, one message for the rest."""
 
 
+_HASH_P = np.uint64(0x9E3779B97F4A7C15)
+_HASH_LEN = np.uint64(0xC2B2AE3D27D4EB4F)
+_HASH_POWERS = 4096
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def _powers() -> npt.NDArray[np.uint64]:
+    pw = np.empty(_HASH_POWERS, dtype=np.uint64)
+    pw[0] = 1
+    with np.errstate(over="ignore"):
+        for i in range(1, _HASH_POWERS):
+            pw[i] = pw[i - 1] * _HASH_P
+    return pw
+
+
+def _name_hashes(col: pa.ChunkedArray, step: int = 1 << 20) -> tuple[npt.NDArray[np.uint64], BoolArray]:
+    """A 64-bit hash of every string (a polynomial over its UTF-8 bytes, from Arrow's buffers, a million strings at a
+    time) and whether it may be blank (null, empty, or starting with whitespace). Equal strings hash equal; unequal
+    ones rarely do, and callers compare the strings of equal hashes."""
+    pw = _powers()
+    n = len(col)
+    out = np.empty(n, dtype=np.uint64)
+    maybe_blank = np.zeros(n, dtype=bool)
+    pos = 0
+    for chunk in col.chunks:
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            chunk = chunk.cast(pa.string())
+        for s in range(0, len(chunk), step):
+            arr = chunk.slice(s, step)
+            m = len(arr)
+            otype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+            bufs = arr.buffers()
+            offs = np.frombuffer(bufs[1], dtype=otype, count=m + 1,
+                                 offset=arr.offset * np.dtype(otype).itemsize).astype(np.int64)
+            data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
+            a, b = int(offs[0]), int(offs[-1])
+            lens = np.diff(offs)
+            starts = offs[:-1] - a
+            nz = lens > 0
+            sums = np.zeros(m, dtype=np.uint64)
+            if b > a:
+                rel = np.arange(b - a, dtype=np.int64) - np.repeat(starts, lens)
+                np.minimum(rel, _HASH_POWERS - 1, out=rel)
+                with np.errstate(over="ignore"):
+                    prod = data[a:b].astype(np.uint64) * pw[rel]
+                sums[nz] = np.add.reduceat(prod, starts[nz])
+            with np.errstate(over="ignore"):
+                out[pos:pos + m] = sums ^ (lens.astype(np.uint64) * _HASH_LEN)
+            first = np.zeros(m, dtype=bool)
+            first[nz] = _WHITESPACE[data[offs[:-1][nz]]]
+            blank = ~nz | first
+            if arr.null_count:
+                blank |= np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            maybe_blank[pos:pos + m] = blank
+            pos += m
+    return out, maybe_blank
+
+
 def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray) -> None:
-    """Empty names, and every later row of a name an earlier row has. One sort of the names, no hash table."""
+    """Empty names, and every later row of a name an earlier row has. Names are hashed (`_name_hashes`) and the
+    hashes sorted; only rows whose hash repeats are compared as strings, so unique names cost no string sort."""
     col = src.data.column("name")
     n = len(col)
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), True)
-    missing = empty.to_numpy(zero_copy_only=False) & ~bad
-    if missing.any():
-        errors.add(src.file, src.table, "name", "required, but empty", src.rows[missing])
-        bad |= missing
+    hashes, maybe_blank = _name_hashes(col)
+    candidates = np.flatnonzero(maybe_blank)
+    if candidates.size:
+        cells = col.take(pa.array(candidates))
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(cells), ""), True)
+        missing_rows = candidates[np.asarray(blank.to_numpy(zero_copy_only=False), dtype=bool)]
+        missing = np.zeros(n, dtype=bool)
+        missing[missing_rows] = True
+        missing &= ~bad
+        if missing.any():
+            errors.add(src.file, src.table, "name", "required, but empty", src.rows[missing])
+            bad |= missing
     if n < 2:
         return
-    order = pc.sort_indices(col)  # stable: of equal names, the earlier row comes first
-    ordered = col.take(order)
-    same = pc.fill_null(pc.equal(ordered.slice(1), ordered.slice(0, n - 1)), False)
-    same_np = np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
-    if not same_np.any():
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not repeated.size:
         return
-    order_np = np.asarray(order.to_numpy(zero_copy_only=False), dtype=np.int64)
-    pos = np.arange(n)
-    run_start = np.maximum.accumulate(np.where(np.r_[True, ~same_np], pos, 0))
-    later = np.flatnonzero(same_np) + 1
-    rows, firsts = order_np[later], order_np[run_start[later]]
-    keep = ~bad[rows]
-    rows, firsts = rows[keep], firsts[keep]
-    for r, f in zip(rows[:DUPLICATES_NAMED].tolist(), firsts[:DUPLICATES_NAMED].tolist(), strict=True):
+    rows_np = np.flatnonzero(np.isin(hashes, np.unique(repeated)))  # rows sharing a hash, in row order
+    names = col.take(pa.array(rows_np)).to_pylist()
+    first_of: dict[str, int] = {}
+    later: list[tuple[int, int]] = []
+    for r, name in zip(rows_np.tolist(), names, strict=True):
+        if name is None:  # a missing name is never a duplicate (it is reported as empty)
+            continue
+        f = first_of.setdefault(name, r)  # rows come in order: the first is the earliest row with the name
+        if f != r and not bad[r]:
+            later.append((r, f))
+    for r, f in later[:DUPLICATES_NAMED]:
         errors.add(src.file, src.table, "name", f"duplicate VM name {col[r].as_py()!r} (first at row "
                                                 f"{int(src.rows[f])})", [int(src.rows[r])])
-    if rows.size > DUPLICATES_NAMED:
-        errors.add(src.file, src.table, "name", "duplicate VM name (an earlier row has it)",
-                   src.rows[rows[DUPLICATES_NAMED:]])
-    bad[rows] = True
+    rest = np.array([r for r, _ in later[DUPLICATES_NAMED:]], dtype=np.int64)
+    if rest.size:
+        errors.add(src.file, src.table, "name", "duplicate VM name (an earlier row has it)", src.rows[rest])
+    if later:
+        bad[np.array([r for r, _ in later], dtype=np.int64)] = True
 
 
 def _vm_hosts(src: TableSource, hosts: _Hosts, errors: ErrorLog, bad: BoolArray) -> IntArray:
@@ -400,7 +478,7 @@ def _vm_hosts(src: TableSource, hosts: _Hosts, errors: ErrorLog, bad: BoolArray)
     return host
 
 
-def _combine(codes: Sequence[IntArray]) -> tuple[IntArray, IntArray]:
+def _combine(codes: Sequence[Codes]) -> tuple[IntArray, IntArray]:
     """Rows with equal codes in every column -> one group: (index of the first row of each group, group of each
     row). Mixed-radix keys; a dense table of keys where the key space is small (no sort), else a sort."""
     n = codes[0].size if codes else 0
@@ -451,10 +529,15 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     offs, off_c = _column(src, "force_off", parse_bits, errors, bad, False)
     uns, un_c = _column(src, "unreported", parse_unreported, errors, bad, False)
 
-    ok = np.flatnonzero(~bad)
-    host_ok = vm_host[ok]
-    cl = np.where(sup_c[ok] < 0, cluster_code[host_ok], -1)
-    cols = [pers_c[ok], mits_c[ok], form_c[ok], sup_c[ok], on_c[ok], off_c[ok], un_c[ok], cl]
+    all_ok = not bad.any()
+    ok = np.arange(src.num_rows, dtype=np.int64) if all_ok else np.flatnonzero(~bad)
+
+    def rows_ok(a: Codes) -> Codes:  # the valid rows of a column: the column itself when every row is valid
+        return a if all_ok else a[ok]
+
+    host_ok = rows_ok(vm_host)
+    cl = np.where(rows_ok(sup_c) < 0, cluster_code[host_ok], -1).astype(np.int32)
+    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c)] + [cl]
     first, group = _combine(cols)
     index: dict[VmClass, int] = {}
     group_class = np.full(first.size, -1, dtype=np.int64)
@@ -494,11 +577,13 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         group_class[g] = index.setdefault(vc, len(index))
     vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int64)
     keep = vm_class_ok >= 0
-    ok, vm_class_ok = ok[keep], vm_class_ok[keep]
+    if not keep.all():
+        ok, vm_class_ok = ok[keep], vm_class_ok[keep]
     names = src.data.column("name").take(pa.array(ok)) if ok.size != src.num_rows else src.data.column("name")
     return Fleet(
         host_names=hosts.names, host_rows=np.array(hosts.rows, dtype=np.int64),
         host_class=np.array(hosts.klass, dtype=np.int64), host_cluster=hosts.cluster, host_classes=hosts.classes,
-        vm_names=names, vm_rows=src.rows[ok], vm_host=vm_host[ok], vm_class=vm_class_ok, vm_classes=list(index),
+        vm_names=names, vm_rows=src.rows if ok.size == src.num_rows else src.rows[ok],
+        vm_host=vm_host if ok.size == src.num_rows else vm_host[ok], vm_class=vm_class_ok, vm_classes=list(index),
         errors=errors, warnings=raw.warnings, hosts_read=raw.hosts.num_rows, vms_read=src.num_rows,
         sources=raw.sources())

@@ -17,6 +17,7 @@ less its own host.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -127,10 +128,15 @@ class Pool:
     hosts: int
     vms: int
     forcing_hosts: int  # hosts of the pool on which some of its VM classes would have controls forced
+    shows: tuple[str, ...] = ()  # speculation bits a VM booted in this pool may be shown (pool.rule.pool_bits)
+    mitigation_enum: int = 0  # what the pool's hosts can all honour
+    constraining_bits: tuple[str, ...] = ()  # shown bits that keep its VM classes off hosts outside the pool
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "host_classes": list(self.host_classes), "vm_classes": list(self.vm_classes),
-                "hosts": self.hosts, "vms": self.vms, "hosts_forcing_controls": self.forcing_hosts}
+                "hosts": self.hosts, "vms": self.vms, "hosts_forcing_controls": self.forcing_hosts,
+                "shows": list(self.shows), "mitigation_enum": self.mitigation_enum,
+                "constraining_bits": list(self.constraining_bits)}
 
 
 Int8Array = npt.NDArray[np.int8]
@@ -219,8 +225,23 @@ def plan(fleet: Fleet, judge: Judge | None = None, progress: Progress | None = N
         vm_counts[np.arange(fleet.num_vms), vm_here] -= 1  # not a destination: it is already there
 
     pools, vm_class_pool = _pools(verdict, host_class_size, vm_class_size)
+    say(f"computing what each of {len(pools):,} pools may show")
+    pools = [_pool_bits(p, fleet, verdict, move_of, moves) for p in pools]
     return Plan(fleet, verdict, move_of, moves, host_class_size, vm_class_size, class_counts, vm_here, vm_counts,
                 vm_class_pool, pools, judge.decisions)
+
+
+def _pool_bits(pool: Pool, fleet: Fleet, verdict: Int8Array, move_of: Int32Array, moves: list[Move]) -> Pool:
+    """The pool rule over the pool's host classes, and the shown bits that refuse its VM classes elsewhere."""
+    result = pool_bits([(fleet.host_classes[h].label, fleet.host_classes[h].facts) for h in pool.host_classes])
+    shows = tuple(k for k, v in result.bits.items() if v.show)
+    outside = np.setdiff1d(np.arange(verdict.shape[1]), np.array(pool.host_classes, dtype=np.int64))
+    found: dict[str, None] = {}
+    if outside.size:
+        for k in np.unique(move_of[np.ix_(np.array(pool.vm_classes), outside)]):
+            found.update(dict.fromkeys(moves[int(k)].bits))
+    return dataclasses.replace(pool, shows=shows, mitigation_enum=result.mitigation_enum,
+                               constraining_bits=tuple(sorted(found)))
 
 
 def _pools(verdict: Int8Array, host_size: IntArray, vm_size: IntArray) -> tuple[list[Pool], IntArray]:

@@ -270,7 +270,10 @@ def _pools(plan: Plan) -> str:
             f'<div class="bar vms" style="width:{100 * p.vms / top_v:.1f}%"></div></div>'
             f'<span>{p.hosts:,} hosts, {p.vms:,} VMs</span></div>'
             f'<div class="muted" style="margin:0 0 8px 68px">{len(p.vm_classes)} VM classes; CPUs: {_e(cpus)}; '
-            f"{p.forcing_hosts:,} of its hosts force controls for some of them</div>")
+            f"{p.forcing_hosts:,} of its hosts force controls for some of them; may show "
+            f"{len(p.shows)} speculation bits (MITIGATION_ENUM {p.mitigation_enum:#x})"
+            + (f"; bits that keep its VMs off other hosts: {_e(', '.join(p.constraining_bits))}"
+               if p.constraining_bits else "") + "</div>")
     return ('<p class="muted">A pool is a set of hosts among which every VM of its classes may move freely (safe, '
             "or safe with forced controls). Dark bar: hosts; light bar: VMs.</p>"
             f'<div class="bars">{"".join(rows)}</div>')

@@ -72,6 +72,7 @@ def pairs_table(plan: Plan) -> pa.Table:
         "forced_controls": _dict(mv, [",".join(m.forced) for m in plan.moves]),
         "reasons": _dict(mv, [REASON_SEP.join(m.reasons) for m in plan.moves]),
         "warnings": _dict(mv, [REASON_SEP.join(m.warnings) for m in plan.moves]),
+        "constraining_bits": _dict(mv, [",".join(m.bits) for m in plan.moves]),
         "hosts": pa.array(plan.host_class_size[hi]),
         "vms": pa.array(plan.vm_class_size[vi]),
     })
@@ -126,6 +127,9 @@ def pools_table(plan: Plan) -> pa.Table:
         "host_cpus": pa.array([",".join(sorted({hc[h].cpu for h in p.host_classes})) for p in plan.pools],
                               type=pa.string()),
         "vm_classes": pa.array([",".join(map(str, p.vm_classes)) for p in plan.pools], type=pa.string()),
+        "mitigation_enum": pa.array([p.mitigation_enum for p in plan.pools], type=pa.int64()),
+        "shows": pa.array([",".join(p.shows) for p in plan.pools], type=pa.string()),
+        "constraining_bits": pa.array([",".join(p.constraining_bits) for p in plan.pools], type=pa.string()),
     })
 
 

@@ -81,6 +81,7 @@ class Outcome:
     accepted: bool
     mode: str
     migration: str = ""
+    vm: str = ""
     reason: str = ""
     verdict: dict[str, Any] = field(default_factory=dict)
     ready: dict[str, Any] = field(default_factory=dict)
@@ -98,7 +99,8 @@ class Outcome:
         where = ("running on the destination" if self.migrated else
                  "paused on the source, in doubt: see the reason" if self.in_doubt else "still running on the source")
         return {"migrated": self.migrated, "accepted": self.accepted, "mode": self.mode,
-                "migration": self.migration, "reason": self.reason, "verdict": self.verdict, "ready": self.ready,
+                "migration": self.migration, "vm": self.vm, "reason": self.reason, "verdict": self.verdict,
+                "ready": self.ready,
                 "rounds": self.rounds, "pages_sent": self.pages_sent, "zero_pages": self.zero_pages,
                 "bytes_sent": self.bytes_sent, "total_seconds": round(self.total_seconds, 4),
                 "paused_at": self.paused_at, "committed_at": self.committed_at, "in_doubt": self.in_doubt,
@@ -174,7 +176,7 @@ class Outgoing:
         self.deadline, self.stall, self.settle_notice = deadline, stall, settle_notice
         self.migration = str(header["migration"])
         self.mode = str(header["mode"])
-        self.out = Outcome(False, False, self.mode, self.migration)
+        self.out = Outcome(False, False, self.mode, self.migration, str(header.get("vm_id", "")))
         self.operator: str | None = None  # "run" or "discard", set by `pvmit ctl ... resolve` while in doubt
         self.wake = threading.Event()
         self._bounce = bytearray(SLICE_PAGES * PAGE)
@@ -332,11 +334,13 @@ class Outgoing:
                 chan.close()
 
     def _abort(self, out: Outcome) -> Outcome:
-        """The guest stays (or resumes) here. If the destination may hold it prepared, tell it, in passing."""
+        """The guest stays (or resumes) here. If the destination may hold it prepared, tell it, in passing, from
+        another thread: the guest resumes now, not after the destination answers (it also asks us if it must)."""
         self.ledger.decide(self.migration, "aborted", out.reason or "aborted")
         control = out.ready.get("control") if out.ready else None
         if isinstance(control, str) and control:
-            self.ask(control, self.migration, "aborted")  # best effort: it also asks us if it must
+            threading.Thread(target=self.ask, args=(control, self.migration, "aborted"), name="tell-aborted",
+                             daemon=True).start()
         return out
 
     def _settle(self, out: Outcome, control: str) -> Outcome:

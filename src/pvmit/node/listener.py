@@ -53,6 +53,7 @@ class Listener:
         self._slots = threading.BoundedSemaphore(limit)
         self._refusers = threading.BoundedSemaphore(REFUSERS)
         self._closed = False
+        self._count = threading.Lock()
         self.active = 0
         self.refused = 0
         self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
@@ -87,7 +88,8 @@ class Listener:
                          "served and as many refused")
 
     def _serve(self, conn: socket.socket, addr: object) -> None:
-        self.active += 1
+        with self._count:
+            self.active += 1
         try:
             try:
                 peer = accept(conn, addr, self.creds, deadline=time.monotonic() + self.auth_seconds)
@@ -103,7 +105,8 @@ class Listener:
                 except OSError:
                     pass
         finally:
-            self.active -= 1
+            with self._count:
+                self.active -= 1
             self._slots.release()
 
     def _refuse(self, conn: socket.socket, addr: object) -> None:

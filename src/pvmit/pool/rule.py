@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Literal
 
@@ -244,7 +244,7 @@ def shown_bit_reasons(personality: CpuFacts, host: CpuFacts) -> tuple[str, ...]:
     return tuple(r for _, r in shown_bit_violations(personality, host))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _checked_mask(reg_key: str) -> int:
     return sum(b.mask for b in pool_bit_table() if b.register.key == reg_key and b.rule in CHECKED_RULES)
 
@@ -252,3 +252,28 @@ def _checked_mask(reg_key: str) -> int:
 def _names(reg_key: str, mask: int) -> list[str]:
     reg = REGISTERS[reg_key]
     return [n for n in reg.bit_names() if reg.bit(n) & mask]
+
+
+def personality_for_pool(personality: CpuFacts, pool: Pool) -> CpuFacts:
+    """What a VM booted with `personality` is shown in `pool`: its bits, kept only where the pool may show them, and
+    the pool's "not affected" bits synthesised as KVM does (ITS_NO, TSA_SQ_NO, MDS_NO, ...). Behaviours the pool
+    has (RRSBA, RSBA) are added, and what the hypervisor always provides is set. Bits the rule does not decide and
+    the other vendor's registers are left as the personality has them. A VM shown this is refused by no host of the
+    pool for a bit (`shown_bit_violations`)."""
+    from pvmit.catalog.facts import RegisterFacts
+
+    regs = dict(personality.registers)
+    for b in pool_bit_table():
+        if b.rule == "never" or pool.vendor is None or b.vendor != pool.vendor:
+            continue
+        rf = personality.reg(b.register.key)
+        had = bool(rf.value & b.mask)
+        show = pool.bits[b.key].show
+        value = {"unaffected": show, "always": True, "any": had or show}.get(b.rule, had and show)
+        rf = regs.get(b.register.key, rf)
+        regs[b.register.key] = RegisterFacts(
+            rf.register, (rf.value & ~b.mask) | (b.mask if value else 0), rf.known | b.mask,
+            {**rf.sources, b.name: f"pool of {', '.join(pool.hosts)}: {pool.bits[b.key].why}"},
+            rf.unknown_reason, rf.inferred & ~b.mask)
+    return CpuFacts(personality.vendor, personality.family, personality.model, personality.stepping, regs,
+                    personality.identity_source)
