@@ -57,7 +57,7 @@ MODULES: dict[str, Module] = {
                          "tests/test_interface_conformance.py", "tests/test_interface_state.py",
                          "tests/test_interface_core.py", "tests/test_spec_ctrl.py", "tests/test_hostile_guest.py",
                          "tests/test_derive.py")),
-    "plan": Module(("src/pvmit/fleet/plan.py",), ("tests/test_fleet_plan.py",)),
+    "plan": Module(("src/pvmit/fleet/plan.py",), ("tests/test_fleet_plan.py", "tests/test_fleet_plan_details.py")),
     "migration": Module(("src/pvmit/migration/*",),
                         ("tests/test_migration_stream.py", "tests/test_stream_validation.py",
                          "tests/test_migration.py"),
