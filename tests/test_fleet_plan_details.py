@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from fleet_helpers import HOSTS, VMS, host, plan_of, vm, write_json
+
 from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.fleet import plan as plan_mod
@@ -67,7 +67,8 @@ def test_progress_is_said_per_tenth_of_the_vm_classes(catalog: Catalog, tmp_path
     plan_mod.plan(fleet)  # no progress callback: nothing is said, nothing fails
 
 
-def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS)).fleet
     calls: dict[str, int] = {"promises": 0, "shown": 0}
     real_promises, real_shown = plan_mod.broken_promises, plan_mod.shown_bit_violations
