@@ -151,6 +151,7 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
                           file=sys.stderr)
                     return False
         lived = [k for k, s in results(workdir).items() if s not in _KILLED]
+        (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what: ask again
         for dest in (workdir / "tests", workdir / "mutants" / "tests"):
             shutil.rmtree(dest)
             shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
