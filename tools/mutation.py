@@ -87,6 +87,11 @@ def prepare(name: str, module: Module, workdir: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
     shutil.copytree(REPO / "src", workdir / "src", ignore=ignore)
     shutil.copytree(REPO / "tests", workdir / "tests", ignore=ignore)
+    write_config(name, module, workdir)
+
+
+def write_config(name: str, module: Module, workdir: Path) -> None:
+    """pyproject.toml with the module's [tool.mutmut] section, in the copy and in mutmut's own tree."""
     tests = [t for t in module.tests if (REPO / t).exists()]
 
     def toml_list(xs: list[str] | tuple[str, ...]) -> str:
@@ -101,6 +106,8 @@ pytest_add_cli_args_test_selection = {toml_list([*tests, "-k", DESELECT])}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-m", "not qemu"]
 use_git_change_detection = false
 """)
+    if (workdir / "mutants").is_dir():
+        shutil.copy2(workdir / "pyproject.toml", workdir / "mutants" / "pyproject.toml")
 
 
 def results(workdir: Path) -> dict[str, str]:
@@ -151,6 +158,7 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
                           file=sys.stderr)
                     return False
         lived = [k for k, s in results(workdir).items() if s not in _KILLED]
+        write_config(name, module, workdir)  # the module's tests may have grown
         (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what: ask again
         for dest in (workdir / "tests", workdir / "mutants" / "tests"):
             shutil.rmtree(dest)
