@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,15 @@ if os.environ.get("PVMIT_HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["PVMIT_HYPOTHESIS_PROFILE"])
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_vmm_outlives_its_test() -> Iterator[None]:
+    """A test that fails before stopping its VMM processes must not leave them counting (and eating the CPU the
+    next tests need)."""
+    yield
+    from pvmit.node.cluster import kill_leftovers
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

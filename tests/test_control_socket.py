@@ -32,9 +32,11 @@ GUEST = ["--guest-cpu", "icelake-server-v2", "--host-cpu", "icelake-sp", "--memo
 @pytest.fixture
 def vmm(tmp_path: Path):  # type: ignore[no-untyped-def]
     h = VmmHandle(tmp_path, "vmm", GUEST)
-    h.wait_counts(2)
-    yield h
-    h.stop()
+    try:
+        h.wait_counts(2)
+        yield h
+    finally:
+        h.stop()
 
 
 def raw(h: VmmHandle) -> socket.socket:
@@ -79,7 +81,7 @@ def test_a_client_interrupted_while_waiting_does_not_end_the_vmm(vmm: VmmHandle,
 
 
 @pytest.mark.parametrize("junk", [b"\x00\xff\xfe garbage\n", b"[1, 2]\n", b'{"cmd": 5}\n', b'{"cmd": "nope"}\n',
-                                  b"1" * 5000 + b"\n", b'{"cmd": "status", "x": NaN}\n', b"[" * 100000 + b"\n",
+                                  b"1" * 5000 + b"\n", b'{"cmd": NaN}\n', b"[" * 100000 + b"\n",
                                   b'{"cmd": "migrate", "to": "tcp:10.0.0.1:1"}\n',
                                   b'{"cmd": "migrate", "to": "unix:/x", "check": "yes"}\n',
                                   b'{"cmd": "outcome", "migration": 7}\n', b'{"cmd": "resolve", "action": "run"}\n',
@@ -176,8 +178,8 @@ def test_another_user_is_refused_by_peer_credentials() -> None:
         path = h.control.removeprefix("unix:")
         os.chmod(path, 0o666)
         command = b'{"cmd": "quit", "force": true}\n'
-        code = (f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({path!r}); s.sendall({command!r}); "
-                "print(s.recv(300))")
+        code = (f"import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect({path!r})\n"
+                f"try:\n    s.sendall({command!r})\nexcept OSError:\n    pass\nprint(s.recv(300))")
         r = subprocess.run([str(SYSTEM_PYTHON), "-c", code], capture_output=True, text=True, timeout=30, user=65534,
                            group=65534, cwd="/")
         assert "permission denied" in r.stdout and "uid 65534" in r.stdout, r.stdout + r.stderr

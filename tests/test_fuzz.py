@@ -50,6 +50,12 @@ def valid_samples() -> dict[str, list[bytes]]:
         "agent_hypervisor": [agent_offer],
         "oracle_serial": [(Path(__file__).parent / "fixtures" / "oracle_serial.txt").read_bytes()],
         "cpu_list": [b"0-3,5,7-8\n"],
+        "json_document": [json.dumps({"hosts": inv["hosts"][:4], "vms": inv["vms"][:4], "n": [1, -2.5e3, None]},
+                                     ensure_ascii=False).encode() + "\u00e9\U0001f600".encode()[:0]],
+        "toml_document": [template, builtin_files()[1][1].encode()[:3000]],
+        "host_facts": [json.dumps(cat.get("icelake-sp").facts.to_json()).encode()],
+        "shown_text": ["vm-01 \x1b[31mred\x1b[0m \u202eevil\u202c caf\u00e9 \U0001f600".encode()],
+        "option_numbers": [b"0x10", b"64M", b"2000", b"120.5"],
     }
 
 

@@ -121,8 +121,10 @@ def dest(tmp_path: Path):  # type: ignore[no-untyped-def]
         pytest.skip(f"needs a usable /dev/kvm: {WHY}")
     h = VmmHandle(tmp_path, "dst", ["--incoming", f"unix:{tmp_path / 'dst.mig'}", "--host-cpu", "sapphirerapids",
                                     "--deadline", "4"])
-    yield h
-    h.stop()
+    try:
+        yield h
+    finally:
+        h.stop()
 
 
 def opened(h: VmmHandle) -> tuple[socket.socket, Channel]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pvmit.agent.errors import AgentError, Status
-from pvmit.agent.msrdev import open_error
+from pvmit.agent.msrdev import open_device
 
 CPUID_STUB = bytes.fromhex("53 4989d0 89f8 89f1 0fa2 418900 41895804 41894808 4189500c 5b c3")
 
@@ -36,10 +36,7 @@ class DevCpuid:
 
     def __init__(self, root: str = "/dev/cpu") -> None:
         self.method = f"{root}/0/cpuid"
-        try:
-            self._fd = os.open(self.method, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise open_error(self.method, e, "cpuid") from None
+        self._fd = open_device(self.method, os.O_RDONLY, "cpuid")
 
     def __call__(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
         a, b, c, d = struct.unpack("<4I", os.pread(self._fd, 16, leaf | (subleaf << 32)))

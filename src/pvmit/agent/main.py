@@ -8,14 +8,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from pvmit.agent.cpuiddev import open_cpuid
 from pvmit.agent.discover import Cpuid
 from pvmit.agent.errors import Status, status_table
-from pvmit.agent.msrdev import MSR_ALLOW_WRITES, MsrDevices, lockdown_state, online_cpus, read_param
+from pvmit.agent.msrdev import MSR_ALLOW_WRITES, MsrDevices, kernel_file, lockdown_state, online_cpus, read_param
 from pvmit.agent.run import Machine, Msr, run
+from pvmit.safetext import clean_message, safe_text
 
 DESCRIPTION = """\
 Tell the hypervisor which software Spectre mitigations this Linux kernel relies on (retpoline; the short
@@ -36,10 +36,8 @@ class LinuxMachine:
         return os.uname().release
 
     def read(self, path: str) -> str | None:
-        try:
-            return Path(path).read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            return None
+        text = kernel_file(path)
+        return None if text is None else text.strip()
 
     def cpuid(self) -> tuple[Cpuid, str]:
         source = open_cpuid()
@@ -58,8 +56,15 @@ class LinuxMachine:
         return read_param(MSR_ALLOW_WRITES)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage error, with what was given escaped and shortened."""
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {clean_message(message)}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m pvmit.agent", description=DESCRIPTION,
+    p = _Parser(prog="python3 -m pvmit.agent", description=DESCRIPTION,
                                 epilog="exit status:\n" + status_table(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("status", "report"))
@@ -71,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 def print_text(doc: dict[str, object], out: TextIO) -> None:
     """The report for people: one line per fact."""
     def line(label: str, text: str) -> None:
-        out.write(f"{label:<11}{text}\n")
+        out.write(f"{label:<11}{safe_text(text)}\n")  # the kernel's lines, the hypervisor's answers: escaped
 
     kernel = doc.get("kernel")
     if isinstance(kernel, dict):
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None, machine: Machine | None = None, out: Tex
     outcome = doc["outcome"]
     assert isinstance(outcome, dict)
     if outcome["error"]:
-        err.write(f"pvmit-agent: error: {outcome['error']}\n")
+        err.write(f"pvmit-agent: error: {clean_message(str(outcome['error']))}\n")
     elif status is Status.OK and args.command == "report" and not args.dry_run:
         err.write("pvmit-agent: reported to the hypervisor on every online CPU\n")
     return int(status)

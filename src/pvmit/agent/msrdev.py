@@ -15,9 +15,12 @@ import struct
 from pathlib import Path
 
 from pvmit.agent.errors import AgentError, Status
+from pvmit.userfiles import FileError, KiB, open_checked, read_bytes
 
 LOCKDOWN = Path("/sys/kernel/security/lockdown")
 MSR_ALLOW_WRITES = Path("/sys/module/msr/parameters/allow_writes")
+KERNEL_FILE_CAP = 64 * KiB
+"""Most read of a /sys or /proc file (a sysfs attribute is one page; the command line at most a few KiB)."""
 
 
 def open_error(path: str, e: OSError, module: str) -> AgentError:
@@ -33,12 +36,33 @@ def open_error(path: str, e: OSError, module: str) -> AgentError:
     return AgentError(Status.FAILED, f"{path}: {os.strerror(e.errno or 0)}")
 
 
+def open_device(path: str, flags: int, module: str) -> int:
+    """A /dev/cpu/N device opened for the agent: a character device (or a regular file standing in for one in
+    tests), never a FIFO or anything else that could block; each errno as the failure an operator can act on."""
+    try:
+        return open_checked(path, f"the {module} device", flags, device=True)
+    except FileError as e:
+        if e.errno is None:
+            raise AgentError(Status.FAILED, str(e)) from None
+        raise open_error(path, OSError(e.errno, os.strerror(e.errno)), module) from None
+
+
+def kernel_file(path: str | Path) -> str | None:
+    """A /sys or /proc file's text (at most KERNEL_FILE_CAP bytes; bytes that are not UTF-8 replaced), None where
+    the system cannot read it (absent, not permitted), AgentError where it is not a regular file or too large."""
+    try:
+        return read_bytes(path, "kernel file", KERNEL_FILE_CAP).decode("utf-8", "replace")
+    except FileError as e:
+        if e.errno is None:
+            raise AgentError(Status.FAILED, str(e)) from None
+        return None
+
+
 def lockdown_state(path: Path = LOCKDOWN) -> str | None:
     """The active lockdown mode ('integrity', 'confidentiality'), 'none', or None where it cannot be read
     (securityfs not mounted, or a kernel without the lockdown LSM)."""
-    try:
-        text = path.read_text()
-    except OSError:
+    text = kernel_file(path)
+    if text is None:
         return None
     for word in text.split():
         if word.startswith("[") and word.endswith("]"):
@@ -64,10 +88,8 @@ def write_faulted(cpu: int, index: int, value: int) -> AgentError:
 
 
 def read_param(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
+    text = kernel_file(path)
+    return None if text is None else text.strip()
 
 
 class MsrDevices:
@@ -81,10 +103,7 @@ class MsrDevices:
         key = (cpu, write)
         if key not in self._fds:
             path = f"{self.root}/{cpu}/msr"
-            try:
-                self._fds[key] = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
-            except OSError as e:
-                raise open_error(path, e, "msr") from None
+            self._fds[key] = open_device(path, os.O_RDWR if write else os.O_RDONLY, "msr")
         return self._fds[key]
 
     def read(self, cpu: int, index: int) -> int | None:
@@ -122,9 +141,9 @@ class MsrDevices:
 def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int]:
     """The online CPUs, from the kernel's range list ('0-3,5')."""
     try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise AgentError(Status.FAILED, f"{path}: {os.strerror(e.errno or 0)}") from None
+        text = read_bytes(path, "kernel file", KERNEL_FILE_CAP).decode("utf-8", "replace")
+    except FileError as e:
+        raise AgentError(Status.FAILED, str(e)) from None
     return parse_cpu_list(text)
 
 

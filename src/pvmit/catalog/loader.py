@@ -6,7 +6,6 @@ Every entry is validated on load; the first problem raises `CatalogError` naming
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +18,8 @@ from pvmit.catalog.facts import CpuFacts, RegisterFacts, Vendor
 from pvmit.catalog.linux_lists import blacklist_facts
 from pvmit.catalog.schema import CpuEntryIn, SourceIn
 from pvmit.errors import CatalogError, UnknownModelError
+from pvmit.safetext import quoted
+from pvmit.userfiles import FileError, MiB, load_toml, read_text
 from pvmit.x86.registers import ARCH_CAPABILITIES, CPU_FACT_REGISTERS, CPUID_7_0_EDX
 
 
@@ -97,11 +98,11 @@ class Catalog:
         version = re.fullmatch(r"(.+)-v\d+", key)
         if version and any(version[1] == _norm(q) for m in self.models for q in m.qemu):
             raise UnknownModelError(
-                f"{name!r} is a version of a QEMU CPU model; the catalog describes the hardware, not what each "
-                f"QEMU version shows a guest: name {version[1]!r} instead")
+                f"{quoted(name)} is a version of a QEMU CPU model; the catalog describes the hardware, not what each "
+                f"QEMU version shows a guest: name {quoted(version[1])} instead")
         close = [m.id for m in self.models if key and (key in m.id or key in _norm(m.name))]
         hint = f"; did you mean {', '.join(close)}?" if close else "; `pvmit catalog list` shows every model"
-        raise UnknownModelError(f"no CPU model named {name!r} in the catalog{hint}")
+        raise UnknownModelError(f"no CPU model named {quoted(name)} in the catalog{hint}")
 
     def by_identity(self, vendor: str, family: int, model: int) -> list[CpuModel]:
         return [m for m in self.models if m.vendor == vendor and m.family == family and model in m.models]
@@ -119,13 +120,15 @@ def _format_loc(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) if loc else "(entry)"
 
 
+CATALOG_FILE_CAP = 4 * MiB
+"""Largest catalog file read (the built-in ones together are under 40 KiB)."""
+
+
 def _read_toml(path: str, text: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise CatalogError(f"{path}: not valid TOML: {e}") from None
-    except RecursionError:  # found by fuzzing: arrays or tables nested deeper than the parser's recursion limit
-        raise CatalogError(f"{path}: not valid TOML: nested too deeply") from None
+        return load_toml(text, path)
+    except FileError as e:  # found by fuzzing: nesting deeper than the parser's recursion limit; huge integers
+        raise CatalogError(str(e)) from None
 
 
 def _entry_label(i: int, raw: Any) -> str:
@@ -253,11 +256,9 @@ def load_catalog(extra: Iterable[str | Path] = (), *, builtin: bool = True) -> C
     files = builtin_files() if builtin else []
     for p in extra:
         try:
-            files.append((str(p), Path(p).read_text(encoding="utf-8")))
-        except OSError as e:
-            raise CatalogError(f"{p}: cannot read catalog file: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise CatalogError(f"{p}: not UTF-8 text: {e}") from None
+            files.append((str(p), read_text(p, "catalog file", CATALOG_FILE_CAP)))
+        except FileError as e:
+            raise CatalogError(str(e)) from None
     parsed = [(name, *_parse_file(name, text)) for name, text in files]
     sources: dict[str, SourceIn] = {}
     for name, file_sources, _ in parsed:

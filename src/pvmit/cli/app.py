@@ -13,6 +13,7 @@ import click
 from pvmit import __version__
 from pvmit.cli.state import State
 from pvmit.errors import PvmitError
+from pvmit.safetext import clean_message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -64,6 +65,16 @@ def _register() -> None:
 _register()
 
 
+class _CleanStderr:
+    """stderr for click's own messages, which quote values given on the command line in full."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(clean_message(text))
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: pvmit's errors become one line on stderr and an exit status."""
     try:
@@ -71,17 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        e.show(file=_CleanStderr())  # type: ignore[arg-type]
         sys.exit(2)
     except click.exceptions.Abort:
         print("pvmit: aborted", file=sys.stderr)
         sys.exit(130)
     except PvmitError as e:
-        print(f"pvmit: error: {e}", file=sys.stderr)
+        print(f"pvmit: error: {clean_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except BrokenPipeError:
         sys.exit(1)
     except OSError as e:  # e.g. stdout on a full disk
-        print(f"pvmit: error: {e.strerror or e}", file=sys.stderr)
+        print(f"pvmit: error: {clean_message(str(e.strerror or e))}", file=sys.stderr)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

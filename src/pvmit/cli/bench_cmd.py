@@ -6,8 +6,11 @@ from pathlib import Path
 
 import click
 
+from pvmit.cli.fleet_cmd import MAX_HOSTS, MAX_SEED, MAX_VMS
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.params import BoundedFloat, BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
+from pvmit.safetext import safe_text
 
 
 @click.group("bench")
@@ -16,8 +19,9 @@ def bench() -> None:
 
 
 @bench.command("exits")
-@click.option("--iterations", default=20_000, show_default=True, help="RDMSRs per loop.")
-@click.option("--repeats", default=3, show_default=True, help="Interleaved repeats of the four loops.")
+@click.option("--iterations", type=BoundedInt(1, 10 ** 9), default=20_000, show_default=True, help="RDMSRs per loop.")
+@click.option("--repeats", type=BoundedInt(1, 1000), default=3, show_default=True,
+              help="Interleaved repeats of the four loops.")
 @click.option("--guest-cpu", default="EPYC-Milan", show_default=True, metavar="MODEL", help="Guest personality.")
 @json_option
 @pass_state
@@ -28,8 +32,6 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
     from pvmit.vmm.hosts import this_machine
     from pvmit.vmm.personality import resolve
 
-    if iterations < 1 or repeats < 1:
-        raise click.BadParameter("--iterations and --repeats must be at least 1")
     personality = resolve(st.catalog, guest_cpu)
     host, _ = this_machine(st.catalog)
     with Kvm() as kvm:
@@ -52,7 +54,7 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
 
 @bench.command("migrate")
 @click.option("--sizes", default="64M,512M", show_default=True, help="Guest memory sizes, comma-separated.")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 100))
 @click.option("--fill", "fills", default="zero,random", show_default=True,
               help="Guest memory content: zero, random, or both (comma-separated).")
 @click.option("--vs-qemu", is_flag=True, help="Also migrate QEMU guests of the same size and content, side by side.")
@@ -97,10 +99,10 @@ def migrate(st: State, sizes: str, repeats: int, fills: str, vs_qemu: bool, tls:
 
 
 @bench.command("soak")
-@click.option("--minutes", default=2.0, show_default=True, type=click.FloatRange(0.1, 24 * 60),
+@click.option("--minutes", default=2.0, show_default=True, type=BoundedFloat(0.1, 24 * 60),
               help="How long to throw faults at the VMMs.")
-@click.option("--guests", default=2, show_default=True, type=click.IntRange(1, 8))
-@click.option("--seed", type=click.IntRange(0, 2**32), default=None, help="Repeat a run's sequence of faults.")
+@click.option("--guests", default=2, show_default=True, type=BoundedInt(1, 8))
+@click.option("--seed", type=BoundedInt(0, 2**32), default=None, help="Repeat a run's sequence of faults.")
 @json_option
 def soak(minutes: float, guests: int, seed: int | None, json_out: bool) -> int:
     """Several VMM processes, counting guests, random live migrations back and forth, destinations killed mid-copy
@@ -135,12 +137,15 @@ def soak(minutes: float, guests: int, seed: int | None, json_out: bool) -> int:
 
 
 @bench.command("fleet")
-@click.option("--vms", default=1_000_000, show_default=True, help="VMs in the generated inventory.")
-@click.option("--hosts", default=10_000, show_default=True, help="Hosts in the generated inventory.")
-@click.option("--cores", default=2, show_default=True, help="CPUs the planner process is pinned to.")
+@click.option("--vms", type=BoundedInt(0, MAX_VMS), default=1_000_000, show_default=True,
+              help="VMs in the generated inventory.")
+@click.option("--hosts", type=BoundedInt(1, MAX_HOSTS), default=10_000, show_default=True,
+              help="Hosts in the generated inventory.")
+@click.option("--cores", type=BoundedInt(1, 4096), default=2, show_default=True,
+              help="CPUs the planner process is pinned to.")
 @click.option("--inventory", type=click.Path(exists=True, path_type=Path), default=None, metavar="PATH",
               help="Plan this inventory instead of generating one.")
-@click.option("--seed", default=1, show_default=True, help="Seed of the generated fleet.")
+@click.option("--seed", type=BoundedInt(0, MAX_SEED), default=1, show_default=True, help="Seed of the generated fleet.")
 @json_option
 @pass_state
 def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, seed: int, json_out: bool) -> int:
@@ -149,10 +154,8 @@ def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, s
     --vms 10000000 --hosts 100000). Exit 1 when a target is missed or the planner fails."""
     from pvmit.bench.fleet import run as run_fleet
 
-    if vms < 0 or hosts < 1 or cores < 1:
-        raise click.BadParameter("--vms must be >= 0, --hosts and --cores >= 1")
     doc = run_fleet(st.catalog, None if inventory else vms, None if inventory else hosts, cores, inventory, seed,
-                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {m}", err=True))
+                    tuple(st.catalogs), progress=lambda m: click.echo(f"bench: {safe_text(m)}", err=True))
     if json_out:
         emit_json(doc)
         return 0 if doc["within_targets"] else 1

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from pvmit.catalog.loader import CpuModel, load_catalog
 from pvmit.cli.output import derived_table, emit_json, esc, out
+from pvmit.cli.params import parse_register_value
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.derive import (
     Mitigation,
@@ -135,10 +136,7 @@ def decode_cmd(reg: str, value: str, json_out: bool) -> None:
         r = register(reg)
     except KeyError as e:
         raise InputError(str(e.args[0])) from None
-    try:
-        raw = int(value, 0)
-    except ValueError:
-        raise InputError(f"{value!r} is not a number (use decimal, 0x... or 0b...)") from None
+    raw = parse_register_value(value, 64)
     try:
         d = decode(r, raw)
     except ValueError as e:

@@ -7,7 +7,6 @@ first wrong row with --strict (nothing else is written).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -18,12 +17,17 @@ import click
 from rich.table import Table
 
 from pvmit.cli.output import emit_json, err, esc, out, warn
+from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
+from pvmit.safetext import clean_message, safe_text
+from pvmit.userfiles import write_atomic
 
 if TYPE_CHECKING:  # numpy and pyarrow load only when a fleet command runs, not with every pvmit command
     from pvmit.fleet.plan import Plan
 
+MAX_VMS, MAX_HOSTS, MAX_SEED = 10_000_000, 1_000_000, 2 ** 32 - 1
+"""Bounds of a generated fleet (about 250 MiB of memory per million VMs) and of its seed."""
 PROGRESS_FROM = 100_000
 """Rows from which stage progress is shown on stderr without --progress."""
 SHOWN = 25
@@ -43,7 +47,7 @@ class Stages:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            click.echo(f"fleet: {message}", err=True)
+            click.echo(f"fleet: {safe_text(message)}", err=True)
 
     def done(self, stage: str, message: str) -> None:
         now = time.perf_counter()
@@ -82,7 +86,7 @@ def _report_errors(p: Plan) -> None:
     if not errors:
         return
     for e in errors.first(SHOWN):
-        click.echo(f"pvmit: error: {e}", err=True)  # one line each, never wrapped
+        click.echo(f"pvmit: error: {clean_message(str(e))}", err=True)  # one line each, never wrapped
     if errors.total > SHOWN:
         click.echo(f"pvmit: error: ... and {errors.total - SHOWN:,} more (`--json` lists the first 1,000)", err=True)
     click.echo(f"pvmit: {errors.total:,} inventory rows had errors and were left out; the plan covers the valid "
@@ -142,7 +146,7 @@ def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: s
             raise InputError(f"{e.filename or output}: cannot write the plan's tables: {e.strerror or e}") from None
         stages.done("write", f"wrote {len(paths)} tables to {output}")
         if not json_out:
-            click.echo(f"pvmit: wrote {', '.join(str(x) for x in paths)}", err=True)
+            click.echo(f"pvmit: wrote {safe_text(', '.join(str(x) for x in paths))}", err=True)
     if json_out:
         from pvmit.fleet.document import plan_document
 
@@ -214,8 +218,8 @@ def _print_summary(p: Plan) -> None:
 
 
 def _print_vm(d: dict[str, Any]) -> None:
-    out.print(esc(f"\nVM {d['name']} on {d['host']} (class C{d['class']}: {d['class_label']}); "
-                  f"where it runs: {d['verdict_here']}"))
+    out.print("\n" + esc(f"VM {d['name']} on {d['host']} (class C{d['class']}: {d['class_label']}); "
+                         f"where it runs: {d['verdict_here']}"))
     for word, n in d["destinations_by_verdict"].items():
         out.print(f"  {word} destinations: {n:,}")
     t = Table(title=f"Destinations of {esc(d['name'])} by host class (its own host left out)")
@@ -226,7 +230,7 @@ def _print_vm(d: dict[str, Any]) -> None:
         hosts = m["hosts"]
         shown = ", ".join(hosts[:4]) + (f" +{len(hosts) - 4:,}" if len(hosts) > 4 else "")
         t.add_row(esc(f"H{m['host_class']} {m['label']}"), f"[{colour[m['verdict']]}]{m['verdict']}[/]", esc(shown),
-                  esc(", ".join(m["forced"]) or "-"), esc("\n".join(m["reasons"] + m["warnings"])))
+                  esc(", ".join(m["forced"]) or "-"), "\n".join(map(esc, m["reasons"] + m["warnings"])))
     out.print(t)
 
 
@@ -234,7 +238,7 @@ def _print_vm(d: dict[str, Any]) -> None:
 @click.argument("inventory", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="FILE.html",
               help="Where to write the report.")
-@click.option("--max-vm-rows", default=100_000, show_default=True,
+@click.option("--max-vm-rows", type=BoundedInt(0, MAX_VMS), default=100_000, show_default=True,
               help="VMs listed in the report's table (those that cannot move and those exposed first).")
 @_progress_flag
 @pass_state
@@ -248,7 +252,7 @@ def report_cmd(st: State, inventory: tuple[Path, ...], output: Path, max_vm_rows
     p = load_plan(st, inventory, strict, stages)
     _report_errors(p)
     try:
-        output.write_text(render_report(p, max_vm_rows=max_vm_rows), encoding="utf-8")
+        write_atomic(output, render_report(p, max_vm_rows=max_vm_rows))
     except OSError as e:
         raise InputError(f"{output}: cannot write the report: {e.strerror or e}") from None
     stages.done("report", "wrote the report")
@@ -257,13 +261,14 @@ def report_cmd(st: State, inventory: tuple[Path, ...], output: Path, max_vm_rows
 
 
 @fleet.command("generate")
-@click.option("--vms", "n_vms", type=click.IntRange(min=0), required=True, help="Number of VMs.")
-@click.option("--hosts", "n_hosts", type=click.IntRange(min=1), required=True, help="Number of hosts.")
+@click.option("--vms", "n_vms", type=BoundedInt(0, MAX_VMS), required=True, help="Number of VMs.")
+@click.option("--hosts", "n_hosts", type=BoundedInt(1, MAX_HOSTS), required=True, help="Number of hosts.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="PATH",
               help="A .json file (one inventory), or a directory for hosts.<fmt> and vms.<fmt>.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv", "json"]), default="parquet",
               show_default=True, help="Table format when PATH is a directory.")
-@click.option("--seed", default=1, show_default=True, help="Random seed (the same seed gives the same fleet).")
+@click.option("--seed", type=BoundedInt(0, MAX_SEED), default=1, show_default=True,
+              help="Random seed (the same seed gives the same fleet).")
 @pass_state
 def generate_cmd(st: State, n_vms: int, n_hosts: int, output: Path, fmt: str, seed: int) -> None:
     """Generate a synthetic fleet over catalog models: a mix of Intel and AMD server generations in clusters;
@@ -293,7 +298,7 @@ def sample_cmd(output: Path | None, show_path: bool) -> None:
         sys.stdout.write(src.read_text(encoding="utf-8"))
     else:
         try:
-            shutil.copyfile(src, output)
+            write_atomic(output, src.read_bytes())
         except OSError as e:
             raise InputError(f"{output}: cannot write: {e.strerror or e}") from None
         err.print(esc(f"pvmit: wrote {output}"))

@@ -9,9 +9,11 @@ import click
 from rich.table import Table
 
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.params import BoundedFloat, BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.oracle import linux
 from pvmit.oracle.cases import select
+from pvmit.safetext import safe_text
 
 
 @click.group("oracle")
@@ -27,8 +29,8 @@ def oracle() -> None:
 @click.option("--python", type=click.Path(path_type=Path, dir_okay=False),
               help="python3 executable copied into the guest (default: /usr/bin/python3, python3-minimal).")
 @click.option("--qemu", metavar="PATH", help="qemu-system-x86_64 to run (default: the one on PATH).")
-@click.option("--jobs", type=click.IntRange(1, 64), help="Boots at a time (default: CPUs, at most 4).")
-@click.option("--timeout", type=click.FloatRange(5, 3600), default=120, show_default=True,
+@click.option("--jobs", type=BoundedInt(1, 64), help="Boots at a time (default: CPUs, at most 4).")
+@click.option("--timeout", type=BoundedFloat(5, 3600), default=120, show_default=True,
               help="Seconds one boot may take.")
 @click.option("--record", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the results to FILE (the test fixture is tests/fixtures/linux_oracle.json).")
@@ -54,7 +56,7 @@ def linux_cmd(st: State, names: str | None, kernel: Path | None, python: Path | 
     if json_out:
         emit_json(doc)
     elif markdown:
-        click.echo(linux.markdown_table(doc))
+        click.echo(safe_text(linux.markdown_table(doc), lines=True))
     else:
         print_table(doc)
     return 0 if linux.ok(doc) else 1

@@ -7,8 +7,10 @@ import sys
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape as esc  # data text must never be read as rich markup
+from rich.markup import escape
 from rich.table import Table
+
+from pvmit.safetext import clean_message, safe_text
 
 # Pipes get a fixed, generous width instead of rich's 80 columns, so tables do not wrap in logs.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
@@ -18,13 +20,19 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 __all__ = ["derived_table", "emit_json", "err", "esc", "out", "warn", "yes_no"]
 
 
+def esc(text: str) -> str:
+    """Text from data, safe to print with rich: controls and invisible formatting characters escaped (newlines
+    too: a name must not start a line of its own), and never read as rich markup."""
+    return escape(safe_text(text))
+
+
 def emit_json(doc: Any) -> None:
     """Write one JSON document (sorted keys are not used: key order is part of the documented shape)."""
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]pvmit: warning:[/] {message}")
+    err.print("[yellow]pvmit: warning:[/] " + escape(clean_message(message)))
 
 
 def yes_no(flag: bool | None) -> str:

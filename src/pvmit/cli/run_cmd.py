@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pvmit.cli.output import emit_json, esc, out
+from pvmit.cli.params import parse_register_value
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
 from pvmit.cli.pool_cmd import shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
@@ -44,11 +45,9 @@ def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | 
     personality = resolve(catalog, guest_cpu)
     settings = settings_from_options(force_on, force_off, unreported)
     try:
-        spec_value = int(spec_ctrl_write, 0)
-    except ValueError:
-        raise InputError(f"--spec-ctrl-write: {spec_ctrl_write!r} is not a number") from None
-    if not 0 <= spec_value < 1 << 64:
-        raise InputError("--spec-ctrl-write must be a 64-bit unsigned value")
+        spec_value = parse_register_value(spec_ctrl_write)
+    except InputError as e:
+        raise InputError(f"--spec-ctrl-write: {e}") from None
     relied = parse_uses(uses)
     predicted = relied is None
     if relied is None:

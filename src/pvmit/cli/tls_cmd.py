@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from pvmit.cli.output import emit_json, esc, out
+from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import json_option
 from pvmit.errors import InputError
 from pvmit.net.text import shorten
@@ -24,7 +25,7 @@ def tls() -> None:
 @tls.command("make-test-ca")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.argument("hosts", nargs=-1, required=True)
-@click.option("--days", default=365, show_default=True, type=click.IntRange(1, 3650),
+@click.option("--days", default=365, show_default=True, type=BoundedInt(1, 3650),
               help="Validity of the CA and certificates.")
 @click.option("--force", is_flag=True, help="Overwrite credentials already in DIRECTORY.")
 def make_test_ca_cmd(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> int:

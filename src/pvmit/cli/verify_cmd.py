@@ -8,12 +8,14 @@ import click
 from rich.table import Table
 
 from pvmit.cli.output import emit_json, err, esc, out
+from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 
 
 @click.command("verify")
 @click.option("--models", default="", metavar="IDS", help="Only these catalog models (comma-separated).")
-@click.option("--jobs", default=0, show_default=True, help="Worker processes (0: one per CPU).")
+@click.option("--jobs", type=BoundedInt(0, 1024), default=0, show_default=True,
+              help="Worker processes (0: one per CPU).")
 @json_option
 @pass_state
 def verify(st: State, models: str, jobs: int, json_out: bool) -> int:

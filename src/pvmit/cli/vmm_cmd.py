@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from pvmit.cli import params
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
 from pvmit.cli.pool_cmd import shown_in_pool
@@ -25,20 +26,17 @@ from pvmit.net.text import shorten
 from pvmit.net.tls import Credentials
 from pvmit.node.control import request as control_request
 from pvmit.node.process import DEFAULT_HEARTBEAT, FILLS, MAX_HEARTBEAT, Boot, Limits, VmmProcess
+from pvmit.safetext import quoted, safe_text
 from pvmit.vmm.hosts import stand_in, this_machine
 from pvmit.vmm.machine import MAX_MEMORY
 from pvmit.vmm.personality import resolve
 
 
 def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    digits = t[:-1] if t and t[-1] in units else t
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 12:
-        raise InputError(f"{shorten(text, 40)!r} is not a size (for example 64M or 512M)")
-    value = int(digits) * units.get(t[-1], 1)
+    """Guest memory: a multiple of 2 MiB from 4 MiB to MAX_MEMORY."""
+    value = params.parse_size(text, "guest memory")
     if value < 4 << 20 or value > MAX_MEMORY or value % (2 << 20):
-        raise InputError(f"guest memory {shorten(text, 40)!r} must be a multiple of 2 MiB from 4 MiB to "
+        raise InputError(f"guest memory {quoted(text)} must be a multiple of 2 MiB from 4 MiB to "
                          f"{MAX_MEMORY >> 30} GiB")
     return value
 
@@ -73,22 +71,23 @@ def load_creds(path: Path | None, roles: tuple[str, ...], *addresses: Address | 
               help="What the guest reports: retpoline,bhb-short | none | unreported (default: what a Linux "
                    "guest shown the personality would use).")
 @click.option("--pool", default="", metavar="MODELS", help="Catalog models this VM may run on (MITIGATION_ENUM).")
-@click.option("--memory", default="64M", show_default=True, help="Guest memory.")
+@click.option("--memory", type=params.Converted(parse_size, "size"), default="64M", show_default=True,
+              help="Guest memory: a multiple of 2 MiB from 4 MiB to 1 GiB.")
 @click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True,
-              type=click.IntRange(1, MAX_HEARTBEAT), help="Guest iterations per heartbeat line.")
+              type=params.BoundedInt(1, MAX_HEARTBEAT), help="Guest iterations per heartbeat line.")
 @click.option("--fill-memory", type=click.Choice(FILLS), default="none", is_flag=False, flag_value="pattern",
               help="Fill the guest's free memory with data (for benchmarks): a pattern, or random bytes.")
-@click.option("--deadline", default=300.0, show_default=True, type=click.FloatRange(1, 86400),
+@click.option("--deadline", default=300.0, show_default=True, type=params.BoundedFloat(1, 86400),
               help="Seconds a migration, in or out, may take in all before it is given up.")
-@click.option("--stall", default=30.0, show_default=True, type=click.FloatRange(0.5, 3600),
+@click.option("--stall", default=30.0, show_default=True, type=params.BoundedFloat(0.5, 3600),
               help="Seconds a migration peer may send or take nothing before it is given up.")
-@click.option("--settle-notice", default=60.0, show_default=True, type=click.FloatRange(0.5, 86400), hidden=True)
+@click.option("--settle-notice", default=60.0, show_default=True, type=params.BoundedFloat(0.5, 86400), hidden=True)
 @click.option("--fault", type=click.Choice(DEST_FAULTS), hidden=True)
 @tls_option
 @operator_options
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
-        uses: str | None, pool: str, memory: str, heartbeat: int, fill_memory: str, deadline: float, stall: float,
+        uses: str | None, pool: str, memory: int, heartbeat: int, fill_memory: str, deadline: float, stall: float,
         settle_notice: float, fault: str | None, tls_creds: Path | None, force_on: str, force_off: str,
         unreported: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) and/or receive guests (--incoming), and serve
@@ -122,10 +121,10 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         if len(hosts) > 1:  # shown only the speculation bits every host of its pool keeps true (pool rule)
             personality = shown_in_pool(personality, [(str(i), h) for i, h in enumerate(hosts)])
         config = InterfaceConfig(Form(form), supported_requests(hosts))
-        boot = Boot(personality, config, settings, relied, parse_size(memory), heartbeat, fill_memory)
+        boot = Boot(personality, config, settings, relied, memory, heartbeat, fill_memory)
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        print(safe_text(line), flush=True)  # guest output and peers' names included: escaped for the terminal
 
     for n in notes:
         say(f"vmm: host reading: {n}")
@@ -198,7 +197,7 @@ def migrate(source: str, dest: str, check: bool, fault: str | None, tls_creds: P
 @click.argument("command", type=click.Choice(["status", "quit", "resolve", "outcome"]))
 @click.argument("argument", required=False)
 @click.option("--force", is_flag=True, help="quit: even while a migration is in flight.")
-@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+@click.option("--timeout", default=30.0, show_default=True, type=params.BoundedFloat(0.1, 3600),
               help="Seconds to wait for the answer.")
 @tls_option
 def ctl(address: str, command: str, argument: str | None, force: bool, timeout: float,

@@ -44,9 +44,12 @@ from pvmit.fleet.inventory import (
 )
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import PartialSettings, supported_requests
+from pvmit.userfiles import FileError, MiB, load_json, read_json
 from pvmit.vmm.personality import resolve
 
 T = TypeVar("T")
+HOST_FACTS_CAP = 1 * MiB
+"""Largest `pvmit host --json` file a host's cpu cell may name (one is about 20 KiB)."""
 
 
 @dataclass(frozen=True)
@@ -121,19 +124,11 @@ class Resolver:
     def _host_cpu(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
         t = text.strip()
         if t.startswith("{") or t.lower().endswith(".json"):
-            if t.startswith("{"):
-                try:
-                    doc = json.loads(t)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON: {e}") from None
-            else:
-                path = base / t
-                try:
-                    doc = json.loads(path.read_text(encoding="utf-8"))
-                except OSError as e:
-                    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{path}: not valid JSON: {e}") from None
+            try:
+                doc = load_json(t, "the CPU facts") if t.startswith("{") \
+                    else read_json(base / t, "host facts file", HOST_FACTS_CAP)
+            except FileError as e:
+                raise ValueError(str(e)) from None
             if isinstance(doc, dict) and "facts" in doc:
                 if doc["facts"] is None:
                     raise ValueError("the `pvmit host` document has no facts (that host's CPU could not be read)")

@@ -23,6 +23,7 @@ from pvmit.errors import InputError
 from pvmit.fleet.inventory import SCHEMA, bits_label, write_table
 from pvmit.interface.policy import supported_requests
 from pvmit.linux.model import predict
+from pvmit.userfiles import staged, write_atomic
 from pvmit.vmm.personality import resolve
 
 
@@ -165,14 +166,15 @@ def write_inventory(hosts: pa.Table, vms: pa.Table, out: Path, fmt: str = "parqu
     """A .json path gets one JSON inventory; any other path is a directory with hosts.<fmt> and vms.<fmt>."""
     if out.suffix.lower() == ".json":
         doc = {"schema": SCHEMA, "hosts": as_records(hosts), "vms": as_records(vms)}
-        out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_atomic(out, json.dumps(doc, indent=1) + "\n")
         return [out]
     if fmt not in ("parquet", "csv", "json"):
         raise InputError(f"inventory format must be parquet, csv or json, not {fmt!r}")
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"hosts.{fmt}", out / f"vms.{fmt}"]
-    write_table(_plain(hosts) if fmt != "parquet" else hosts, paths[0])
-    write_table(_plain(vms) if fmt != "parquet" else vms, paths[1])
+    with staged() as s:  # both tables, or neither
+        s.directory(out)
+        write_table(_plain(hosts) if fmt != "parquet" else hosts, s.path(paths[0]))
+        write_table(_plain(vms) if fmt != "parquet" else vms, s.path(paths[1]))
     return paths
 
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,8 @@ from pvmit.derive import Mitigation, mitigations_to_bits
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import FORCEABLE
+from pvmit.safetext import quoted
+from pvmit.userfiles import GiB, MiB, read_bytes, read_json
 from pvmit.x86.bits import SpecCtrl
 
 SCHEMA = "pvmit.fleet-inventory/1"
@@ -61,6 +65,9 @@ VM_COLUMNS: dict[str, bool] = {"name": True, "host": True, "personality": True, 
 COLUMNS = {"hosts": HOST_COLUMNS, "vms": VM_COLUMNS}
 """Column name -> required, per table."""
 TABLE_EXTENSIONS = (".parquet", ".csv", ".json")
+CAPS = {".parquet": 512 * MiB, ".csv": 1 * GiB, ".json": 512 * MiB}
+"""Largest inventory file read, by kind (a generated 1,000,000-VM inventory is 6 MiB of Parquet, 70 MiB of CSV,
+150 MiB of JSON; JSON costs about five times its size in memory once parsed)."""
 UNENLIGHTENED = ("unenlightened", "unreported")
 
 BoolArray = npt.NDArray[np.bool_]
@@ -145,7 +152,7 @@ class RawInventory:
 
     @property
     def warnings(self) -> list[str]:
-        return [f"{t.file}: {t.table}: column {c!r} is not part of the inventory schema and is ignored"
+        return [f"{t.file}: {t.table}: column {quoted(c)} is not part of the inventory schema and is ignored"
                 for t in (self.hosts, self.vms) for c in t.ignored]
 
     def sources(self) -> dict[str, str]:
@@ -175,11 +182,11 @@ def parse_mitigations(text: str) -> frozenset[Mitigation] | None:
     out: set[Mitigation] = set()
     for w in words:
         if w in ("none", "both") or w in UNENLIGHTENED:
-            raise ValueError(f"{w!r} stands alone; it cannot be combined with other words")
+            raise ValueError(f"{quoted(w)} stands alone; it cannot be combined with other words")
         try:
             out.add(Mitigation(w))
         except ValueError:
-            raise ValueError(f"{w!r} is not one of {', '.join(m.value for m in Mitigation)}, both, none, "
+            raise ValueError(f"{quoted(w)} is not one of {', '.join(m.value for m in Mitigation)}, both, none, "
                              "unenlightened") from None
     return frozenset(out)
 
@@ -202,7 +209,7 @@ def parse_form(text: str) -> Form | None:
     try:
         return Form(t)
     except ValueError:
-        raise ValueError(f"{text!r} is not one of {', '.join(f.value for f in Form)}, none") from None
+        raise ValueError(f"{quoted(text)} is not one of {', '.join(f.value for f in Form)}, none") from None
 
 
 def parse_bits(text: str) -> int:
@@ -215,7 +222,7 @@ def parse_bits(text: str) -> int:
         try:
             mask |= int(SpecCtrl[w.upper()])
         except KeyError:
-            raise ValueError(f"IA32_SPEC_CTRL has no bit named {w!r}") from None
+            raise ValueError(f"IA32_SPEC_CTRL has no bit named {quoted(w)}") from None
     if mask & ~int(FORCEABLE):
         names = "+".join(str(b.name) for b in SpecCtrl if b & mask & ~int(FORCEABLE))
         raise ValueError(f"{names} is not a control pvmit can force")
@@ -225,7 +232,7 @@ def parse_bits(text: str) -> int:
 def parse_unreported(text: str) -> str:
     t = text.strip().lower()
     if t not in ("trust", "assume-worst"):
-        raise ValueError(f"{text!r} is not trust or assume-worst")
+        raise ValueError(f"{quoted(text)} is not trust or assume-worst")
     return t
 
 
@@ -303,7 +310,7 @@ def _as_strings(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
     try:
         return col.cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise InputError(f"{where}: column {name!r} has type {t}, which cannot be read as text") from None
+        raise InputError(f"{where}: column {quoted(name)} has type {t}, which cannot be read as text") from None
 
 
 def _finish(file: str, table: str, data: pa.Table, rows: IntArray, base_dir: Path, errors: ErrorLog,
@@ -332,23 +339,23 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
     try:
         if suffix == ".parquet":
             # categorical columns come back dictionary-encoded: each distinct value is then checked once
-            names = [c for c in pq.read_schema(path).names if c in COLUMNS[table]]
+            buf = pa.py_buffer(read_bytes(path, f"{table} table", CAPS[suffix]))
+            names = [c for c in pq.read_schema(pa.BufferReader(buf)).names if c in COLUMNS[table]]
             _unique_columns(names, file, table)
-            data = pq.read_table(path, columns=names, read_dictionary=[c for c in names if c != "name"])
+            data = pq.read_table(pa.BufferReader(buf), columns=names,
+                                 read_dictionary=[c for c in names if c != "name"])
             data.validate(full=True)  # found by fuzzing: Parquet strings are not checked for UTF-8 on reading
             return _finish(file, table, data, np.arange(1, data.num_rows + 1, dtype=np.int64), path.parent,
                            errors, cast=True)
         if suffix == ".csv":
             return _read_csv(path, table, errors)
         if suffix == ".json":
-            doc = _load_json(path)
+            doc = read_json(path, f"{table} table", CAPS[suffix])
             if isinstance(doc, dict) and table in doc:
                 doc = doc[table]
             if not isinstance(doc, list):
                 raise InputError(f"{file}: expected a JSON list of {table} rows")
             return table_from_records(doc, file, table, path.parent, errors)
-    except FileNotFoundError:
-        raise InputError(f"{file}: no such file") from None
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{file}: cannot read {table} table: {e}") from None
     except UnicodeDecodeError as e:  # found by fuzzing: a CSV header that is not UTF-8
@@ -356,18 +363,18 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
     raise InputError(f"{file}: a {table} table must be .parquet, .csv or .json")
 
 
-def _check_utf8(path: Path, table: str) -> None:
-    """A CSV file must be UTF-8 throughout (pyarrow would fail deep inside on a bad header or row otherwise)."""
+def _check_utf8(data: bytes, path: Path, table: str) -> None:
+    """A CSV file must be UTF-8 throughout (pyarrow would fail deep inside on a bad header or row otherwise);
+    checked in pieces, so no copy of the whole file as text is made."""
     dec = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            try:
-                dec.decode(chunk)
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}: {table} table is not UTF-8 text: byte {offset + e.start} "
-                                 f"({chunk[e.start:e.start + 1]!r})") from None
-            offset += len(chunk)
+    view = memoryview(data)
+    for offset in range(0, len(data), 1 << 22):
+        chunk = view[offset:offset + (1 << 22)]
+        try:
+            dec.decode(chunk)
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: {table} table is not UTF-8 text: byte {offset + e.start} "
+                             f"({bytes(chunk[e.start:e.start + 1])!r})") from None
     try:
         dec.decode(b"", final=True)
     except UnicodeDecodeError:
@@ -378,13 +385,14 @@ def _unique_columns(names: Sequence[str], file: str, table: str) -> None:
     seen = set()
     for n in names:
         if n in seen:
-            raise InputError(f"{file}: {table} table: column {n!r} appears more than once in the header")
+            raise InputError(f"{file}: {table} table: column {quoted(n)} appears more than once in the header")
         seen.add(n)
 
 
 def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
     file = str(path)
-    _check_utf8(path, table)
+    raw = read_bytes(path, f"{table} table", CAPS[".csv"])
+    _check_utf8(raw, path, table)
     dropped: list[int] = []
 
     def invalid(row: pacsv.InvalidRow) -> str:
@@ -394,8 +402,8 @@ def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
                    [line - 1])
         return "skip"
 
-    data = pacsv.read_csv(
-        path, read_options=pacsv.ReadOptions(use_threads=False),  # single-threaded: dropped rows keep numbers
+    data = pacsv.read_csv(  # single-threaded: dropped rows keep numbers
+        pa.BufferReader(raw), read_options=pacsv.ReadOptions(use_threads=False),
         parse_options=pacsv.ParseOptions(invalid_row_handler=invalid),
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(COLUMNS[table], pa.string()),
                                              strings_can_be_null=True, null_values=[""]))
@@ -417,15 +425,6 @@ def _blank_to_null(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text: {e}") from None
-
-
 def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
     """An inventory from one JSON file, a directory with hosts.* and vms.*, or a hosts file and a VMs file."""
     errors = ErrorLog()
@@ -435,26 +434,30 @@ def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
     if len(ps) != 1:
         raise InputError("give one inventory (a JSON file or a directory), or a hosts table and a VMs table")
     p = ps[0]
-    if p.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(p).st_mode)
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file or directory") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read the inventory: {e.strerror or e}") from None
+    if is_dir:
         found = {}
         for t in ("hosts", "vms"):
-            cands = [p / f"{t}{ext}" for ext in TABLE_EXTENSIONS if (p / f"{t}{ext}").is_file()]
+            cands = [p / f"{t}{ext}" for ext in TABLE_EXTENSIONS if (p / f"{t}{ext}").exists()]
             if len(cands) != 1:
                 what = "no" if not cands else "more than one"
                 raise InputError(f"{p}: {what} {t} table; expected exactly one of "
                                  + ", ".join(f"{t}{e}" for e in TABLE_EXTENSIONS))
             found[t] = read_table(cands[0], t, errors)
         return RawInventory(found["hosts"], found["vms"], errors)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or directory")
     if p.suffix.lower() != ".json":
         raise InputError(f"{p}: a single-file inventory is JSON ({{\"hosts\": [...], \"vms\": [...]}}); Parquet and "
                          "CSV hold one table per file: give a directory with hosts.* and vms.*, or both files")
-    doc = _load_json(p)
+    doc = read_json(p, "inventory", CAPS[".json"])
     if not isinstance(doc, dict):
         raise InputError(f"{p}: expected a JSON object with 'hosts' and 'vms'")
     if "schema" in doc and doc["schema"] != SCHEMA:
-        raise InputError(f"{p}: schema {doc['schema']!r} is not {SCHEMA!r}")
+        raise InputError(f"{p}: schema {quoted(str(doc['schema']))} is not {SCHEMA!r}")
     tables = {}
     for t in ("hosts", "vms"):
         rows = doc.get(t)
@@ -476,6 +479,7 @@ def write_table(data: pa.Table, path: Path) -> None:
     elif suffix == ".csv":
         pacsv.write_csv(data, path)
     elif suffix == ".json":
-        path.write_text(json.dumps(data.to_pylist(), indent=1) + "\n", encoding="utf-8")
+        with open(path, "w", encoding="utf-8") as f:  # not Path.write_text: a name given by `Staging` may be
+            f.write(json.dumps(data.to_pylist(), indent=1) + "\n")  # /dev/stdout
     else:
         raise InputError(f"{path}: write .parquet, .csv or .json")

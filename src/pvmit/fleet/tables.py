@@ -18,6 +18,7 @@ import pyarrow as pa
 from pvmit.errors import InputError
 from pvmit.fleet.inventory import IntArray, write_table
 from pvmit.fleet.plan import VERDICTS, Plan, Verdict
+from pvmit.userfiles import staged
 
 MOVES_LIMIT = 20_000_000
 """Most rows `moves` may have: per-VM destination lists are VMs x hosts; beyond this use the class tables."""
@@ -161,14 +162,15 @@ def write_tables(plan: Plan, out_dir: Path, fmt: str, per_vm: bool = False) -> l
     """Write every table as OUT_DIR/<table>.<fmt>; `moves` only with per_vm. Returns the paths written."""
     if fmt not in ("parquet", "csv"):
         raise InputError(f"table format must be parquet or csv, not {fmt!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     tables = {"vms": vms_table, "pairs": pairs_table, "hosts": hosts_table, "host_classes": host_classes_table,
               "vm_classes": vm_classes_table, "pools": pools_table}
     if per_vm:
         tables["moves"] = moves_table
     written = []
-    for name, build in tables.items():
-        path = out_dir / f"{name}.{fmt}"
-        write_table(build(plan), path)
-        written.append(path)
+    with staged() as s:  # every table, or (after an error) none and no directory made for them
+        s.directory(out_dir)
+        for name, build in tables.items():
+            path = out_dir / f"{name}.{fmt}"
+            write_table(build(plan), s.path(path))
+            written.append(path)
     return written

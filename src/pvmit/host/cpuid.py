@@ -8,6 +8,7 @@ where writable+executable memory is forbidden; the second needs the cpuid module
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pvmit.asm import assemble, package_source
+from pvmit.userfiles import FileError, open_checked
 
 Regs = tuple[int, int, int, int]
 
@@ -51,7 +53,10 @@ class DevCpuid:
     def __init__(self, cpu: int = 0) -> None:
         self.path = f"/dev/cpu/{cpu}/cpuid"
         self.method = self.path
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._fd = open_checked(self.path, "the cpuid device", device=True)
+        except FileError as e:
+            raise OSError(e.errno or errno.EINVAL, str(e)) from None
 
     def __call__(self, leaf: int, subleaf: int = 0) -> Regs:
         a, b, c, d = struct.unpack("<4I", os.pread(self._fd, 16, leaf | (subleaf << 32)))

@@ -23,6 +23,7 @@ from pvmit.host.cpuid import (
 )
 from pvmit.host.msr import MsrUnreadable, read_msr
 from pvmit.host.sysfs import VULN_DIR, read_vulnerabilities
+from pvmit.userfiles import FileError
 from pvmit.x86 import bits, decode
 from pvmit.x86.registers import (
     AMD_80000008_EBX,
@@ -296,5 +297,8 @@ def inspect_host(catalog: Catalog, *, with_kvm: bool = True) -> HostReport:
     except OSError as e:
         vulns = None
         unknowns.append({"what": "vulnerabilities", "reason": f"{VULN_DIR}: {e.strerror or e}"})
+    except FileError as e:
+        vulns = None
+        unknowns.append({"what": "vulnerabilities", "reason": str(e)})
     kvm = kvm_report(unknowns) if with_kvm else None
     return HostReport(identity, facts, unknowns, vulns, kvm, nearest)

@@ -6,6 +6,8 @@ import errno
 import os
 import struct
 
+from pvmit.userfiles import FileError, open_checked
+
 
 class MsrUnreadable(Exception):
     """The MSR could not be read; the message says why in words an operator can act on."""
@@ -15,13 +17,13 @@ def read_msr(index: int, cpu: int = 0) -> int:
     """RDMSR on CPU `cpu` via /dev/cpu/N/msr (pread of 8 bytes at offset index)."""
     path = f"/dev/cpu/{cpu}/msr"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MsrUnreadable(f"{path} does not exist: the msr module is not loaded (modprobe msr)") from None
-    except PermissionError:
-        raise MsrUnreadable(f"{path}: permission denied (reading MSRs needs root and CAP_SYS_RAWIO)") from None
-    except OSError as e:
-        raise MsrUnreadable(f"{path}: {os.strerror(e.errno or 0)}") from None
+        fd = open_checked(path, "the msr device", device=True)
+    except FileError as e:
+        if e.errno == errno.ENOENT:
+            raise MsrUnreadable(f"{path} does not exist: the msr module is not loaded (modprobe msr)") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise MsrUnreadable(f"{path}: permission denied (reading MSRs needs root and CAP_SYS_RAWIO)") from None
+        raise MsrUnreadable(str(e)) from None
     try:
         data = os.pread(fd, 8, index)
     except OSError as e:

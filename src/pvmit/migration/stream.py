@@ -85,7 +85,9 @@ def _int(text: str) -> int | Unusable:
 
 def loads(data: bytes | str, where: str) -> Any:
     """Strict JSON for everything a peer sends. Numbers pvmit cannot use become `Unusable` (refused by the field
-    checks, by name); anything that is not JSON, or nested too deeply, is a StreamError naming `where`."""
+    checks, by name); anything that is not JSON, or nested too deeply, is a StreamError naming `where`. (Files are
+    read by `pvmit.userfiles.load_json`, which refuses a file at its first such number: a file has no field checks
+    to name it, a stream does.)"""
     try:
         return json.loads(data, parse_constant=Unusable, parse_float=_float, parse_int=_int)
     except RecursionError:  # found by fuzzing: "[[[[..." nested deeper than the parser's recursion limit

@@ -23,6 +23,23 @@ PAUSED = re.compile(r"^vmm: paused at monotonic ([0-9.]+)", re.M)
 RESUMED = re.compile(r"^vmm: resumed at monotonic ([0-9.]+)", re.M)
 
 
+STARTED: list[subprocess.Popen[bytes]] = []
+"""Every VMM process started here, so that a test harness can make sure none outlives its test."""
+
+
+def kill_leftovers() -> int:
+    """Kill every VMM process started here that is still running (a test that failed before its cleanup);
+    returns how many there were."""
+    n = 0
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            n += 1
+    return n
+
+
 class VmmHandle:
     """One `pvmit vmm` process, its log file and its control socket (a Unix socket in `workdir` unless `control`
     names another address; `creds` is a TLS credentials directory for TCP endpoints; `prefix` runs the process
@@ -40,12 +57,15 @@ class VmmHandle:
         self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "pvmit", *pre, "vmm", "--control",
                                       self.control, *tls, *args],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        STARTED.append(self.proc)
         deadline = time.monotonic() + timeout
         ready = "vmm: control socket" if not args or "--incoming" not in args else "vmm: incoming migrations at"
         while ready not in self.text():
             if self.proc.poll() is not None:
                 raise PvmitError(f"VMM {name} exited with status {self.proc.returncode}:\n{self.text()[-2000:]}")
             if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
                 raise PvmitError(f"VMM {name} did not start within {timeout} s")
             time.sleep(0.05)
 

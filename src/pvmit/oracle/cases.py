@@ -9,6 +9,7 @@ from functools import lru_cache
 from importlib import resources
 
 from pvmit.errors import InputError
+from pvmit.safetext import quoted
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,6 @@ def select(names: str | None) -> list[Case]:
     for name in filter(None, (n.strip() for n in names.split(","))):
         hits = [c for c in cases if name.lower() in (c.id.lower(), c.cpu.lower())]
         if not hits:
-            raise InputError(f"--cases: no case or CPU model {name!r}; cases: {', '.join(c.id for c in cases)}")
+            raise InputError(f"--cases: no case or CPU model {quoted(name)}; cases: {', '.join(c.id for c in cases)}")
         chosen += [c for c in hits if c not in chosen]
     return chosen

@@ -25,9 +25,11 @@ from pathlib import Path
 from pvmit.agent.bundle import agent_files
 from pvmit.errors import PvmitError
 from pvmit.oracle.cpio import Entry, gzipped
+from pvmit.userfiles import FileError, MiB, open_checked, read_bytes
 
 BEGIN, END = "@@PVMIT-ORACLE-BEGIN@@", "@@PVMIT-ORACLE-END@@"
 AGENT_DIR = "agent"
+INITRAMFS_FILE_CAP = 256 * MiB  # busybox, python3 and its libraries are a few MiB each
 
 INIT = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -89,11 +91,16 @@ def find_kernel(image: Path | None = None) -> Kernel:
 
 
 def _is_elf(path: Path) -> bool:
+    try:  # --python may name anything: a FIFO must not block here
+        fd = open_checked(path, "executable")
+    except FileError:
+        return False
     try:
-        with path.open("rb") as f:
-            return f.read(4) == b"\x7fELF"
+        return os.read(fd, 4) == b"\x7fELF"
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def find_python(path: Path | None = None) -> Path:
@@ -192,7 +199,10 @@ def _zstd_decompress(data: bytes, path: Path) -> bytes:
 
 def module_bytes(path: Path) -> bytes:
     """The plain ELF module from `path`, decompressed by its suffix; OracleUnavailable when that fails."""
-    data = path.read_bytes()
+    try:
+        data = read_bytes(path, "kernel module", INITRAMFS_FILE_CAP)
+    except FileError as e:
+        raise OracleUnavailable(str(e)) from None
     try:
         if path.name.endswith(".xz"):
             data = lzma.decompress(data)
@@ -215,7 +225,11 @@ def build(kernel: Kernel, python: Path | None = None) -> bytes:
 
     def add_file(src: Path, dest: str | None = None, mode: int | None = None) -> None:
         st = src.stat()
-        files[(dest or str(src)).lstrip("/")] = (src.read_bytes(), mode or (st.st_mode & 0o777), int(st.st_mtime))
+        try:  # --python names one of them: a regular file of bounded size, like every file pvmit reads
+            data = read_bytes(src, "file for the initramfs", INITRAMFS_FILE_CAP)
+        except FileError as e:
+            raise OracleUnavailable(str(e)) from None
+        files[(dest or str(src)).lstrip("/")] = (data, mode or (st.st_mode & 0o777), int(st.st_mtime))
 
     add_file(busybox, "bin/busybox", 0o755)
     for name in ("msr", "cpuid"):

@@ -18,6 +18,7 @@ from pvmit.oracle import initramfs
 from pvmit.oracle.boot import BASE_APPEND, BootFailed, Seen, boot, find_qemu, qemu_version
 from pvmit.oracle.cases import Case
 from pvmit.oracle.compare import evaluate
+from pvmit.userfiles import FileError, MiB, read_bytes, write_atomic
 
 SCHEMA = "pvmit.linux-oracle/2"
 CONFIG_OPTIONS = ("CONFIG_KVM", "CONFIG_RETPOLINE", "CONFIG_MITIGATION_RETPOLINE", "CONFIG_CPU_IBRS_ENTRY",
@@ -31,8 +32,8 @@ def kernel_config(release: str, boot: Path = Path("/boot")) -> dict[str, str]:
     absent); {} when there is no config file."""
     path = boot / f"config-{release}"
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        text = read_bytes(path, "kernel config", 16 * MiB).decode("utf-8", "replace")
+    except FileError:
         return {}
     found = {}
     for line in text.splitlines():
@@ -137,7 +138,7 @@ def ok(doc: dict[str, Any]) -> bool:
 
 
 def record(doc: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def verdict(r: dict[str, Any]) -> str:

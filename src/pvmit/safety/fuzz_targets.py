@@ -280,6 +280,78 @@ def cpu_list(data: bytes) -> None:
     parse_cpu_list(_text(data))
 
 
+def json_document(data: bytes) -> None:
+    """Any JSON file pvmit reads (`userfiles.load_json`): whatever it returns can be written back as UTF-8 JSON
+    and walked without recursion errors (nesting, huge numbers and lone surrogates are refused at load)."""
+    from pvmit.userfiles import load_json
+
+    doc = load_json(data.decode("utf-8", "surrogatepass"), "fuzz.json") if _is_text(data) else None
+    json.dumps(doc, allow_nan=False).encode("utf-8")
+    repr(doc)
+
+
+def toml_document(data: bytes) -> None:
+    """Any TOML file pvmit reads (`userfiles.load_toml`), with the same promise as `json_document`."""
+    from pvmit.userfiles import load_toml
+
+    doc = load_toml(_text(data), "fuzz.toml")
+    json.dumps(doc, default=str).encode("utf-8")
+
+
+def _is_text(data: bytes) -> bool:
+    try:
+        data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def host_facts(data: bytes) -> None:
+    """A host's `cpu` cell of an inventory given as inline facts JSON (`pvmit host --json`'s)."""
+    from pvmit.fleet.classes import Resolver
+
+    try:
+        Resolver(_CATALOG()).host_cpu("{" + _text(data).lstrip("{"), Path("."))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def shown_text(data: bytes) -> None:
+    """Text from outside as pvmit shows it (`safetext`): no control, bidi or invisible character and no lone
+    surrogate survives, it can always be written as UTF-8, and a shortened value stays short."""
+    import unicodedata
+
+    from pvmit.safetext import DEFAULT_LIMIT, clean_message, safe_text, shorten
+
+    text = data.decode("utf-8", "surrogateescape") + data.decode("utf-16-le", "surrogatepass" if len(data) % 2 == 0
+                                                                 else "replace")
+    for shown, lines in ((safe_text(text), False), (clean_message(text), True), (shorten(text), False)):
+        shown.encode("utf-8")
+        bad = [c for c in shown if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+               and not (lines and c in "\n\t")]
+        assert not bad, bad
+    assert len(shorten(text)) <= 4 * (DEFAULT_LIMIT + 1) + 32  # an escape is at most 10 characters for one
+
+
+def option_numbers(data: bytes) -> None:
+    """A numeric command-line value (register value, size, bounded integer or number): a value in range, or
+    the one documented error with a short message."""
+    import click
+
+    from pvmit.cli.params import BoundedFloat, BoundedInt, parse_register_value, parse_size
+
+    text = data.decode("utf-8", "surrogateescape")
+    for parse in (parse_register_value, lambda t: parse_size(t, "size"),
+                  lambda t: BoundedInt(1, 10 ** 9).convert(t, None, None),
+                  lambda t: BoundedFloat(5, 3600).convert(t, None, None)):
+        try:
+            parse(text)
+        except (InputError, click.BadParameter) as e:
+            if len(str(e)) > 300:
+                raise AssertionError(f"a message of {len(str(e))} characters") from None
+            continue
+
+
 _catalog_cache: list[Any] = []
 
 
@@ -305,6 +377,11 @@ TARGETS: dict[str, tuple[Callable[[bytes], None], tuple[type[BaseException], ...
     "agent_hypervisor": (agent_hypervisor, ()),
     "oracle_serial": (oracle_serial, (BootFailed,)),
     "cpu_list": (cpu_list, (AgentError,)),
+    "json_document": (json_document, (InputError,)),
+    "toml_document": (toml_document, (InputError,)),
+    "host_facts": (host_facts, (InputError,)),
+    "shown_text": (shown_text, ()),
+    "option_numbers": (option_numbers, ()),
 }
 """name -> (target, the errors it may raise)."""
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import struct
-import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -33,10 +32,13 @@ from pvmit.catalog.loader import Catalog
 from pvmit.errors import InputError, UnknownModelError
 from pvmit.interface.forms import CpuidLeaf, Form, InterfaceConfig, kvm_feature_leaf_bits, neutral_leaves
 from pvmit.kvm.system import CpuidEntry
+from pvmit.userfiles import MiB, load_toml, read_text
 from pvmit.x86.bits import Cpuid7_0Edx
 from pvmit.x86.registers import CPU_FACT_REGISTERS, KVM_CPUID_FEATURES, KVM_CPUID_SIGNATURE, REGISTERS
 
 KVM_CPUID_FLAG_SIGNIFICANT_INDEX = 1
+TEMPLATE_CAP = 1 * MiB
+"""Largest personality template read (pvmit's own are under 1 KiB)."""
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,7 @@ def _bitmap(text: str, where: str) -> tuple[int, int]:
 def load_template(catalog: Catalog, path: str | Path, text: str | None = None) -> Personality:
     """Read a personality template; errors name the file and the field."""
     where = str(path)
-    try:
-        doc: dict[str, Any] = tomllib.loads(text if text is not None else Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{where}: cannot read personality template: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{where}: not valid TOML: {e}") from None
-    except RecursionError:
-        raise InputError(f"{where}: not valid TOML: nested too deeply") from None
+    doc = load_toml(text if text is not None else read_text(path, "personality template", TEMPLATE_CAP), where)
     unknown = set(doc) - {"name", "base", "description", "show", "cpuid", "vendor", "family", "model", "stepping",
                           "registers"}
     if unknown:
@@ -183,8 +178,9 @@ def load_template(catalog: Catalog, path: str | Path, text: str | None = None) -
             raise InputError(f"{w}: expects leaf, subleaf, register and bitmap")
         if m.get("register") not in ("eax", "ebx", "ecx", "edx"):
             raise InputError(f"{w}: register must be eax, ebx, ecx or edx")
-        if not isinstance(m.get("leaf"), int) or not isinstance(m.get("subleaf", 0), int):
-            raise InputError(f"{w}: leaf and subleaf must be integers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32
+                   for v in (m.get("leaf"), m.get("subleaf", 0))):
+            raise InputError(f"{w}: leaf and subleaf must be unsigned 32-bit integers")
         set_mask, clear_mask = _bitmap(str(m.get("bitmap", "")), w)
         mods.append(CpuidModifier(m["leaf"], m.get("subleaf", 0), m["register"], set_mask, clear_mask))
     return Personality(doc["name"], facts, where, str(doc.get("description", "")), tuple(mods))
