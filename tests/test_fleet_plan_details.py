@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fleet_helpers import HOSTS, VMS, host, plan_of, vm, write_json
 
@@ -14,6 +16,7 @@ from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.fleet import plan as plan_mod
 from pvmit.fleet.plan import Judge, Move, Pool, Verdict, _pools, move_from
+from pvmit.fleet.tables import write_tables
 from pvmit.interface.policy import Decision, Exposure, Forced, Why
 from pvmit.x86.bits import SpecCtrl
 
@@ -65,6 +68,39 @@ def test_progress_is_said_per_tenth_of_the_vm_classes(catalog: Catalog, tmp_path
     plan_mod.plan(load(catalog, write_json(tmp_path / "small.json", HOSTS, VMS)), progress=small.append)
     assert len(small) == 3 and not any("decided" in s for s in small)
     plan_mod.plan(fleet)  # no progress callback: nothing is said, nothing fails
+
+
+def test_progress_steps_are_whole_tenths(catalog: Catalog, tmp_path: Path) -> None:
+    """55 VM classes: a line every 5 (55 // 10), not every 5.5."""
+    from fleet_helpers import load
+
+    models = [m.id for m in catalog][:11]
+    variants = [("retpoline", "intel"), ("none", "intel"), ("retpoline", "kvm"), ("none", "kvm"), ("none", "neutral")]
+    vms = [vm(f"v{i}-{k}", "icx-1", model, mits, form=form)
+           for i, model in enumerate(models) for k, (mits, form) in enumerate(variants)]
+    fleet = load(catalog, write_json(tmp_path / "inv.json", HOSTS, vms))
+    assert len(fleet.vm_classes) == 55 and fleet.errors.total == 0
+    said: list[str] = []
+    plan_mod.plan(fleet, progress=said.append)
+    assert [s for s in said if "decided" in s] == [f"  {k}/55 VM classes decided" for k in range(5, 56, 5)]
+
+
+def test_counts_are_integers_in_the_arrays_and_the_tables(catalog: Catalog, tmp_path: Path) -> None:
+    """Destination and host counts stay integers with VMs present: a float here would turn the Parquet columns
+    users query (safe_destinations, safe_hosts, ...) into doubles."""
+    p = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS))
+    assert p.vm_counts.dtype == np.int32 and p.class_counts.dtype == np.int64 and p.vm_here.dtype == np.int8
+    write_tables(p, tmp_path / "pq", "parquet")
+
+    def types(table: str) -> dict[str, pa.DataType]:
+        schema = pq.read_schema(tmp_path / "pq" / f"{table}.parquet")
+        return {name: schema.field(name).type for name in schema.names}
+
+    vms, classes, pairs = types("vms"), types("vm_classes"), types("pairs")
+    assert [vms[f"{v.word}_destinations"] for v in Verdict] == [pa.int32()] * 3
+    assert [classes[f"{v.word}_hosts"] for v in Verdict] == [pa.int64()] * 3 and classes["vms"] == pa.int64()
+    assert pairs["hosts"] == pa.int64() and pairs["vms"] == pa.int64()
+    assert types("host_classes")["hosts"] == pa.int64()
 
 
 def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path,
@@ -145,6 +181,11 @@ def test_pools_tie_break() -> None:
     verdict = np.array([[S, X, X], [X, S, X], [X, X, S]], dtype=np.int8)
     pools, _ = _pools(verdict, np.array([2, 2, 2], dtype=np.int64), np.array([1, 5, 1], dtype=np.int64))
     assert [p.host_classes for p in pools] == [(1,), (0,), (2,)]
+    # by host classes, not by VM classes: VM class 0 goes to host class 1, VM class 1 to host class 0
+    pools, vm_pool = _pools(np.array([[X, S], [S, X]], dtype=np.int8), np.array([2, 2], dtype=np.int64),
+                            np.array([1, 1], dtype=np.int64))
+    assert [(p.id, p.host_classes, p.vm_classes) for p in pools] == [("P1", (0,), (1,)), ("P2", (1,), (0,))]
+    assert vm_pool.tolist() == [1, 0]
 
 
 def test_a_pool_in_a_real_plan_says_what_it_shows(catalog: Catalog, tmp_path: Path) -> None:

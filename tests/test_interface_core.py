@@ -188,6 +188,18 @@ def test_construction_and_arch_caps(catalog: Catalog) -> None:
     assert VmInterface(InterfaceConfig(Form.INTEL, 3), spr, spr).rdmsr(0, 0x10A) == shown | 1 << 63
 
 
+def test_arch_caps_outside_the_intel_form_are_the_personalitys_own(catalog: Catalog) -> None:
+    """The kvm and neutral forms add no bit to IA32_ARCH_CAPABILITIES: on a Skylake personality, whose value has
+    RDCL_NO (bit 0) clear, the guest reads exactly the personality's value (a set RDCL_NO would tell it that it is
+    not vulnerable to Meltdown, and it would drop PTI)."""
+    spr, skx = catalog.get("sapphirerapids").facts, catalog.get("skylake-sp").facts
+    shown = skx.reg("arch_capabilities").value
+    assert shown and not shown & 1, "the catalog's Skylake-SP shows some bit, RDCL_NO clear"
+    for form in (Form.KVM, Form.NEUTRAL):
+        assert VmInterface(InterfaceConfig(form, 3), spr, skx).rdmsr(0, 0x10A) == shown, form
+    assert VmInterface(InterfaceConfig(Form.INTEL, 3), spr, skx).rdmsr(0, 0x10A) == shown | 1 << 63
+
+
 def test_assumed_reliance_and_operator_reasons(catalog: Catalog) -> None:
     from pvmit.interface.policy import assumed_reliance
 

@@ -111,6 +111,26 @@ use_git_change_detection = false
         shutil.copy2(workdir / "pyproject.toml", workdir / "mutants" / "pyproject.toml")
 
 
+def refresh_unmutated(module: Module, workdir: Path) -> None:
+    """Bring every source file the module does not mutate up to date in the copy and in mutmut's tree (the
+    mutated files must be unchanged; mutmut's tree holds them rewritten with their mutants, and its records of
+    them beside: those are left alone)."""
+    mutated = {p.relative_to(REPO) for pattern in module.mutate for p in REPO.glob(pattern) if p.is_file()}
+    current = {p.relative_to(REPO) for p in (REPO / "src").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    for tree in (workdir, workdir / "mutants"):
+        old = {p.relative_to(tree) for p in (tree / "src").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+        for rel in old - current:
+            if not any(str(rel).startswith(str(m)) for m in mutated):  # mutmut keeps core.py.meta, core.py.spans
+                (tree / rel).unlink()
+        for rel in current - mutated:
+            dest = tree / rel
+            if not dest.exists() or dest.read_bytes() != (REPO / rel).read_bytes():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, dest)
+
+
 def results(workdir: Path) -> dict[str, str]:
     """mutmut's status of every mutant of the last run in `workdir`."""
     res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir,
@@ -153,13 +173,15 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
         return False
     if args.survivors:  # the same mutants again, against the tests as they are now (the code must be unchanged)
         for pattern in module.mutate:
-            for path in REPO.glob(pattern):
-                if path.read_bytes() != (workdir / path.relative_to(REPO)).read_bytes():
+            for path in (p for p in REPO.glob(pattern) if p.is_file()):
+                copy = workdir / path.relative_to(REPO)
+                if not copy.is_file() or path.read_bytes() != copy.read_bytes():
                     print(f"   {path.relative_to(REPO)} changed since the last run: run the module afresh",
                           file=sys.stderr)
                     return False
         lived = [k for k, s in results(workdir).items() if s not in _KILLED]
         write_config(name, module, workdir)  # the module's tests may have grown
+        refresh_unmutated(module, workdir)  # what the module uses (catalog, derive, ...) may have changed
         (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what: ask again
         for dest in (workdir / "tests", workdir / "mutants" / "tests"):
             shutil.rmtree(dest)
