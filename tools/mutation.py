@@ -7,7 +7,8 @@
     .venv/bin/python tools/mutation.py migration --jobs 1    # the migration sides (slower: needs /dev/kvm)
     .venv/bin/python tools/mutation.py --list               # modules and the tests each runs
     .venv/bin/python tools/mutation.py --report derive      # the last run's score and survivors again
-    .venv/bin/python tools/mutation.py --survivors derive   # after adding tests: rerun the survivors only
+    .venv/bin/python tools/mutation.py --survivors derive   # after adding tests: rerun the survivors only (the
+                                                            # rest of src/ is brought up to date first)
 
 For each module it copies src/, tests/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
 a copy of the tree it mutates, under mutants/), adds the module's [tool.mutmut] section, runs `mutmut run` with
