@@ -106,10 +106,11 @@ def test_kvm_form_high_half_is_read_only_and_read_modify_write_works(catalog: Ca
 def test_enumeration_each_form_shows(catalog: Catalog) -> None:
     intel, kvm, neutral = (InterfaceConfig(f, 3) for f in FORMS)
     assert kvm_feature_leaf_bits(kvm) == 1 << 30 and kvm_feature_leaf_bits(intel) == 0
-    sig, info = neutral_leaves(neutral)
-    assert (sig.leaf, sig.eax) == (0x40000100, 0x40000101)
+    sig, info, pool = neutral_leaves(neutral)
+    assert (sig.leaf, sig.eax) == (0x40000100, 0x40000102)
     assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == NEUTRAL_SIGNATURE
-    assert (info.leaf, info.eax, info.ebx, info.ecx, info.edx) == (0x40000101, 1, 0x50000002, 3, 0)
+    assert (info.leaf, info.eax, info.ebx, info.ecx, info.edx) == (0x40000101, 2, 0x50000002, 3, 0)
+    assert (pool.leaf, pool.eax, pool.ebx, pool.ecx, pool.edx) == (0x40000102, 0, 0, 0, 0)
 
 
 def test_intel_form_is_offered_to_amd_guests_by_emulating_arch_capabilities(catalog: Catalog) -> None:

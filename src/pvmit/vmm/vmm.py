@@ -116,7 +116,8 @@ class Vmm:
         self._running = False  # before the first run, KVM's IA32_SPEC_CTRL holds nothing of the guest's
         self._hw = spec_ctrl_bits_kept(self.vcpu, host.hardware_spec_ctrl)  # what reaches the hardware here
         self._interface_ranges = self._ranges_for(config)
-        self._interface_indices = frozenset(r.base for r in self._interface_ranges) | {MSR_IA32_SPEC_CTRL}
+        self._interface_indices = frozenset(i for r in self._interface_ranges
+                                            for i in range(r.base, r.base + r.count)) | {MSR_IA32_SPEC_CTRL}
         self.after_msr_exit: Callable[[Vmm], None] | None = None  # a test's invariant check, run after each
         self.machine.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, USER_SPACE_MSR_REASONS)
         wanted = build_cpuid(personality, config, kvm.supported_cpuid())
@@ -134,7 +135,8 @@ class Vmm:
         adjusts others (APIC ids, cache topology)."""
         return [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
             (r.index, r.subleaf, r.out) for r in CPU_FACT_REGISTERS if r.kind == "cpuid"] + [
-            (KVM_CPUID_FEATURES, 0, "eax")] + [(leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
+            (KVM_CPUID_FEATURES, 0, "eax"), (KVM_CPUID_FEATURES, 0, "edx")] + [
+            (leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
                                                for r in ("eax", "ebx", "ecx", "edx")
                                                if self.config.form is Form.NEUTRAL]
 
@@ -160,8 +162,15 @@ class Vmm:
 
     @staticmethod
     def _ranges_for(config: InterfaceConfig) -> list[MsrRange]:
-        indices = sorted(config.msrs | ALL_INTERFACE_MSRS | {MSR_IA32_ARCH_CAPABILITIES})
-        return [MsrRange(i) for i in indices]
+        """One filter range per run of consecutive indices (a pool description is a block of them)."""
+        ranges: list[MsrRange] = []
+        for i in sorted(config.msrs | ALL_INTERFACE_MSRS | {MSR_IA32_ARCH_CAPABILITIES}):
+            last = ranges[-1] if ranges else None
+            if last is not None and last.base + last.count == i:
+                ranges[-1] = MsrRange(last.base, last.count + 1)
+            else:
+                ranges.append(MsrRange(i))
+        return ranges
 
     def _event(self, message: str) -> None:
         """Something the VMM did or decided: kept in `events` and shown in the transcript as it happens."""
