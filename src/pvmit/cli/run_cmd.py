@@ -33,17 +33,20 @@ from pvmit.vmm.runner import run_guest
                    "(default: the host alone).")
 @click.option("--spec-ctrl-write", default="0", metavar="VALUE", show_default=True,
               help="The IA32_SPEC_CTRL value the guest writes, trying to clear forced bits.")
+@click.option("--describe-pool", is_flag=True,
+              help="Offer the pool description (the CPU implementations of the host and --pool) to the guest.")
 @operator_options
 @json_option
 @pass_state
 def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | None, pool: str,
-        spec_ctrl_write: str, force_on: str, force_off: str, unreported: str, json_out: bool) -> int:
+        spec_ctrl_write: str, force_on: str, force_off: str, unreported: str, bhi_policy: str, describe_pool: bool,
+        json_out: bool) -> int:
     """Run pvmit's test guest on /dev/kvm: it discovers the interface, reports its mitigations, tries to clear
     forced IA32_SPEC_CTRL bits and triggers a #GP; prints its transcript and what was forced. Exit 0 only when
     every check passes."""
     catalog = st.catalog
     personality = resolve(catalog, guest_cpu)
-    settings = settings_from_options(force_on, force_off, unreported)
+    settings = settings_from_options(force_on, force_off, unreported, bhi_policy)
     try:
         spec_value = parse_register_value(spec_ctrl_write)
     except InputError as e:
@@ -71,7 +74,7 @@ def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | 
         for n in notes:
             out.print(esc(f"vmm: host reading: {n}"))
     report = run_guest(kvm, personality, host, Form(form), relied, settings, spec_ctrl_write=spec_value,
-                       pool=hosts, on_line=live)
+                       pool=hosts, on_line=live, describe_pool=describe_pool)
     kvm.close()
     if json_out:
         emit_json({**report.to_json(), "host_notes": notes})
