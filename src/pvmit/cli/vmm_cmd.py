@@ -92,8 +92,8 @@ def load_creds(path: Path | None, roles: tuple[str, ...], *addresses: Address | 
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
         uses: str | None, pool: str, describe_pool: bool, memory: int, heartbeat: int, fill_memory: str,
-        deadline: float, stall: float, settle_notice: float, fault: str | None, tls_creds: Path | None, force_on: str, force_off: str,
-        unreported: str, bhi_policy: str) -> int:
+        deadline: float, stall: float, settle_notice: float, fault: str | None, tls_creds: Path | None,
+        force_on: str, force_off: str, unreported: str, bhi_policy: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) and/or receive guests (--incoming), and serve
     commands on the control socket until told to quit. A guest received keeps the operator settings it had on its
     source; --force-on, --force-off or --unreported given here replace those fields only."""
