@@ -7,7 +7,7 @@ import click
 from pvmit.cli.output import emit_json, esc, out
 from pvmit.cli.params import parse_register_value
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
-from pvmit.cli.pool_cmd import shown_in_pool
+from pvmit.cli.pool_cmd import pool_description, shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
@@ -73,8 +73,11 @@ def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | 
                       + (" (what a Linux guest picks when shown this personality)" if predicted else "")))
         for n in notes:
             out.print(esc(f"vmm: host reading: {n}"))
+    models = [host_cpu or ""] + [m.strip() for m in pool.split(",") if m.strip()]
+    entries = pool_description(catalog, [(h.name, catalog.get(m).id if m else "", h.facts)
+                                         for h, m in zip(hosts, models, strict=True)]) if describe_pool else False
     report = run_guest(kvm, personality, host, Form(form), relied, settings, spec_ctrl_write=spec_value,
-                       pool=hosts, on_line=live, describe_pool=describe_pool)
+                       pool=hosts, on_line=live, describe_pool=entries)
     kvm.close()
     if json_out:
         emit_json({**report.to_json(), "host_notes": notes})

@@ -12,13 +12,12 @@ import click
 from pvmit.cli import params
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
-from pvmit.cli.pool_cmd import shown_in_pool
+from pvmit.cli.pool_cmd import pool_description, shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
 from pvmit.interface.bhi import shown_long_bit
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings, supported_requests
-from pvmit.interface.pooldesc import describe_facts
 from pvmit.kvm.system import Kvm
 from pvmit.linux.model import predict
 from pvmit.migration.destination import DEST_FAULTS
@@ -127,7 +126,9 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         policy = settings.bhi_policy
         config = InterfaceConfig(Form(form), supported_requests(hosts, policy),
                                  bhb_long=shown_long_bit(policy, hosts),
-                                 pool=describe_facts(hosts) if describe_pool else None)
+                                 pool=pool_description(catalog, [("", host_cpu or "", host.facts)] + [
+                                     ("", m.strip(), catalog.get(m.strip()).facts)
+                                     for m in pool.split(",") if m.strip()]) if describe_pool else None)
         boot = Boot(personality, config, settings, relied, memory, heartbeat, fill_memory)
 
     def say(line: str) -> None:

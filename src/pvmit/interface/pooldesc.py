@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pvmit.catalog.facts import CpuFacts
 
@@ -142,3 +143,28 @@ def not_listed_reasons(pool: tuple[Implementation, ...] | None, host: CpuFacts) 
     return (f"the VM was told at boot it may run on {'; '.join(e.label for e in pool)}; this host ({host.vendor} "
             f"family {host.family:#x} model {host.model:#x} {step}) is not among them: a guest that chose its "
             f"mitigations for the listed CPUs may be unmitigated here",)
+
+
+def cpu_history(models: Iterable[Any]) -> dict[str, Any]:
+    """The table the guest agent ships (agent/cpu_history.json): per catalog model and model number, whether the
+    short BHB-clearing loop is enough there and whether retpoline is safe, as `pvmit.derive` answers from the
+    catalog's facts, with derive's reasons (each citing its sources). One copy of each rule: the table is derive's
+    answers written out for a guest that has no catalog; tests/test_bhi.py checks it is current."""
+    from pvmit.derive import bhb_short_effective, retpoline_effective
+
+    rows = []
+    for m in models:
+        bhb = bhb_short_effective(m.facts)
+        ret = retpoline_effective(m.facts)
+        history = "long" if not bhb.answer else "not affected" if "not affected" in bhb.reason else "short"
+        for number in m.models:
+            rows.append({"cpu": m.id, "vendor": m.vendor, "family": m.family, "model": number,
+                         "steppings": list(m.steppings), "bhb_history": history,
+                         "retpoline": "safe" if ret.answer else "unsafe",
+                         "why": {"bhb": bhb.reason, "retpoline": ret.reason}})
+    return {"schema": "pvmit.cpu-history/1",
+            "what": "per CPU model: 'long' where the short BHB-clearing loop (5x5) is too short, 'short' where it is "
+                    "enough, 'not affected' where BHI does not apply; whether retpoline is safe. Written from pvmit's "
+                    "catalog by pvmit.interface.pooldesc.cpu_history (tools/agent_table.py); the reasons cite the "
+                    "catalog's sources (docs/sources.md)",
+            "cpus": rows}
