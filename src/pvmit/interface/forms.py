@@ -116,7 +116,7 @@ class InterfaceConfig:
     def __post_init__(self) -> None:
         if self.supported & ~0x3:
             raise ValueError(f"supported bits {self.supported:#x}: only bits 0 and 1 are defined")
-        if self.bhb_long not in (None, False, True):
+        if self.bhb_long is not None and not isinstance(self.bhb_long, bool):
             raise ValueError(f"bhb_long must be true, false or null, not {self.bhb_long!r}")
         if self.pool is not None:
             if not 1 <= len(self.pool) <= MAX_ENTRIES:
