@@ -177,6 +177,8 @@ class InterfaceConfig:
         pool = doc.get("pool")
         if pool is not None and not isinstance(pool, list):
             raise ValueError("pool must be a list of entries or null")
+        if pool is not None and not 1 <= len(pool) <= MAX_ENTRIES:  # before reading them: a list from a peer
+            raise ValueError(f"a pool description has 1 to {MAX_ENTRIES} entries, not {len(pool)}")
         bhb_long = doc.get("bhb_long")
         if bhb_long is not None and not isinstance(bhb_long, bool):
             raise ValueError("bhb_long must be true, false or null")

@@ -137,9 +137,10 @@ class Vmm:
     def _checked_registers(self) -> list[tuple[int, int, str]]:
         """The CPUID registers a personality or interface form sets. Only these are compared: KVM legitimately
         adjusts others (APIC ids, cache topology)."""
+        hints = [(KVM_CPUID_FEATURES, 0, "edx")] if self.config.form is Form.KVM else []  # LONG_BHB_NEEDED there
         return [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
             (r.index, r.subleaf, r.out) for r in CPU_FACT_REGISTERS if r.kind == "cpuid"] + [
-            (KVM_CPUID_FEATURES, 0, "eax"), (KVM_CPUID_FEATURES, 0, "edx")] + [
+            (KVM_CPUID_FEATURES, 0, "eax")] + hints + [
             (leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
                                                for r in ("eax", "ebx", "ecx", "edx")
                                                if self.config.form is Form.NEUTRAL]
