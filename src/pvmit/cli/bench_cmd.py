@@ -60,7 +60,7 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
               help="Calls of each sequence per run inside the test guest (each instruction is emulated here).")
 @click.option("--entries", type=BoundedInt(1, 10 ** 6), default=1000, show_default=True,
               help="Kernel entries of the workload guest per policy and backend.")
-@click.option("--repeats", type=BoundedInt(1, 100), default=3, show_default=True, help="Interleaved repeats.")
+@click.option("--repeats", type=BoundedInt(1, 100), default=5, show_default=True, help="Interleaved repeats.")
 @click.option("--doc", "doc_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Write the table into FILE between its markers (default: docs/bhi.md when it exists here).")
 @click.option("--no-doc", is_flag=True, help="Write no file.")
