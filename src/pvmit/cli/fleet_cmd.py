@@ -7,6 +7,7 @@ first wrong row with --strict (nothing else is written).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from rich.table import Table
 from pvmit.cli.output import emit_json, err, esc, out, warn
 from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
-from pvmit.errors import InputError
+from pvmit.errors import InputError, PvmitError
 from pvmit.interface.bhi import DEFAULT_POLICY, POLICY_NAMES, parse_policy
 from pvmit.safetext import clean_message, safe_text
 from pvmit.userfiles import write_atomic
@@ -57,18 +58,37 @@ class Stages:
         self.say(f"{message} ({self.timings[stage]:.2f} s)")
 
 
-def load_plan(st: State, inventory: tuple[Path, ...], strict: bool, stages: Stages,
+def is_uri(text: str) -> bool:
+    """A libvirt connection URI (qemu:///system, qemu+ssh://host/system, ...) rather than a file."""
+    return re.match(r"^[a-z][a-z0-9+.-]*:/", text) is not None and not Path(text).exists()
+
+
+def load_plan(st: State, inventory: tuple[str, ...], strict: bool, stages: Stages,
               bhi_policy: str = DEFAULT_POLICY.value) -> Plan:
     """Read, check, collapse and plan under the BHI policy; with --strict the first wrong row stops everything
     (exit 2)."""
     from pvmit.fleet.classes import Resolver, collapse
-    from pvmit.fleet.inventory import read_inventory
+    from pvmit.fleet.inventory import read_document, read_inventory
     from pvmit.fleet.plan import Judge, plan
 
     if not inventory:
-        raise InputError("give an inventory: a JSON file, a directory with hosts.* and vms.*, or both table files")
+        raise InputError("give an inventory: a JSON file, a directory with hosts.* and vms.*, or both table files, "
+                         "or libvirt connection URIs")
     catalog = st.catalog
-    raw = read_inventory(inventory)
+    uris = [i for i in inventory if is_uri(i)]
+    if uris and len(uris) != len(inventory):
+        raise InputError("give either libvirt connection URIs or inventory files, not both")
+    if uris:
+        from pvmit.libvirt.inventory import gather
+
+        g = gather(uris, catalog, say=stages.say)
+        for w in g.warnings:
+            warn(w)
+        if g.errors:
+            raise PvmitError("; ".join(g.errors))
+        raw = read_document(g.document(), "libvirt inventory of " + ", ".join(uris), Path("."))
+    else:
+        raw = read_inventory([Path(i) for i in inventory])
     n = raw.vms.num_rows
     stages.size(n)
     stages.done("read", f"read {raw.hosts.num_rows:,} host rows and {n:,} VM rows")
@@ -121,7 +141,7 @@ def fleet() -> None:
 
 
 @fleet.command("plan")
-@click.argument("inventory", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("inventory", nargs=-1)
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="DIR",
               help="Also write the plan's tables (vms, pairs, hosts, host_classes, vm_classes, pools) here.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
@@ -134,12 +154,13 @@ def fleet() -> None:
 @_progress_flag
 @json_option
 @pass_state
-def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: str, per_vm: bool,
+def plan_cmd(st: State, inventory: tuple[str, ...], output: Path | None, fmt: str, per_vm: bool,
              vms: tuple[str, ...], bhi_policy: str, strict: bool, progress: bool | None, json_out: bool) -> int:
-    """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files): per
-    VM the destinations that are safe as they are, safe only with forced controls (which, and why), or would
-    leave it exposed (why); the migration pools; the VMs with no safe destination outside their host. Exit 2 when
-    some rows were wrong: they are named on stderr and left out, and the rest is planned."""
+    """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files; or
+    libvirt connection URIs, read as `pvmit libvirt inventory` reads them): per VM the destinations that are safe
+    as they are, safe only with forced controls (which, and why), or would leave it exposed (why); the migration
+    pools; the VMs with no safe destination outside their host. Exit 2 when some rows were wrong: they are named
+    on stderr and left out, and the rest is planned."""
     from pvmit.fleet.document import vm_detail
 
     format_given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
@@ -247,7 +268,7 @@ def _print_vm(d: dict[str, Any]) -> None:
 
 
 @fleet.command("report")
-@click.argument("inventory", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("inventory", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="FILE.html",
               help="Where to write the report.")
 @click.option("--max-vm-rows", type=BoundedInt(0, MAX_VMS), default=100_000, show_default=True,
@@ -255,10 +276,11 @@ def _print_vm(d: dict[str, Any]) -> None:
 @bhi_policy_option
 @_progress_flag
 @pass_state
-def report_cmd(st: State, inventory: tuple[Path, ...], output: Path, max_vm_rows: int, bhi_policy: str, strict: bool,
+def report_cmd(st: State, inventory: tuple[str, ...], output: Path, max_vm_rows: int, bhi_policy: str,
+               strict: bool,
                progress: bool | None) -> int:
     """Write one self-contained HTML report of the plan (opens offline): summary, a heat map of host classes
-    against VM classes, pool sizes, searchable tables."""
+    against VM classes, pool sizes, searchable tables. INVENTORY as for `plan` (files, or libvirt URIs)."""
     from pvmit.fleet.report import render_report
 
     stages = Stages(progress)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -22,6 +24,9 @@ from pvmit.pool.emit import firecracker_template, libvirt_cpu, qemu_cpu
 from pvmit.pool.rule import Pool, personality_for_pool, pool_bit_table, pool_bits
 from pvmit.vmm.personality import Personality
 from pvmit.x86.bits import MitigationEnum
+
+if TYPE_CHECKING:
+    from pvmit.libvirt.cpumap import FileCpuMap
 
 FORMATS = ("text", "json", "qemu", "libvirt", "firecracker")
 
@@ -40,9 +45,11 @@ def resolve_hosts(catalog: Catalog, names: tuple[str, ...]) -> list[tuple[str, s
     return hosts
 
 
-def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> str | None:
+def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]],
+                 defined: Callable[[str], bool] = lambda _name: True) -> str | None:
     """The QEMU/libvirt model to start from: the oldest catalog model of the pool that has a QEMU name (a host
-    fact file counts as the catalog model of its identity when there is exactly one)."""
+    fact file counts as the catalog model of its identity when there is exactly one), and that `defined` accepts
+    (a libvirt defines only the models of its CPU map)."""
     models = []
     for _, model_id, facts in hosts:
         if model_id:
@@ -51,7 +58,7 @@ def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> st
             near = catalog.by_identity(facts.vendor, facts.family, facts.model)
             if len(near) == 1:
                 models.append(near[0])
-    named = [m for m in models if m.qemu_name]
+    named = [m for m in models if m.qemu_name and defined(m.qemu_name)]
     if not named:
         return None
     return min(named, key=lambda m: (m.year or 9999, m.id)).qemu_name
@@ -92,6 +99,16 @@ def qemu_flags(binary: str) -> frozenset[str]:
     return frozenset(text.split("Recognized CPUID flags:", 1)[1].split())
 
 
+def _cpu_map(directory: Path) -> FileCpuMap:
+    """A libvirt CPU map directory (`pvmit.libvirt.cpumap`)."""
+    from pvmit.libvirt.cpumap import CpuMapError, FileCpuMap
+
+    try:
+        return FileCpuMap(directory)
+    except CpuMapError as e:
+        raise InputError(f"--libvirt-cpu-map: {e}") from None
+
+
 def _text(pool: Pool) -> None:
     t = Table(title=f"What a pool of {', '.join(pool.hosts)} may show its guests")
     for col in ("bit", "show", "why"):
@@ -125,9 +142,12 @@ def _describe(entries: tuple[Implementation, ...], long_bit: bool) -> None:
               help="QEMU/libvirt CPU model to start from (default: the pool's oldest catalog model with one).")
 @click.option("--qemu", "qemu_binary", default=None, metavar="PATH",
               help="With --format qemu: emit only the flags this qemu-system-x86_64 knows (its -cpu help).")
+@click.option("--libvirt-cpu-map", "cpu_map_dir", default=None, metavar="DIR", type=click.Path(path_type=Path),
+              help="With --format libvirt: emit only the model and feature names this libvirt CPU map defines "
+                   "(/usr/share/libvirt/cpu_map on the libvirt host): a libvirt refuses a <cpu> naming others.")
 @pass_state
 def pool(st: State, hosts: tuple[str, ...], fmt: str, json_out: bool, base: str | None,
-         qemu_binary: str | None) -> int:
+         qemu_binary: str | None, cpu_map_dir: Path | None) -> int:
     """Compute which bits of IA32_ARCH_CAPABILITIES and the speculation CPUID leaves a pool of HOSTs (catalog
     models, or files `pvmit host --json` wrote) may show its guests: each must stay true on every host a VM can
     reach. Also MITIGATION_ENUM for the pool, LONG_BHB_NEEDED and the pool description a VMM shows its VMs
@@ -157,11 +177,17 @@ def pool(st: State, hosts: tuple[str, ...], fmt: str, json_out: bool, base: str 
             warn(w)
         out.file.write(json.dumps(template, indent=2) + "\n")
         return 0
-    model = base or default_base(st.catalog, resolved)
+    cpu_map = _cpu_map(cpu_map_dir) if cpu_map_dir is not None and fmt == "libvirt" else None
+    defined: Callable[[str], bool] = (lambda m: cpu_map.model(m) is not None) if cpu_map else (lambda _m: True)
+    model = base or default_base(st.catalog, resolved, defined)
     if model is None:
-        raise InputError("no host of the pool is a catalog model with a QEMU name: give --base MODEL")
+        raise InputError("no host of the pool is a catalog model with a QEMU name"
+                         + (f" that {cpu_map.where} defines" if cpu_map else "") + ": give --base MODEL")
+    if cpu_map is not None and not defined(model):
+        raise InputError(f"--base {model}: {cpu_map.where} defines no such model")
     known = qemu_flags(qemu_binary) if qemu_binary and fmt == "qemu" else None
-    emitted = qemu_cpu(result, model, known) if fmt == "qemu" else libvirt_cpu(result, model)
+    emitted = qemu_cpu(result, model, known) if fmt == "qemu" else \
+        libvirt_cpu(result, model, cpu_map.knows if cpu_map else None)
     for w in emitted.warnings:
         warn(w)
     if emitted.unexpressed:

@@ -39,6 +39,7 @@ from pvmit.fleet.inventory import (
     parse_bits,
     parse_form,
     parse_mitigations,
+    parse_relies_on,
     parse_supported,
     parse_unreported,
 )
@@ -48,7 +49,7 @@ from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.interface.pooldesc import VERSION as POOL_VERSION
 from pvmit.interface.pooldesc import describe_facts
 from pvmit.userfiles import FileError, MiB, load_json, read_json
-from pvmit.vmm.personality import resolve
+from pvmit.vmm.personality import Personality, resolve
 
 T = TypeVar("T")
 HOST_FACTS_CAP = 1 * MiB
@@ -83,11 +84,13 @@ class VmClass:
     supported: int  # MITIGATION_ENUM request bits
     settings: PartialSettings
     facts: CpuFacts = field(compare=False, hash=False, repr=False)
+    read_in_guest: bool = False  # `reported` is the inventory's relies_on, read inside a VM that never reported
     long_bhb: bool | None = None  # LONG_BHB_NEEDED as shown (BHI policy long-needed-bit: its cluster's answer)
 
     @property
     def mitigations(self) -> str:
-        return mitigations_label(self.reported)
+        label = mitigations_label(self.reported)
+        return f"{label} (read in the guest)" if self.read_in_guest else label
 
     @property
     def label(self) -> str:
@@ -149,21 +152,38 @@ class Resolver:
         return f"model:{m.id}", m.id, m.facts
 
     def personality(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
-        """(key, label, facts) for a catalog model, built-in template, or template file."""
+        """(key, label, facts) for a catalog model, built-in template, template file, or a personality's JSON."""
         k = (text, base)
         if k not in self._personalities:
             name = text.strip()
             if name.lower().endswith(".toml") and not Path(name).is_absolute():
                 name = str(base / name)
             try:
-                p = resolve(self.catalog, name)
-                self._personalities[k] = (p.origin, p.name, p.facts)
-            except PvmitError as e:
+                if name.startswith("{"):
+                    p = _inline_personality(name)
+                    self._personalities[k] = (f"inline:{facts_digest(p.facts)}", p.name, p.facts)
+                else:
+                    p = resolve(self.catalog, name)
+                    self._personalities[k] = (p.origin, p.name, p.facts)
+            except (PvmitError, ValueError) as e:
                 self._personalities[k] = str(e)
         got = self._personalities[k]
         if isinstance(got, str):
             raise ValueError(got)
         return got
+
+
+def _inline_personality(text: str) -> Personality:
+    """A personality given as the JSON `Personality.to_json` writes (or bare CPU facts)."""
+    try:
+        doc = load_json(text, "the personality")
+    except FileError as e:
+        raise ValueError(str(e)) from None
+    if isinstance(doc, dict) and "facts" in doc:
+        return Personality.from_json(doc)
+    facts = CpuFacts.from_json(doc)
+    return Personality(f"{facts.vendor} {facts.family:#x}/{facts.model:#x} (facts {facts_digest(facts)[:6]})", facts,
+                       "inline facts")
 
 
 @dataclass
@@ -537,6 +557,7 @@ def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFA
     ons, on_c = _column(src, "force_on", parse_bits, errors, bad, False)
     offs, off_c = _column(src, "force_off", parse_bits, errors, bad, False)
     uns, un_c = _column(src, "unreported", parse_unreported, errors, bad, False)
+    rels, rel_c = _column(src, "relies_on", parse_relies_on, errors, bad, False)
 
     all_ok = not bad.any()
     ok = np.arange(src.num_rows, dtype=np.int64) if all_ok else np.flatnonzero(~bad)
@@ -547,12 +568,12 @@ def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFA
     host_ok = rows_ok(vm_host)
     cl = np.where(rows_ok(sup_c) < 0, cluster_code[host_ok], -1).astype(np.int32)
     lc = cluster_code[host_ok] if bhi_policy.shows_long_bit else np.zeros(host_ok.size, dtype=np.int64)
-    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c)] + [cl, lc]
+    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c, rel_c)] + [cl, lc]
     first, group = _combine(cols)
     index: dict[VmClass, int] = {}
     group_class = np.full(first.size, -1, dtype=np.int64)
     for g, r in enumerate(first):
-        p, m, f, s, on, off, un, c, lcode = (int(col[r]) for col in cols)
+        p, m, f, s, on, off, un, rel, c, lcode = (int(col[r]) for col in cols)
         pkey, plabel, pfacts = pers[p]
         reported, form = mits[m], forms[f]
         problem: tuple[str, str] | None = None
@@ -571,6 +592,13 @@ def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFA
                                           f"{bits_label(supported)}) never offered")
         else:
             supported = cluster_supported.get(c, 0) | mitigations_to_bits(reported or frozenset())
+        read_in_guest = rel >= 0
+        if problem is None and read_in_guest:
+            if reported is not None:
+                problem = ("relies_on", f"relies_on is for a VM that never reported; this one reported "
+                                        f"{mitigations_label(reported)} through the interface")
+            else:
+                reported = rels[rel]  # decided as a report: what the kernel relies on is known
         settings = None
         if problem is None:
             try:
@@ -583,7 +611,7 @@ def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFA
             errors.add(src.file, src.table, fld, msg, src.rows[rows_g])
             bad[rows_g] = True
             continue
-        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts,
+        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest,
                      cluster_long.get(lcode) if form is not None else None)
         group_class[g] = index.setdefault(vc, len(index))
     vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int64)

@@ -15,9 +15,14 @@ hosts  name         unique host name
                     on a migration destination (`pvmit vmm --incoming --force-on ...`)
 vms    name         unique VM name
        host         the host it runs on now
-       personality  the CPU personality it was booted with: catalog model, built-in template or .toml file
+       personality  the CPU personality it was booted with: catalog model, built-in template or .toml file, or
+                    the JSON of a personality (`Personality.to_json`, inline; `pvmit libvirt inventory` writes
+                    these for libvirt domains)
        mitigations  what it reported through the interface: retpoline, bhb-short, both (comma-separated), none,
                     or unenlightened (it never reported)
+       relies_on    optional, only for a VM that never reported: what its kernel relies on as read inside the
+                    guest (its spectre_v2 sysfs line, through an agent such as QEMU's guest agent). The policy
+                    then decides with it as it would with a report, in place of assuming from the personality
        form         the interface form its VMM offers: intel, kvm, neutral, or none (then it is unenlightened)
        supported    optional MITIGATION_ENUM it was promised; by default what every host of its host's cluster
                     can honour (`policy.supported_requests`), plus anything it reported (a guest can only report
@@ -61,7 +66,7 @@ SETTINGS_COLUMNS = ("force_on", "force_off", "unreported")
 HOST_COLUMNS: dict[str, bool] = {"name": True, "cpu": True, "cluster": False,
                                  **dict.fromkeys(SETTINGS_COLUMNS, False)}
 VM_COLUMNS: dict[str, bool] = {"name": True, "host": True, "personality": True, "mitigations": True, "form": True,
-                               "supported": False, **dict.fromkeys(SETTINGS_COLUMNS, False)}
+                               "supported": False, "relies_on": False, **dict.fromkeys(SETTINGS_COLUMNS, False)}
 COLUMNS = {"hosts": HOST_COLUMNS, "vms": VM_COLUMNS}
 """Column name -> required, per table."""
 TABLE_EXTENSIONS = (".parquet", ".csv", ".json")
@@ -191,6 +196,15 @@ def parse_mitigations(text: str) -> frozenset[Mitigation] | None:
     return frozenset(out)
 
 
+def parse_relies_on(text: str) -> frozenset[Mitigation]:
+    """What a guest relies on as read inside it: mitigation names or 'none' (never 'unenlightened')."""
+    got = parse_mitigations(text)
+    if got is None:
+        raise ValueError("relies_on names what the guest relies on (retpoline, bhb-short, both or none); leave it "
+                         "empty when that is not known")
+    return got
+
+
 def parse_supported(text: str) -> int:
     """MITIGATION_ENUM as request bits, from mitigation names or 'none'."""
     try:
@@ -258,9 +272,11 @@ def _cell(value: Any, column: str, table: str) -> str | None:
         return value.strip() or None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value) if value else "none"
-    if isinstance(value, dict) and table == "hosts" and column == "cpu":
+    facts_cell = (table, column) in (("hosts", "cpu"), ("vms", "personality"))
+    if isinstance(value, dict) and facts_cell:
         return json.dumps(value)
-    want = "a string, a CPU facts object" if column == "cpu" and table == "hosts" else "a string or a list of strings"
+    want = f"a string or a {'CPU facts' if column == 'cpu' else 'personality'} object" if facts_cell else \
+        "a string or a list of strings"
     raise ValueError(f"must be {want}, not {type(value).__name__}")
 
 
@@ -453,17 +469,23 @@ def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
     if p.suffix.lower() != ".json":
         raise InputError(f"{p}: a single-file inventory is JSON ({{\"hosts\": [...], \"vms\": [...]}}); Parquet and "
                          "CSV hold one table per file: give a directory with hosts.* and vms.*, or both files")
-    doc = read_json(p, "inventory", CAPS[".json"])
+    return read_document(read_json(p, "inventory", CAPS[".json"]), str(p), p.parent)
+
+
+def read_document(doc: Any, file: str, base_dir: Path) -> RawInventory:
+    """An inventory from its JSON document already in memory (`pvmit libvirt inventory` builds one); `file`
+    names it in messages and relative paths in cells are read from `base_dir`."""
+    errors = ErrorLog()
     if not isinstance(doc, dict):
-        raise InputError(f"{p}: expected a JSON object with 'hosts' and 'vms'")
+        raise InputError(f"{file}: expected a JSON object with 'hosts' and 'vms'")
     if "schema" in doc and doc["schema"] != SCHEMA:
-        raise InputError(f"{p}: schema {quoted(str(doc['schema']))} is not {SCHEMA!r}")
+        raise InputError(f"{file}: schema {quoted(str(doc['schema']))} is not {SCHEMA!r}")
     tables = {}
     for t in ("hosts", "vms"):
         rows = doc.get(t)
         if not isinstance(rows, list):
-            raise InputError(f"{p}: field {t!r} must be a list of rows")
-        tables[t] = table_from_records(rows, str(p), t, p.parent, errors)
+            raise InputError(f"{file}: field {t!r} must be a list of rows")
+        tables[t] = table_from_records(rows, file, t, base_dir, errors)
     return RawInventory(tables["hosts"], tables["vms"], errors)
 
 

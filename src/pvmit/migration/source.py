@@ -204,7 +204,7 @@ class Outgoing:
                     self._bounce[:n] = payload
                     payload = memoryview(self._bounce)[:n]
                 head, _, crc = pages_frame(sub_first, payload)
-                if self.fault == "flip-memory" and not running:
+                if self.fault == "flip-memory":  # the first pages sent arrive with one bit flipped
                     flipped = bytearray(payload)
                     flipped[0] ^= 0x01
                     payload, self.fault = memoryview(flipped), None
