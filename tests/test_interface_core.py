@@ -77,10 +77,12 @@ def test_sync_takes_the_guest_value_as_written(catalog: Catalog) -> None:
 
 
 def test_neutral_leaves() -> None:
-    sig, info = neutral_leaves(InterfaceConfig(Form.NEUTRAL, 2, neutral_base=0x40000200, neutral_msr=0x40000210))
+    sig, info, pool = neutral_leaves(InterfaceConfig(Form.NEUTRAL, 2, neutral_base=0x40000200,
+                                                     neutral_msr=0x40000210))
     b, c, d = struct.unpack("<3I", NEUTRAL_SIGNATURE)
-    assert sig == CpuidLeaf(0x40000200, 0, 0x40000201, b, c, d)
-    assert info == CpuidLeaf(0x40000201, 0, 1, 0x40000210, 2, 0)
+    assert sig == CpuidLeaf(0x40000200, 0, 0x40000202, b, c, d)
+    assert info == CpuidLeaf(0x40000201, 0, 2, 0x40000210, 2, 0)
+    assert pool == CpuidLeaf(0x40000202, 0, 0, 0, 0, 0)  # no pool description offered
     assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == b"VirtMitigCtl"
 
 
@@ -89,7 +91,8 @@ def test_config_and_settings_json(catalog: Catalog) -> None:
 
     cfg = InterfaceConfig(Form.NEUTRAL, 1, neutral_base=0x40000300, neutral_msr=0x40000310)
     doc = cfg.to_json()
-    assert doc == {"form": "neutral", "supported": 1, "neutral_base": 0x40000300, "neutral_msr": 0x40000310}
+    assert doc == {"form": "neutral", "supported": 1, "neutral_base": 0x40000300, "neutral_msr": 0x40000310,
+                   "bhb_long": None, "pool": None, "neutral_pool_msr": 0x50000010}
     assert InterfaceConfig.from_json(doc) == cfg
     assert InterfaceConfig.from_json({"form": "kvm", "supported": 2}) == InterfaceConfig(Form.KVM, 2)
     assert OperatorSettings.from_json({}) == OperatorSettings()

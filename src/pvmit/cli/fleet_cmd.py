@@ -21,6 +21,7 @@ from pvmit.cli.output import emit_json, err, esc, out, warn
 from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
+from pvmit.interface.bhi import DEFAULT_POLICY, POLICY_NAMES, parse_policy
 from pvmit.safetext import clean_message, safe_text
 from pvmit.userfiles import write_atomic
 
@@ -62,11 +63,13 @@ def is_uri(text: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*:/", text) is not None and not Path(text).exists()
 
 
-def load_plan(st: State, inventory: tuple[str, ...], strict: bool, stages: Stages) -> Plan:
-    """Read, check, collapse and plan; with --strict the first wrong row stops everything (exit 2)."""
+def load_plan(st: State, inventory: tuple[str, ...], strict: bool, stages: Stages,
+              bhi_policy: str = DEFAULT_POLICY.value) -> Plan:
+    """Read, check, collapse and plan under the BHI policy; with --strict the first wrong row stops everything
+    (exit 2)."""
     from pvmit.fleet.classes import Resolver, collapse
     from pvmit.fleet.inventory import read_document, read_inventory
-    from pvmit.fleet.plan import plan
+    from pvmit.fleet.plan import Judge, plan
 
     if not inventory:
         raise InputError("give an inventory: a JSON file, a directory with hosts.* and vms.*, or both table files, "
@@ -89,12 +92,13 @@ def load_plan(st: State, inventory: tuple[str, ...], strict: bool, stages: Stage
     n = raw.vms.num_rows
     stages.size(n)
     stages.done("read", f"read {raw.hosts.num_rows:,} host rows and {n:,} VM rows")
-    fleet = collapse(raw, Resolver(catalog))  # checks every value; its errors join the reader's in raw.errors
+    policy = parse_policy(bhi_policy)
+    fleet = collapse(raw, Resolver(catalog), policy)  # checks every value; its errors join the reader's in raw.errors
     if strict and fleet.errors:
         raise InputError(str(fleet.errors.first(1)[0]))  # the first wrong row of all, by table and row
     stages.done("classes", f"{fleet.num_hosts:,} hosts in {len(fleet.host_classes):,} classes, {fleet.num_vms:,} VMs "
                            f"in {len(fleet.vm_classes):,} classes")
-    p = plan(fleet, progress=stages.say)
+    p = plan(fleet, Judge(bhi_policy=policy), progress=stages.say)
     stages.done("plan", f"planned: {p.pairs:,} class pairs, {p.decisions:,} policy decisions, {len(p.pools)} pools")
     return p
 
@@ -115,6 +119,13 @@ def _report_errors(p: Plan) -> None:
 
 def _exit_code(p: Plan) -> int:
     return 2 if p.fleet.errors else 0
+
+
+def bhi_policy_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--bhi-policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY.value,
+                        show_default=True,
+                        help="Plan as if the VMMs ran this BHI policy (docs/bhi.md): MITIGATION_ENUM, "
+                             "LONG_BHB_NEEDED and what is forced follow it.")(f)
 
 
 def _progress_flag(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,11 +150,12 @@ def fleet() -> None:
               help="Also list every VM's destination hosts (a 'moves' table, destination_hosts in --json): "
                    "VMs x hosts rows, for small fleets.")
 @click.option("--vm", "vms", multiple=True, metavar="NAME", help="Show this VM's destinations in detail.")
+@bhi_policy_option
 @_progress_flag
 @json_option
 @pass_state
 def plan_cmd(st: State, inventory: tuple[str, ...], output: Path | None, fmt: str, per_vm: bool,
-             vms: tuple[str, ...], strict: bool, progress: bool | None, json_out: bool) -> int:
+             vms: tuple[str, ...], bhi_policy: str, strict: bool, progress: bool | None, json_out: bool) -> int:
     """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files; or
     libvirt connection URIs, read as `pvmit libvirt inventory` reads them): per VM the destinations that are safe
     as they are, safe only with forced controls (which, and why), or would leave it exposed (why); the migration
@@ -155,7 +167,7 @@ def plan_cmd(st: State, inventory: tuple[str, ...], output: Path | None, fmt: st
     if format_given and output is None:
         raise InputError("--format chooses the format of the tables --output writes; give --output DIR")
     stages = Stages(progress)
-    p = load_plan(st, inventory, strict, stages)
+    p = load_plan(st, inventory, strict, stages, bhi_policy)
     details = [vm_detail(p, name) for name in vms]  # unknown names are bad input, whatever the output
     _report_errors(p)
     if output is not None:
@@ -261,16 +273,18 @@ def _print_vm(d: dict[str, Any]) -> None:
               help="Where to write the report.")
 @click.option("--max-vm-rows", type=BoundedInt(0, MAX_VMS), default=100_000, show_default=True,
               help="VMs listed in the report's table (those that cannot move and those exposed first).")
+@bhi_policy_option
 @_progress_flag
 @pass_state
-def report_cmd(st: State, inventory: tuple[str, ...], output: Path, max_vm_rows: int, strict: bool,
+def report_cmd(st: State, inventory: tuple[str, ...], output: Path, max_vm_rows: int, bhi_policy: str,
+               strict: bool,
                progress: bool | None) -> int:
     """Write one self-contained HTML report of the plan (opens offline): summary, a heat map of host classes
     against VM classes, pool sizes, searchable tables. INVENTORY as for `plan` (files, or libvirt URIs)."""
     from pvmit.fleet.report import render_report
 
     stages = Stages(progress)
-    p = load_plan(st, inventory, strict, stages)
+    p = load_plan(st, inventory, strict, stages, bhi_policy)
     _report_errors(p)
     try:
         write_atomic(output, render_report(p, max_vm_rows=max_vm_rows))

@@ -18,6 +18,8 @@ from pvmit.cli.output import emit_json, esc, out, warn
 from pvmit.cli.state import State, pass_state
 from pvmit.errors import InputError
 from pvmit.fleet.classes import Resolver
+from pvmit.interface.bhi import long_bhb_needed
+from pvmit.interface.pooldesc import Implementation, describe
 from pvmit.pool.emit import firecracker_template, libvirt_cpu, qemu_cpu
 from pvmit.pool.rule import Pool, personality_for_pool, pool_bit_table, pool_bits
 from pvmit.vmm.personality import Personality
@@ -60,6 +62,23 @@ def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]],
     if not named:
         return None
     return min(named, key=lambda m: (m.year or 9999, m.id)).qemu_name
+
+
+def pool_description(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> tuple[Implementation, ...]:
+    """The pool description the VMM shows a VM of this pool (docs/interface.md section 10): a catalog model with
+    every model number and stepping it covers, a host reading with its own identity."""
+    cpus = []
+    for _, model_id, facts in hosts:
+        if model_id:
+            m = catalog.get(model_id)
+            cpus.append((m.vendor, m.family, m.models, m.steppings))
+        else:
+            cpus.append((facts.vendor, facts.family, (facts.model,), () if facts.stepping is None else
+                         (facts.stepping,)))
+    try:
+        return describe(cpus)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def shown_in_pool(personality: Personality, hosts: list[tuple[str, CpuFacts]]) -> Personality:
@@ -106,6 +125,13 @@ def _text(pool: Pool) -> None:
     out.print("(bits KVM never passes to guests and the other vendor's registers are left out; --json has all)")
 
 
+def _describe(entries: tuple[Implementation, ...], long_bit: bool) -> None:
+    out.print(f"LONG_BHB_NEEDED (BHI policy long-needed-bit): {int(long_bit)}; pool description "
+              f"(docs/interface.md section 10), POOL_INFO {len(entries) | 1 << 8:#x}:")
+    for e in entries:
+        out.print(esc(f"  {e.encode():#014x}  {e.label}"))
+
+
 @click.command("pool")
 @click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
@@ -124,19 +150,25 @@ def pool(st: State, hosts: tuple[str, ...], fmt: str, json_out: bool, base: str 
          qemu_binary: str | None, cpu_map_dir: Path | None) -> int:
     """Compute which bits of IA32_ARCH_CAPABILITIES and the speculation CPUID leaves a pool of HOSTs (catalog
     models, or files `pvmit host --json` wrote) may show its guests: each must stay true on every host a VM can
-    reach. Also MITIGATION_ENUM for the pool, and the result as QEMU, libvirt or Firecracker configuration."""
+    reach. Also MITIGATION_ENUM for the pool, LONG_BHB_NEEDED and the pool description a VMM shows its VMs
+    (docs/interface.md sections 9 and 10), and the result as QEMU, libvirt or Firecracker configuration."""
     if json_out:
         fmt = "json"
     resolved = resolve_hosts(st.catalog, hosts)
     result = pool_bits([(label, facts) for label, _, facts in resolved])
     for w in result.warnings:
         warn(w)
+    entries = pool_description(st.catalog, resolved)
+    long_bit = long_bhb_needed(facts for _, _, facts in resolved)
     if fmt == "text":
         _text(result)
+        _describe(entries, long_bit)
         return 0
     if fmt == "json":
         doc = result.to_json()
         doc["base_model"] = base or default_base(st.catalog, resolved)
+        doc["long_bhb_needed"] = long_bit
+        doc["pool_description"] = {"pool_info": len(entries) | 1 << 8, "entries": [e.to_json() for e in entries]}
         emit_json(doc)
         return 0
     if fmt == "firecracker":

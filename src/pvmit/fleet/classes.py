@@ -43,8 +43,11 @@ from pvmit.fleet.inventory import (
     parse_supported,
     parse_unreported,
 )
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, shown_long_bit
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import PartialSettings, supported_requests
+from pvmit.interface.pooldesc import VERSION as POOL_VERSION
+from pvmit.interface.pooldesc import describe_facts
 from pvmit.userfiles import FileError, MiB, load_json, read_json
 from pvmit.vmm.personality import Personality, resolve
 
@@ -82,6 +85,7 @@ class VmClass:
     settings: PartialSettings
     facts: CpuFacts = field(compare=False, hash=False, repr=False)
     read_in_guest: bool = False  # `reported` is the inventory's relies_on, read inside a VM that never reported
+    long_bhb: bool | None = None  # LONG_BHB_NEEDED as shown (BHI policy long-needed-bit: its cluster's answer)
 
     @property
     def mitigations(self) -> str:
@@ -97,7 +101,7 @@ class VmClass:
     def to_json(self) -> dict[str, object]:
         return {"personality": self.personality, "mitigations": self.mitigations,
                 "form": self.form.value if self.form else "none", "supported": bits_label(self.supported),
-                "settings": self.settings.to_json(), "label": self.label}
+                "settings": self.settings.to_json(), "label": self.label, "long_bhb_needed": self.long_bhb}
 
 
 def facts_digest(facts: CpuFacts) -> str:
@@ -201,6 +205,8 @@ class Fleet:
     hosts_read: int
     vms_read: int
     sources: dict[str, str]
+    bhi_policy: BhiPolicy = DEFAULT_POLICY
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a VMM shows the VMs booted in each
 
     @property
     def num_hosts(self) -> int:
@@ -519,8 +525,9 @@ def _combine(codes: Sequence[Codes]) -> tuple[IntArray, IntArray]:
     return first_of[present[order]], group_of[key]
 
 
-def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
-    """Check every row and put the valid ones into classes; errors go to `raw.errors`."""
+def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFAULT_POLICY) -> Fleet:
+    """Check every row and put the valid ones into classes; errors go to `raw.errors`. MITIGATION_ENUM and
+    LONG_BHB_NEEDED of a VM that does not give its own are its host's cluster's under `bhi_policy`."""
     errors = raw.errors
     hosts = _hosts(raw.hosts, resolver, errors)
     host_facts = {hosts.classes[k].cpu_key: hosts.classes[k].facts for k in hosts.klass}
@@ -529,8 +536,15 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     cluster_keys: dict[int, set[str]] = {}
     for k, code in zip(hosts.klass, cluster_code, strict=True):
         cluster_keys.setdefault(int(code), set()).add(hosts.classes[k].cpu_key)
-    cluster_supported = {c: supported_requests(host_facts[k] for k in sorted(keys))
+    cluster_supported = {c: supported_requests((host_facts[k] for k in sorted(keys)), bhi_policy)
                          for c, keys in cluster_keys.items()}
+    cluster_long = {c: shown_long_bit(bhi_policy, (host_facts[k] for k in sorted(keys)))
+                    for c, keys in cluster_keys.items()}
+    described = {c: cluster_description([host_facts[k] for k in sorted(keys)]) for c, keys in cluster_keys.items()}
+    cluster_names = {code: name for name, code in clusters.items()}
+    cluster_doc = {str(cluster_names[c]) if cluster_names[c] is not None else "(no cluster)": {
+        "mitigation_enum": cluster_supported[c], "long_bhb_needed": cluster_long[c], **described[c]}
+        for c in cluster_keys}
 
     src = raw.vms
     bad = src.bad.copy()
@@ -553,12 +567,13 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
 
     host_ok = rows_ok(vm_host)
     cl = np.where(rows_ok(sup_c) < 0, cluster_code[host_ok], -1).astype(np.int32)
-    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c, rel_c)] + [cl]
+    lc = cluster_code[host_ok] if bhi_policy.shows_long_bit else np.zeros(host_ok.size, dtype=np.int64)
+    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c, rel_c)] + [cl, lc]
     first, group = _combine(cols)
     index: dict[VmClass, int] = {}
     group_class = np.full(first.size, -1, dtype=np.int64)
     for g, r in enumerate(first):
-        p, m, f, s, on, off, un, rel, c = (int(col[r]) for col in cols)
+        p, m, f, s, on, off, un, rel, c, lcode = (int(col[r]) for col in cols)
         pkey, plabel, pfacts = pers[p]
         reported, form = mits[m], forms[f]
         problem: tuple[str, str] | None = None
@@ -596,7 +611,8 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
             errors.add(src.file, src.table, fld, msg, src.rows[rows_g])
             bad[rows_g] = True
             continue
-        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest)
+        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest,
+                     cluster_long.get(lcode) if form is not None else None)
         group_class[g] = index.setdefault(vc, len(index))
     vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int64)
     keep = vm_class_ok >= 0
@@ -609,4 +625,15 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         vm_names=names, vm_rows=src.rows if ok.size == src.num_rows else src.rows[ok],
         vm_host=vm_host if ok.size == src.num_rows else vm_host[ok], vm_class=vm_class_ok, vm_classes=list(index),
         errors=errors, warnings=raw.warnings, hosts_read=raw.hosts.num_rows, vms_read=src.num_rows,
-        sources=raw.sources())
+        sources=raw.sources(), bhi_policy=bhi_policy, clusters=cluster_doc)
+
+
+def cluster_description(hosts: list[CpuFacts]) -> dict[str, Any]:
+    """The pool description a VMM fills for VMs booted in a cluster of `hosts` (docs/interface.md section 10), or
+    why it cannot (more implementations than a description holds)."""
+    try:
+        entries = describe_facts(hosts)
+    except ValueError as e:
+        return {"pool_description": None, "pool_description_problem": str(e)}
+    return {"pool_description": {"pool_info": len(entries) | POOL_VERSION << 8,
+                                 "entries": [e.to_json() for e in entries]}}

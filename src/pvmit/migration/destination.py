@@ -352,7 +352,10 @@ class Receiver:
             return False
         self.chan.deadline = time.monotonic() + self.commit_wait
         try:
-            self.chan.expect(b"CMIT")
+            cmit = self.chan.expect(b"CMIT")
+            need(cmit.json() if isinstance(cmit, Section) else None, "migration", str, where="CMIT section")
+            if cmit.json()["migration"] != inc.migration:  # type: ignore[union-attr]
+                raise StreamError(f"CMIT section: it commits another migration, not {inc.migration}")
         except (ConnectionError, OSError, StreamError) as e:
             self.progress(f"the connection ended after REDY without the commit ({shorten(str(e))}): asking the "
                           "source's VMM how it decided")

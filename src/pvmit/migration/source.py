@@ -307,7 +307,8 @@ class Outgoing:
                 if self.fault == "lose-commit-ack":
                     raise ConnectionError("connection dropped after the commit (fault injection)")
                 chan.deadline = time.monotonic() + self.stall
-                chan.expect(b"CACK")
+                if _object(chan.expect(b"CACK")).get("migration") != self.migration:
+                    raise StreamError("CACK section: it acknowledges another migration")
                 out.committed_at = time.monotonic()
                 out.migrated, out.settled_by = True, "CACK"
                 self.progress("committed: the guest now runs on the destination")
