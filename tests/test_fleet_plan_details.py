@@ -15,8 +15,11 @@ from fleet_helpers import HOSTS, VMS, host, plan_of, vm, write_json
 from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation
 from pvmit.fleet import plan as plan_mod
+from pvmit.fleet.classes import Resolver, collapse
+from pvmit.fleet.inventory import read_inventory
 from pvmit.fleet.plan import Judge, Move, Pool, Verdict, _pools, move_from
 from pvmit.fleet.tables import write_tables
+from pvmit.interface.bhi import BhiPolicy
 from pvmit.interface.policy import Decision, Exposure, Forced, Why
 from pvmit.x86.bits import SpecCtrl
 
@@ -101,6 +104,48 @@ def test_counts_are_integers_in_the_arrays_and_the_tables(catalog: Catalog, tmp_
     assert [classes[f"{v.word}_hosts"] for v in Verdict] == [pa.int64()] * 3 and classes["vms"] == pa.int64()
     assert pairs["hosts"] == pa.int64() and pairs["vms"] == pa.int64()
     assert types("host_classes")["hosts"] == pa.int64()
+
+
+def test_the_bhi_policy_reaches_every_judgement(catalog: Catalog, tmp_path: Path) -> None:
+    """Under each BHI policy the planner judges a move to a long-history host as the VMM would: the decision, the
+    MITIGATION_ENUM promises and the LONG_BHB_NEEDED bit shown at boot, each under that policy (test_bhi.py runs a
+    plan through the CLI, which mutation testing cannot see)."""
+    path = write_json(tmp_path / "inv.json",
+                      [host("icx-1", "icelake-sp", cluster="old"), host("spr-1", "sapphirerapids", cluster="new")],
+                      [vm("quiet", "icx-1", "icelake-sp", "unenlightened", form="neutral"),
+                       vm("promised", "icx-1", "icelake-sp", "none", supported="bhb-short"),
+                       vm("shown", "icx-1", "icelake-sp", "none", supported="retpoline")])
+
+    def to_spr(policy: BhiPolicy) -> dict[str, Move]:
+        fleet = collapse(read_inventory([path]), Resolver(catalog), policy)
+        p = plan_mod.plan(fleet, Judge(bhi_policy=policy))
+        (spr,) = [j for j, c in enumerate(fleet.host_classes) if c.cpu == "sapphirerapids"]
+        return {name: p.moves[p.move_of[c, spr]] for name, c in zip(fleet.vm_names.to_pylist(), fleet.vm_class,
+                                                                       strict=True)}
+
+    promise = ("the VM was promised short BHB-clearing sequence support (MITIGATION_ENUM bit 0) but this host "
+               "cannot honour it: short BHB-clearing sequence is ineffective")
+    shown = "the VM was shown LONG_BHB_NEEDED = 0 at boot"
+    d = to_spr(BhiPolicy.FORCE_BHI_DIS_S)
+    assert (d["quiet"].verdict, d["quiet"].forced) == (Verdict.FORCED, ("BHI_DIS_S",))
+    assert d["promised"].verdict is Verdict.SAFE and d["shown"].verdict is Verdict.SAFE
+    for policy in (BhiPolicy.LONG_UNDER_HYPERVISOR, BhiPolicy.LONG_NEEDED_BIT):
+        m = to_spr(policy)
+        quiet, promised = m["quiet"], m["promised"]
+        assert (quiet.verdict, quiet.forced, quiet.accepted) == (Verdict.EXPOSED, (), False), policy
+        left, broken = quiet.reasons[:2]
+        assert left.startswith("left to the guest by the BHI policy: short BHB-clearing sequence is ineffective here")
+        assert f"under the BHI policy {policy.value}" in left
+        assert broken.startswith(promise) and f"the BHI policy {policy.value} never forces" in broken
+        assert (promised.verdict, promised.forced) == (Verdict.EXPOSED, ())
+        assert promised.reasons[0].startswith(promise)
+        long_bit = policy is BhiPolicy.LONG_NEEDED_BIT
+        assert len(quiet.reasons) == len(promised.reasons) + 1 == 2 + long_bit
+        assert m["shown"].verdict is (Verdict.EXPOSED if long_bit else Verdict.SAFE)
+        if long_bit:
+            assert quiet.reasons[2].startswith(shown) and promised.reasons[1].startswith(shown)
+            assert len(m["shown"].reasons) == 1 and m["shown"].reasons[0].startswith(shown)
+            assert "a guest that honours the bit would run the short loop here" in m["shown"].reasons[0]
 
 
 def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path,

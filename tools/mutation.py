@@ -10,7 +10,7 @@
     .venv/bin/python tools/mutation.py --survivors derive   # after adding tests: rerun the survivors only (the
                                                             # rest of src/ is brought up to date first)
 
-For each module it copies src/, tests/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
+For each module it copies src/, tests/, docs/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
 a copy of the tree it mutates, under mutants/), adds the module's [tool.mutmut] section, runs `mutmut run` with
 --jobs children (default 2: this is a 2-core machine shared with others), and prints killed / total. Every mutant
 that lived is then shown with its diff, unless tools/mutation-equivalents.toml lists it as equivalent, with the
@@ -57,7 +57,7 @@ MODULES: dict[str, Module] = {
                         ("tests/test_interface_policy.py", "tests/test_interface_properties.py",
                          "tests/test_interface_conformance.py", "tests/test_interface_state.py",
                          "tests/test_interface_core.py", "tests/test_spec_ctrl.py", "tests/test_hostile_guest.py",
-                         "tests/test_derive.py")),
+                         "tests/test_derive.py", "tests/test_bhi.py", "tests/test_bhi_properties.py")),
     "plan": Module(("src/pvmit/fleet/plan.py",),
                    ("tests/test_fleet_plan.py", "tests/test_fleet_plan_details.py")),
     "migration": Module(("src/pvmit/migration/*",),
@@ -89,6 +89,7 @@ def prepare(name: str, module: Module, workdir: Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis")
     shutil.copytree(REPO / "src", workdir / "src", ignore=ignore)
     shutil.copytree(REPO / "tests", workdir / "tests", ignore=ignore)
+    shutil.copytree(REPO / "docs", workdir / "docs")  # a few tests read what the docs say (docs/bhi.md)
     write_config(name, module, workdir)
 
 
@@ -106,6 +107,7 @@ source_paths = ["src/"]
 only_mutate = {toml_list(module.mutate)}
 pytest_add_cli_args_test_selection = {toml_list([*tests, "-k", DESELECT])}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-m", "not qemu"]
+also_copy = ["docs/"]
 use_git_change_detection = false
 """)
     if (workdir / "mutants").is_dir():
@@ -184,9 +186,11 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
         write_config(name, module, workdir)  # the module's tests may have grown
         refresh_unmutated(module, workdir)  # what the module uses (catalog, derive, ...) may have changed
         (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what: ask again
-        for dest in (workdir / "tests", workdir / "mutants" / "tests"):
-            shutil.rmtree(dest)
-            shutil.copytree(REPO / "tests", dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
+        for tree in (workdir, workdir / "mutants"):
+            for sub in ("tests", "docs"):
+                shutil.rmtree(tree / sub, ignore_errors=True)
+                shutil.copytree(REPO / sub, tree / sub,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis"))
         env = {**os.environ, "PVMIT_HYPOTHESIS_PROFILE": "mutation"}
         with log.open("a") as out:
             returncode = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs),
