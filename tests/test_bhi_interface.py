@@ -105,6 +105,17 @@ def test_what_the_vmm_says_when_a_policy_leaves_bhi_to_the_guest(catalog: Catalo
     assert verdict.accepted and f"vCPU 0: exposed by the BHI policy's design: {e.reason}" in verdict.warnings
 
 
+def test_leaving_bhi_to_the_guest_still_forces_what_retpoline_needs(catalog: Catalog) -> None:
+    """A Skylake-shown guest that has not reported is assumed to rely on the short loop and on retpoline: under (a)
+    the first is left to it, and RRSBA_DIS_S is still forced for the second."""
+    spr, skx = catalog.get("sapphirerapids").facts, catalog.get("skylake-sp").facts
+    d = decide(spr, None, skx, OperatorSettings(bhi_policy=A))
+    assert d.relied == frozenset({Mitigation.BHB_SHORT, Mitigation.RETPOLINE})
+    assert [e.mitigation for e in d.by_design] == [Mitigation.BHB_SHORT] and d.exposures == ()
+    assert [(f.control.name, f.on, f.why.value) for f in d.forced] == [("RRSBA_DIS_S", True, "assumed from the boot "
+                                                                                              "personality")]
+
+
 def test_the_policy_setting_is_checked() -> None:
     with pytest.raises(ValueError, match=exactly("bhi_policy must be a BhiPolicy, not 'long'")):
         OperatorSettings(bhi_policy="long")  # type: ignore[arg-type]
