@@ -56,7 +56,7 @@ from pvmit.fleet.inventory import (
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.userfiles import FileError, MiB, load_json, read_json
-from pvmit.vmm.personality import resolve
+from pvmit.vmm.personality import Personality, builtin_templates, resolve
 
 T = TypeVar("T")
 Int32Array = npt.NDArray[np.int32]
@@ -125,6 +125,7 @@ class Resolver:
         self.catalog = catalog
         self._hosts: dict[tuple[str, Path], tuple[str, str, CpuFacts]] = {}
         self._personalities: dict[tuple[str, Path], tuple[str, str, CpuFacts] | str] = {}  # str: why not
+        self._templates: dict[str, Personality] | None = None  # the built-in ones, read once
 
     def host_cpu(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
         """(key, label, facts) for a catalog model name, inline facts JSON, or a path to `pvmit host --json`."""
@@ -163,8 +164,10 @@ class Resolver:
             name = text.strip()
             if name.lower().endswith(".toml") and not Path(name).is_absolute():
                 name = str(base / name)
+            if self._templates is None:
+                self._templates = builtin_templates(self.catalog)
             try:
-                p = resolve(self.catalog, name)
+                p = resolve(self.catalog, name, self._templates)
                 self._personalities[k] = (p.origin, p.name, p.facts)
             except PvmitError as e:
                 self._personalities[k] = str(e)
@@ -273,25 +276,27 @@ class _Column:
 
 
 def _column(src: TableSource, name: str, parse: Callable[[str], Any]) -> _Column:
-    """Parse each distinct value of a VM column once; blank values count as absent."""
-    values, codes = encode(src.data.column(name))
+    """Parse each distinct value of a VM column once; blank values count as absent (code -1)."""
     get = _memo(parse, prefix=False)
     parsed: dict[int, Any] = {}
     messages: list[str | None] = []
-    blank = np.zeros(len(values) + 1, dtype=bool)
-    for k, v in enumerate(values.to_pylist()):
-        if not v.strip():
-            blank[k] = True
-            messages.append(None)
-            continue
-        value, msg = get(v)
-        if msg is None:
-            parsed[k] = value
-        elif v.strip() not in msg:
-            msg = f"{v!r}: {msg}"
-        messages.append(msg)
-    if blank[:-1].any():
-        codes = np.where(blank[codes], -1, codes).astype(codes.dtype, copy=False)
+
+    def check(values: pa.Array) -> Codes:
+        code = np.append(np.arange(len(values)), -1).astype(smallest_int(len(values)))
+        for k, v in enumerate(values.to_pylist()):
+            if not v.strip():
+                code[k] = -1
+                messages.append(None)
+                continue
+            value, msg = get(v)
+            if msg is None:
+                parsed[k] = value
+            elif v.strip() not in msg:
+                msg = f"{v!r}: {msg}"
+            messages.append(msg)
+        return code
+
+    _, codes = encode(src.column(name), check)
     return _Column(name, parsed, messages, codes)
 
 
@@ -327,7 +332,15 @@ def _combine(codes: Sequence[Codes], sizes: Sequence[int]) -> tuple[IntArray, In
     order = np.argsort(first_of[present], kind="stable")  # groups numbered by their first row
     group_of = np.full(size, -1, dtype=np.int32)
     group_of[present[order]] = np.arange(present.size, dtype=np.int32)
-    return first_of[present[order]], group_of[key]
+    group: Int32Array = key if key.dtype == np.int32 else np.empty(n, dtype=np.int32)  # the keys' memory, reused
+    relabel(key, group_of, group)
+    return first_of[present[order]], group
+
+
+def relabel(a: Codes, table: npt.NDArray[np.signedinteger[Any]], out: Codes) -> None:
+    """out[i] = table[a[i]], a slice of rows at a time (out may be a itself)."""
+    for s0 in range(0, a.size, SLICE):
+        out[s0:s0 + SLICE] = table[a[s0:s0 + SLICE]]
 
 
 def _renumber(first: IntArray, group: Int32Array) -> tuple[IntArray, Int32Array]:
@@ -369,7 +382,7 @@ def _host_column(src: TableSource, name: str, get: Callable[[str], tuple[Any, st
                  empty: str | None) -> _Column:
     """A host column parsed once per distinct value; an absent or empty cell gets the message `empty` (None: no
     value and no error)."""
-    values, codes = encode(src.data.column(name))
+    values, codes = encode(src.column(name))
     parsed: dict[int, Any] = {}
     messages: list[str | None] = []
     for k, v in enumerate(values.to_pylist()):
@@ -388,7 +401,7 @@ def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
     only in rows with no other problem."""
     n = src.num_rows
     rownum = np.arange(n, dtype=np.int64)
-    names_arr = strip(src.data.column("name").combine_chunks()) if n else pa.array([], type=pa.string())
+    names_arr = strip(src.column("name").combine_chunks()) if n else pa.array([], type=pa.string())
     name_values, name_codes = encode(pa.chunked_array([names_arr]))
     name_empty = np.append(np.asarray(pc.equal(name_values, "").to_numpy(zero_copy_only=False), dtype=bool),
                            True)[name_codes]
@@ -464,7 +477,7 @@ def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
         key, label, facts = cpu.parsed[int(cpu.codes[r])]
         group_class[g] = index.setdefault(HostClass(label, key, s, facts), len(index))
     klass = group_class[cgroup] if idx.size else np.empty(0, dtype=np.int64)
-    clusters = src.data.column("cluster").take(pa.array(idx))
+    clusters = src.column("cluster").take(pa.array(idx))
     cvalues, ccodes = encode(clusters)
     cluster_code = np.where(ccodes < 0, len(cvalues), ccodes).astype(np.int64)  # no cluster: one more
     classes = list(index)
@@ -490,16 +503,18 @@ def _name_hashes(col: pa.ChunkedArray) -> tuple[HashArray, BoolArray]:
     return hash_column(col)
 
 
-def _hash_names(col: pa.ChunkedArray) -> tuple[HashArray, BoolArray, HashArray]:
+def _hash_names(col: pa.ChunkedArray) -> tuple[BoolArray, HashArray]:
+    """Which names may be blank, and the hash values more than one name has (the hashes are sorted for that in
+    place, and made again only where some repeat)."""
     hashes, maybe_blank = _name_hashes(col)
-    return hashes, maybe_blank, repeated(hashes)
+    return maybe_blank, repeated(hashes)
 
 
-def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray, hashes: HashArray, maybe_blank: BoolArray,
+def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray, maybe_blank: BoolArray,
                   repeats: HashArray) -> None:
     """Empty names, and every later row of a name an earlier row has. Only rows whose hash repeats are compared as
     strings, so unique names cost no string sort."""
-    col = src.data.column("name")
+    col = src.column("name")
     n = len(col)
     candidates = np.flatnonzero(maybe_blank)
     if candidates.size:
@@ -514,7 +529,9 @@ def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray, hashes: Ha
             bad |= missing
     if n < 2 or not repeats.size:
         return
+    hashes, _ = _name_hashes(col)
     rows_np = np.flatnonzero(np.isin(hashes, repeats))  # rows sharing a hash, in row order
+    del hashes
     names = col.take(pa.array(rows_np)).to_pylist()
     first_of: dict[str, int] = {}
     later: list[tuple[int, int]] = []
@@ -538,18 +555,24 @@ def _vm_hosts(src: TableSource, hosts: _Hosts) -> tuple[Int32Array, Codes | None
     """Each VM's host as an index into the valid hosts (-1: blank, -2: not a valid host), through the column's
     distinct values; where some value names no valid host, the rows' codes into the values and a message for
     each value (None for the good ones)."""
-    values, codes = encode(src.data.column("host"))
-    names = strip(values)
-    blank = np.asarray(pc.equal(names, "").to_numpy(zero_copy_only=False), dtype=bool)
-    found = pc.index_in(names.cast(pa.string()), value_set=pa.array(hosts.names, type=pa.string()))
-    lookup = np.append(np.asarray(pc.fill_null(found, -2).to_numpy(zero_copy_only=False), dtype=np.int32), -1)
-    lookup[:-1][blank] = -1
-    messages: list[str | None] = [None] * len(values)
-    unknown = np.flatnonzero(lookup[:-1] == -2)
-    for k, name in zip(unknown.tolist(), names.take(pa.array(unknown)).to_pylist(), strict=True):
-        messages[k] = (f"host {name!r} is wrong in its own row (hosts row {hosts.invalid[name]})"
-                       if name in hosts.invalid else f"no host named {name!r} in the inventory")
-    return lookup[codes], codes if unknown.size else None, messages
+    messages: list[str | None] = []
+
+    def to_host(values: pa.Array) -> Codes:
+        names = strip(values)
+        blank = np.asarray(pc.equal(names, "").to_numpy(zero_copy_only=False), dtype=bool)
+        found = pc.index_in(names.cast(pa.string()), value_set=pa.array(hosts.names, type=pa.string()))
+        lookup = np.append(np.asarray(pc.fill_null(found, -2).to_numpy(zero_copy_only=False), dtype=np.int32), -1)
+        lookup[:-1][blank] = -1
+        messages.extend([None] * len(values))
+        unknown = np.flatnonzero(lookup[:-1] == -2)
+        for k, name in zip(unknown.tolist(), names.take(pa.array(unknown)).to_pylist(), strict=True):
+            messages[k] = (f"host {name!r} is wrong in its own row (hosts row {hosts.invalid[name]})"
+                           if name in hosts.invalid else f"no host named {name!r} in the inventory")
+        return lookup
+
+    col = src.column("host")
+    _, vm_host = encode(col, to_host)
+    return vm_host, encode(col)[1] if any(messages) else None, messages
 
 
 def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
@@ -562,18 +585,18 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     errors = raw.errors
     src = raw.vms
     with Workers() as workers:
-        hashing = workers.submit(_hash_names, src.data.column("name"))
+        hashing = workers.submit(_hash_names, src.column("name"))
         hosts = _hosts(raw.hosts, resolver, errors)
         vm_host, host_codes, host_messages = _vm_hosts(src, hosts)
         cols = [_column(src, "personality", lambda v: resolver.personality(v, src.base_dir)),
                 _column(src, "mitigations", parse_mitigations), _column(src, "form", parse_form),
                 _column(src, "supported", parse_supported), _column(src, "force_on", parse_bits),
                 _column(src, "force_off", parse_bits), _column(src, "unreported", parse_unreported)]
-        hashes, maybe_blank, repeats = hashing.result()
+        maybe_blank, repeats = hashing.result()
 
     bad = src.bad.copy()
-    _unique_names(src, errors, bad, hashes, maybe_blank, repeats)
-    del hashes, maybe_blank
+    _unique_names(src, errors, bad, maybe_blank, repeats)
+    del maybe_blank
     if host_codes is not None:
         _mark(bad, _log_by_code(errors, src, "host", host_messages, host_codes, bad))
         del host_codes
@@ -585,11 +608,10 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         column.log(errors, src, bad, required)
     pers, mits, forms, sups, ons, offs, uns = cols
 
-    all_ok = not bad.any()
-    ok = np.arange(src.num_rows, dtype=np.int64) if all_ok else np.flatnonzero(~bad)
+    ok = None if not bad.any() else np.flatnonzero(~bad)  # None: every row
 
     def rows_ok(a: Codes) -> Codes:  # the valid rows of a column: the column itself when every row is valid
-        return a if all_ok else a[ok]
+        return a if ok is None else a[ok]
 
     host_ok = rows_ok(vm_host)
     ncl = int(hosts.cluster_code.max()) + 1 if hosts.cluster_code.size else 0
@@ -632,17 +654,18 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         group_class[g] = index.setdefault(vc, len(index))
     for g, rows_g in _rows_of(group, list(problems)):
         fld, msg = problems[g]
-        errors.add(src.file, src.table, fld, msg, src.rows[ok[rows_g]])
-        bad[ok[rows_g]] = True
-    vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int32)
+        rows = rows_g if ok is None else ok[rows_g]
+        errors.add(src.file, src.table, fld, msg, src.rows[rows])
+        bad[rows] = True
+    vm_class = group  # each row's class, in the memory of its group
+    relabel(group, group_class, vm_class)
     if problems:
-        keep = vm_class_ok >= 0
-        ok, vm_class_ok = ok[keep], vm_class_ok[keep]
-    every = ok.size == src.num_rows
-    names = src.data.column("name") if every else src.data.column("name").take(pa.array(ok))
+        keep = vm_class >= 0
+        ok, vm_class = (np.flatnonzero(keep) if ok is None else ok[keep]), vm_class[keep]
+    names = src.column("name") if ok is None else src.column("name").take(pa.array(ok))
     return Fleet(
         host_names=hosts.names, host_rows=hosts.rows, host_class=hosts.klass, host_cluster=hosts.cluster,
-        host_classes=hosts.classes, vm_names=names, vm_rows=src.rows if every else src.rows[ok],
-        vm_host=vm_host if every else vm_host[ok], vm_class=vm_class_ok, vm_classes=list(index),
+        host_classes=hosts.classes, vm_names=names, vm_rows=src.rows if ok is None else src.rows[ok],
+        vm_host=vm_host if ok is None else vm_host[ok], vm_class=vm_class, vm_classes=list(index),
         errors=errors, warnings=raw.warnings, hosts_read=raw.hosts.num_rows, vms_read=src.num_rows,
         sources=raw.sources())

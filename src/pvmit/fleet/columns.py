@@ -98,14 +98,18 @@ def slices(col: pa.ChunkedArray, size: int = SLICE) -> Iterator[tuple[int, pa.Ar
 
 # --- codes ----------------------------------------------------------------------------------------------------
 
-def encode(col: pa.ChunkedArray) -> tuple[pa.Array, Codes]:
+def encode(col: pa.ChunkedArray, relabel: Callable[[pa.Array], Codes] | None = None) -> tuple[pa.Array, Codes]:
     """The distinct values of a text column (no nulls among them) and each row's index into them (-1 for an absent
-    cell). A dictionary column is read through its dictionaries (chunks that share one cost one lookup), so a
-    Parquet column read as a dictionary never has its rows turned into strings."""
+    cell). With `relabel`, each row gets instead what relabel(values) gives its value (one entry per value, then one
+    for an absent cell), with no array of indices made on the way. A dictionary column is read through its
+    dictionaries (chunks that share one cost one lookup), so a Parquet column read as a dictionary never has its
+    rows turned into strings."""
     n = len(col)
     chunks = [c for c in col.chunks if len(c)]
     if pa.types.is_null(col.type) or col.null_count == n or not chunks:
-        return pa.array([], type=pa.string()), np.full(n, -1, dtype=np.int8)
+        values = pa.array([], type=pa.string())
+        table = relabel(values) if relabel else np.full(1, -1, dtype=np.int8)
+        return values, np.full(n, table[-1], dtype=table.dtype)
     if not pa.types.is_dictionary(col.type):
         chunks = [c for c in pc.dictionary_encode(pa.chunked_array(chunks, type=col.type)).chunks if len(c)]
     dicts: list[pa.Array] = []
@@ -118,13 +122,14 @@ def encode(col: pa.ChunkedArray) -> tuple[pa.Array, Codes]:
     enc = pc.dictionary_encode(dicts[0] if len(dicts) == 1 else pa.concat_arrays(dicts))
     values = enc.dictionary
     ids = np.asarray(pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    dtype = smallest_int(len(values))
+    table = relabel(values) if relabel else \
+        np.append(np.arange(len(values)), -1).astype(smallest_int(len(values)))
     remaps = []
     start = 0
-    for d in dicts:  # per dictionary: its entries' codes, and -1 after them for null cells
-        remaps.append(np.append(ids[start:start + len(d)], -1).astype(dtype))
+    for d in dicts:  # per dictionary: what its entries map to, then what a null cell maps to
+        remaps.append(np.append(table[ids[start:start + len(d)]], table[-1]))
         start += len(d)
-    codes = np.empty(n, dtype=dtype)
+    codes = np.empty(n, dtype=table.dtype)
     pos = 0
     for c, w in zip(chunks, which, strict=True):
         idx = c.indices if not c.null_count else pc.fill_null(c.indices, len(dicts[w]))
@@ -249,9 +254,9 @@ def hash_column(col: pa.ChunkedArray, workers: Workers | None = None) -> tuple[H
 
 
 def repeated(hashes: HashArray) -> HashArray:
-    """The hash values that occur more than once (sorted, each once)."""
+    """The hash values that occur more than once (sorted, each once). Sorts `hashes` in place."""
     if hashes.size < 2:
         return np.empty(0, dtype=np.uint64)
-    s = np.sort(hashes)
-    dup = s[1:][s[1:] == s[:-1]]
+    hashes.sort()
+    dup = hashes[1:][hashes[1:] == hashes[:-1]]
     return np.unique(dup) if dup.size else dup

@@ -32,12 +32,14 @@ distinct value. A wrong row is reported with file, row and field, and the other 
 from __future__ import annotations
 
 import codecs
+import ctypes
+import ctypes.util
 import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,6 @@ import pyarrow.parquet as pq
 
 from pvmit.derive import Mitigation, mitigations_to_bits
 from pvmit.errors import InputError
-from pvmit.fleet.columns import cpus
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import FORCEABLE
 from pvmit.safetext import quoted
@@ -131,19 +132,31 @@ class ErrorLog:
 
 @dataclass(frozen=True)
 class TableSource:
-    """One table of the inventory as read: every known column as strings (null where absent or empty)."""
+    """One table of the inventory: every known column as strings (null where absent or empty), from `read`.
+
+    JSON and CSV tables are read whole; a Parquet table's columns are read (and validated) when asked for, so a
+    column's Arrow buffers live only while the planner codes it, and columns are read side by side."""
 
     file: str
     table: str
-    data: pa.Table
+    num_rows: int
     rows: IntArray  # the row number in the file of each table row (rows the reader dropped are missing)
     bad: BoolArray  # rows the reader already found wrong (their errors are logged)
     base_dir: Path  # relative paths in cells are read from here
+    read: Callable[[str], pa.ChunkedArray | None]  # a known column as text; None where the table lacks it
     ignored: tuple[str, ...] = ()  # columns pvmit does not know (reported as a warning)
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.data.num_rows)
+    def column(self, name: str) -> pa.ChunkedArray:
+        """A known column; one the table lacks is all absent (type null: no buffers, whatever its length)."""
+        col = self.read(name)
+        return col if col is not None else pa.chunked_array([pa.nulls(self.num_rows)])
+
+    @staticmethod
+    def of_table(file: str, table: str, data: pa.Table, rows: IntArray, bad: BoolArray, base_dir: Path,
+                 ignored: tuple[str, ...] = ()) -> TableSource:
+        def read(name: str) -> pa.ChunkedArray | None:
+            return data.column(name) if name in data.column_names else None
+        return TableSource(file, table, int(data.num_rows), rows, bad, base_dir, read, ignored)
 
 
 @dataclass(frozen=True)
@@ -289,8 +302,8 @@ def table_from_records(records: Sequence[Any], file: str, table: str, base_dir: 
                 bad[i] = True
                 cols[c].append(None)
     data = pa.table({c: pa.array(v, type=pa.string()) for c, v in cols.items()})
-    return TableSource(file, table, data, np.arange(1, len(records) + 1, dtype=np.int64), bad, base_dir,
-                       tuple(ignored))
+    return TableSource.of_table(file, table, data, np.arange(1, len(records) + 1, dtype=np.int64), bad, base_dir,
+                                tuple(ignored))
 
 
 def _as_strings(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
@@ -315,23 +328,66 @@ def _as_strings(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
         raise InputError(f"{where}: column {quoted(name)} has type {t}, which cannot be read as text") from None
 
 
-def _finish(file: str, table: str, data: pa.Table, rows: IntArray, base_dir: Path, errors: ErrorLog,
-            cast: bool) -> TableSource:
+def _required(file: str, table: str, present: Iterable[str]) -> None:
     known = COLUMNS[table]
-    present = set(data.column_names)
-    missing = [c for c, req in known.items() if req and c not in present]
+    missing = [c for c, req in known.items() if req and c not in set(present)]
     if missing:
         raise InputError(f"{file}: {table}: required column(s) {', '.join(map(repr, missing))} missing; "
                          f"columns are {', '.join(known)}")
-    cols = {}
-    for c in known:
-        if c in present:
-            col = data.column(c)
-            cols[c] = _as_strings(col, c, file) if cast else col
-        else:  # absent: a column of type null (no buffers; ten million rows of it cost nothing)
-            cols[c] = pa.chunked_array([pa.nulls(data.num_rows)])
+
+
+def _finish(file: str, table: str, data: pa.Table, rows: IntArray, base_dir: Path) -> TableSource:
+    """A table read whole (CSV): its known columns as strings."""
+    known = COLUMNS[table]
+    _required(file, table, data.column_names)
+    cols = {c: _as_strings(data.column(c), c, file) for c in known if c in data.column_names}
     ignored = tuple(c for c in data.column_names if c not in known)
-    return TableSource(file, table, pa.table(cols), rows, np.zeros(data.num_rows, dtype=bool), base_dir, ignored)
+    return TableSource.of_table(file, table, pa.table(cols), rows, np.zeros(data.num_rows, dtype=bool), base_dir,
+                                ignored)
+
+
+class _ParquetColumns:
+    """A Parquet table's known columns, each read, validated and turned into text when asked for; categorical
+    ones dictionary-encoded (each distinct value is then checked once). Validated in full: Parquet strings are not
+    checked for UTF-8 on reading (found by fuzzing). The name column, which the plan keeps, is read once."""
+
+    def __init__(self, buf: pa.Buffer, file: str, table: str, names: list[str], leaves: set[str]) -> None:
+        self.buf, self.file, self.table, self.names, self.leaves = buf, file, table, names, leaves
+        self._kept: dict[str, pa.ChunkedArray] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> pa.ChunkedArray | None:
+        if name not in self.names:
+            return None
+        if name != "name":
+            return self._read(name)
+        with self._lock:
+            if name not in self._kept:
+                self._kept[name] = self._read(name)
+            return self._kept[name]
+
+    def _read(self, name: str) -> pa.ChunkedArray:
+        try:
+            dictionary = [name] if name != "name" and name in self.leaves else []  # lists are read as they are
+            t = pq.ParquetFile(pa.BufferReader(self.buf), read_dictionary=dictionary).read(columns=[name],
+                                                                                          use_threads=False)
+            t.validate(full=True)
+            return _as_strings(t.column(0), name, self.file)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{self.file}: cannot read {self.table} table: {e}") from None
+
+
+def _read_parquet(path: Path, table: str) -> TableSource:
+    file = str(path)
+    buf = pa.py_buffer(read_bytes(path, f"{table} table", CAPS[".parquet"]))
+    meta = pq.ParquetFile(pa.BufferReader(buf)).metadata
+    names = [c for c in meta.schema.to_arrow_schema().names if c in COLUMNS[table]]
+    _unique_columns(names, file, table)
+    _required(file, table, names)
+    leaves = {meta.schema.column(i).path for i in range(meta.num_columns)}
+    n = int(meta.num_rows)
+    return TableSource(file, table, n, np.arange(1, n + 1, dtype=np.int64), np.zeros(n, dtype=bool), path.parent,
+                       _ParquetColumns(buf, file, table, names, leaves))
 
 
 def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
@@ -340,13 +396,7 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            # categorical columns come back dictionary-encoded: each distinct value is then checked once
-            buf = pa.py_buffer(read_bytes(path, f"{table} table", CAPS[suffix]))
-            names = [c for c in pq.read_schema(pa.BufferReader(buf)).names if c in COLUMNS[table]]
-            _unique_columns(names, file, table)
-            data = _read_parquet(buf, names)
-            return _finish(file, table, data, np.arange(1, data.num_rows + 1, dtype=np.int64), path.parent,
-                           errors, cast=True)
+            return _read_parquet(path, table)
         if suffix == ".csv":
             return _read_csv(path, table, errors)
         if suffix == ".json":
@@ -361,33 +411,6 @@ def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
     except UnicodeDecodeError as e:  # found by fuzzing: a CSV header that is not UTF-8
         raise InputError(f"{file}: {table} table is not UTF-8 text: {e}") from None
     raise InputError(f"{file}: a {table} table must be .parquet, .csv or .json")
-
-
-def _read_parquet(buf: pa.Buffer, names: list[str]) -> pa.Table:
-    """The named columns of a Parquet file, categorical ones dictionary-encoded (each distinct value is then checked
-    once), validated in full (found by fuzzing: Parquet strings are not checked for UTF-8 on reading). Row groups
-    are read in as many parts as this process has CPUs, each part read and validated in a thread of its own: Arrow
-    would otherwise spread one file over its threads by column, and wait for the longest (names)."""
-    meta = pq.ParquetFile(pa.BufferReader(buf)).metadata
-    leaves = {meta.schema.column(i).path for i in range(meta.num_columns)}  # lists are read as they are
-    dictionary = [c for c in names if c != "name" and c in leaves]
-
-    def part(groups: list[int] | None) -> pa.Table:
-        f = pq.ParquetFile(pa.BufferReader(buf), read_dictionary=dictionary)
-        t = f.read(columns=names) if groups is None else f.read_row_groups(groups, columns=names, use_threads=False)
-        t.validate(full=True)
-        return t
-
-    rows = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
-    parts = min(cpus(), rows.size)
-    if parts < 2:
-        return part(None)
-    # contiguous runs of row groups with about the same number of rows each: a group goes where its middle row falls
-    middle = np.cumsum(rows) - rows / 2
-    run_of = np.minimum((middle * parts / max(int(rows.sum()), 1)).astype(np.int64), parts - 1)
-    runs = [r.tolist() for r in np.split(np.arange(rows.size), np.flatnonzero(np.diff(run_of)) + 1)]
-    with ThreadPoolExecutor(len(runs), thread_name_prefix="pvmit-parquet") as pool:
-        return pa.concat_tables(list(pool.map(part, runs)))
 
 
 def _check_utf8(data: bytes, path: Path, table: str) -> None:
@@ -439,7 +462,7 @@ def _read_csv(path: Path, table: str, errors: ErrorLog) -> TableSource:
     for d in sorted(dropped):
         rows[rows >= d] += 1
     return _finish(file, table, pa.table({c: _blank_to_null(data.column(c)) for c in data.column_names}), rows,
-                   path.parent, errors, cast=True)
+                   path.parent)
 
 
 def _blank_to_null(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -452,25 +475,48 @@ def _blank_to_null(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 
-def use_jemalloc() -> None:
-    """Arrow's buffers from jemalloc where pyarrow has it and nobody chose otherwise (ARROW_DEFAULT_MEMORY_POOL).
+def tune_allocators() -> None:
+    """Memory that the planner frees is kept for its next arrays instead of being handed back to the system.
 
-    Why: with mimalloc, pyarrow's default, reading and checking a 10M-VM inventory spent more than a second of
-    system time on this VM (mimalloc hands freed pages back and faults them in again); with jemalloc, which keeps
-    them for reuse, a fifth of that, for the same user time and peak memory. Only buffers allocated afterwards come
-    from it; those already allocated are freed by the pool they came from."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    Why: every page a process touches for the first time is a page fault and a page of zeros, and on this VM the
+    system time that costs was a quarter of planning a 10M-VM fleet. numpy takes arrays over 32 MiB from glibc,
+    which maps each afresh and unmaps it when freed, so the next array of that size faults its pages in again:
+    with mmap off and no trimming, glibc reuses its heap (0.4 s less system time at 10M VMs, peak memory the
+    same). Arrow's buffers come from jemalloc where pyarrow has it and nobody chose a pool
+    (ARROW_DEFAULT_MEMORY_POOL): mimalloc, its default, spent more than a second of system time reading the same
+    inventory. Both are per-process settings for allocations made from now on; ones already made are freed as
+    they were allocated."""
+    global _tuned
+    if _tuned:
         return
+    _tuned = True
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        try:
+            pa.set_memory_pool(pa.jemalloc_memory_pool())
+        except NotImplementedError:  # a pyarrow built without it
+            pass
+    if _glibc() and not any(k.startswith("MALLOC_") for k in os.environ):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt(-1, ctypes.c_int(2**31 - 1))  # M_TRIM_THRESHOLD: never give the heap's top back
+            libc.mallopt(-4, ctypes.c_int(0))  # M_MMAP_MAX: no allocation gets a mapping of its own
+        except (OSError, AttributeError):
+            pass
+
+
+_tuned = False
+
+
+def _glibc() -> bool:
     try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without it
-        return
-    pa.set_memory_pool(pool)
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):  # not glibc, or not a POSIX system
+        return False
 
 
 def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
     """An inventory from one JSON file, a directory with hosts.* and vms.*, or a hosts file and a VMs file."""
-    use_jemalloc()
+    tune_allocators()
     errors = ErrorLog()
     ps = [Path(p) for p in paths]
     if len(ps) == 2:

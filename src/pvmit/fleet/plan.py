@@ -30,6 +30,7 @@ import numpy.typing as npt
 from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation
 from pvmit.fleet.classes import Fleet, HostClass, VmClass
+from pvmit.fleet.columns import SLICE
 from pvmit.fleet.inventory import IntArray
 from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, Why, decide
 from pvmit.interface.state import broken_promises
@@ -240,22 +241,25 @@ def _expand(fleet: Fleet, verdict: Int8Array, class_counts: IntArray) -> tuple[I
     """Per VM: the verdict on its own host, its destinations by verdict (its class's hosts less its own host) and
     how many of them are safe or forced; each a lookup in a table over (VM class, verdict where it runs)."""
     n, (nvc, nhc) = fleet.num_vms, verdict.shape
-    if not n:
-        return np.empty(0, dtype=np.int8), np.zeros((0, 3), dtype=np.int32), np.empty(0, dtype=np.int32)
-    own = fleet.host_class.astype(np.int32)[fleet.vm_host]
-    pair = fleet.vm_class.astype(np.int32, copy=True)
-    pair *= nhc
-    pair += own
-    del own
-    vm_here: Int8Array = verdict.reshape(-1)[pair]
-    key = np.multiply(fleet.vm_class, 3, dtype=np.int32)  # (VM class, verdict where it runs)
-    key += vm_here
-    del pair
-    by_here = (class_counts[:, None, :] - np.eye(3, dtype=np.int64)[None, :, :]).reshape(nvc * 3, 3)
+    host_class = fleet.host_class.astype(np.int32)
+    flat = verdict.reshape(-1)
+    by_here = (class_counts[:, None, :] - np.eye(3, dtype=np.int64)[None, :, :]).reshape(nvc * 3, 3).astype(np.int32)
+    tables = [np.ascontiguousarray(by_here[:, v]) for v in VERDICTS]
+    tables.append(tables[Verdict.SAFE] + tables[Verdict.FORCED])
+    vm_here: Int8Array = np.empty(n, dtype=np.int8)
     vm_counts: Int32Array = np.empty((n, 3), dtype=np.int32, order="F")  # each verdict's column contiguous
-    for v in VERDICTS:
-        vm_counts[:, v] = by_here[:, v].astype(np.int32)[key]
-    movable: Int32Array = (by_here[:, Verdict.SAFE] + by_here[:, Verdict.FORCED]).astype(np.int32)[key]
+    movable: Int32Array = np.empty(n, dtype=np.int32)
+    outs = [vm_counts[:, v] for v in VERDICTS] + [movable]
+    step = SLICE
+    for s in range(0, n, step):  # a slice of VMs at a time: no temporary as large as the fleet
+        cls = fleet.vm_class[s:s + step].astype(np.int32)
+        key = np.multiply(cls, nhc)
+        key += host_class[fleet.vm_host[s:s + step]]  # (VM class, host class where it runs)
+        np.take(flat, key, out=vm_here[s:s + step])
+        np.multiply(cls, 3, out=key)  # (VM class, verdict where it runs)
+        key += vm_here[s:s + step]
+        for table, out in zip(tables, outs, strict=True):
+            np.take(table, key, out=out[s:s + step])
     return vm_here, vm_counts, movable
 
 
