@@ -503,10 +503,10 @@ def _name_hashes(col: pa.ChunkedArray) -> tuple[HashArray, BoolArray]:
     return hash_column(col)
 
 
-def _hash_names(col: pa.ChunkedArray) -> tuple[BoolArray, HashArray]:
+def _hash_names(src: TableSource) -> tuple[BoolArray, HashArray]:
     """Which names may be blank, and the hash values more than one name has (the hashes are sorted for that in
-    place, and made again only where some repeat)."""
-    hashes, maybe_blank = _name_hashes(col)
+    place, and made again only where some repeat). Reads the name column (in the worker that runs it)."""
+    hashes, maybe_blank = _name_hashes(src.column("name"))
     return maybe_blank, repeated(hashes)
 
 
@@ -585,7 +585,7 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     errors = raw.errors
     src = raw.vms
     with Workers() as workers:
-        hashing = workers.submit(_hash_names, src.column("name"))
+        hashing = workers.submit(_hash_names, src)
         hosts = _hosts(raw.hosts, resolver, errors)
         vm_host, host_codes, host_messages = _vm_hosts(src, hosts)
         cols = [_column(src, "personality", lambda v: resolver.personality(v, src.base_dir)),
