@@ -7,8 +7,8 @@ The first half is pure (the header parser); the second sends crafted streams to 
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 import secrets
 import socket
 import time
