@@ -235,6 +235,11 @@ def test_need_names_its_parts() -> None:
     n = need(rsba, Mitigation.RETPOLINE)
     assert (n.mitigation, n.control) == (Mitigation.RETPOLINE, SpecCtrl.RRSBA_DIS_S)
     assert n.available.reason == "RSBA (pre-eIBRS) has no IA32_SPEC_CTRL disable; RRSBA_DIS_S covers RRSBA only"
+    rkl = cpu(**{f"{LB}__RETBLEED": True, f"{AC}__RRSBA": False, f"{AC}__IBRS_ALL": True, f"{C72}__RRSBA_CTRL": True})
+    n = need(rkl, Mitigation.RETPOLINE)
+    assert n.must_force and not n.can_force
+    assert n.available.reason == ("no IA32_SPEC_CTRL control makes retpoline safe on a RETBLEED-affected part "
+                                  "without RRSBA; RRSBA_DIS_S covers RRSBA only")
     both = cpu(**{f"{AC}__RSBA": True, f"{AC}__RRSBA": True, f"{C72}__RRSBA_CTRL": True})
     assert need(both, Mitigation.RETPOLINE).can_force, "RRSBA_DIS_S does cover a part that also shows RRSBA"
     b = need(cpu(), Mitigation.BHB_SHORT)

@@ -32,10 +32,12 @@ from pvmit.fleet.inventory import (
     parse_bits,
     parse_form,
     parse_mitigations,
+    parse_relies_on,
     parse_supported,
     parse_unreported,
     read_inventory,
 )
+from pvmit.interface.bhi import BhiPolicy, shown_long_bit
 from pvmit.interface.policy import PartialSettings, supported_requests
 
 Error = tuple[str, str, int, str, str]
@@ -52,11 +54,11 @@ def _parse(parse: Any, v: str, prefix: bool) -> tuple[Any, str | None]:
         return None, (f"{v!r}: {e}" if prefix else str(e))
 
 
-def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
+def reference(raw: RawInventory, resolver: Resolver, policy: BhiPolicy) -> dict[str, Any]:
     """Every row checked in turn. Hosts: every problem of a row is reported, a name is a duplicate when an earlier
     valid row has it, settings are checked where nothing else is wrong. VMs: the first problem of a row is
     reported, in the order name, host, personality, mitigations, form, supported, force_on, force_off, unreported,
-    what the class combines."""
+    relies_on, what the class combines."""
     errors: list[Error] = [(e.file, e.table, e.row, e.field, e.message) for e in raw.errors.first()]
     src = raw.hosts
     d = _cells(src, HOST_COLUMNS)
@@ -101,7 +103,8 @@ def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
     for k, c in zip(klass, cluster, strict=True):
         keys.setdefault(c, set()).add(host_classes[k].cpu_key)
     facts = {c.cpu_key: c.facts for c in host_classes}
-    offered = {c: supported_requests(facts[k] for k in sorted(ks)) for c, ks in keys.items()}
+    offered = {c: supported_requests((facts[k] for k in sorted(ks)), policy) for c, ks in keys.items()}
+    long_bit = {c: shown_long_bit(policy, (facts[k] for k in sorted(ks))) for c, ks in keys.items()}
     index = {n: i for i, n in enumerate(names)}
 
     src = raw.vms
@@ -112,7 +115,7 @@ def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
     vms: list[tuple[str, str, int]] = []
     parsers = {"personality": lambda v: resolver.personality(v, src.base_dir), "mitigations": parse_mitigations,
                "form": parse_form, "supported": parse_supported, "force_on": parse_bits, "force_off": parse_bits,
-               "unreported": parse_unreported}
+               "unreported": parse_unreported, "relies_on": parse_relies_on}
     for i in range(src.num_rows):
         row = int(src.rows[i])
         bad = bool(src.bad[i])
@@ -163,6 +166,12 @@ def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
                                               f"{bits_label(supported)}) never offered")
             else:
                 supported = offered.get(cluster[index[host]], 0) | mitigations_to_bits(reported or frozenset())
+            if problem is None and values["relies_on"] is not None:
+                if reported is not None:
+                    problem = ("relies_on", f"relies_on is for a VM that never reported; this one reported "
+                                            f"{mitigations_label(reported)} through the interface")
+                else:
+                    reported = values["relies_on"]
             if problem is None:
                 try:
                     settings = PartialSettings(values["force_on"], values["force_off"], values["unreported"])
@@ -172,7 +181,8 @@ def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
             errors.append((src.file, src.table, row, *problem))
             continue
         pkey, plabel, pfacts = values["personality"]
-        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts)
+        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, values["relies_on"] is not None,
+                     long_bit[cluster[index[host]]] if form is not None else None)
         vms.append((name, host, vm_classes.setdefault(vc, len(vm_classes))))
     order = {"hosts": 0, "vms": 1}
     errors.sort(key=lambda e: (order[e[1]], e[2]))  # stable: within a row, in the order found
@@ -181,8 +191,8 @@ def reference(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
             "vm_classes": [c.to_json() for c in vm_classes]}
 
 
-def fast(raw: RawInventory, resolver: Resolver) -> dict[str, Any]:
-    f = collapse(raw, resolver)
+def fast(raw: RawInventory, resolver: Resolver, policy: BhiPolicy) -> dict[str, Any]:
+    f = collapse(raw, resolver, policy)
     return {"errors": [(e.file, e.table, e.row, e.field, e.message) for e in f.errors.first()],
             "host_names": f.host_names, "host_class": f.host_class.tolist(), "host_cluster": f.host_cluster,
             "host_classes": [c.to_json() for c in f.host_classes],
@@ -209,7 +219,9 @@ VM_FAULTS: list[dict[str, Any]] = [
     {"force_on": "NOPE"}, {"force_off": "RRSBA_DIS_S"}, {"force_off": "BHI_DIS_S"}, {"force_off": "bad"},
     {"unreported": "trust"}, {"unreported": "maybe"}, {"name": DUP, "host": "nowhere"},
     {"form": "none", "mitigations": "unenlightened", "supported": "retpoline"},
-    {"form": "none", "mitigations": "retpoline"},
+    {"form": "none", "mitigations": "retpoline"}, {"relies_on": "retpoline"}, {"relies_on": "junk"},
+    {"relies_on": "unenlightened"}, {"form": "none", "mitigations": "unenlightened", "relies_on": "bhb-short"},
+    {"mitigations": "unenlightened", "relies_on": "none"},
 ]
 
 
@@ -236,14 +248,18 @@ def faulty_fleet(catalog: Catalog, vms: int, hosts: int, seed: int) -> tuple[pa.
     H, V = h.to_pydict(), v.to_pydict()
     V["supported"] = [None] * len(V["name"])
     V["force_off"] = [None] * len(V["name"])
+    V["relies_on"] = [None] * len(V["name"])
     _inject(H, HOST_FAULTS, len(H["name"]) // 2, [], rng)
     _inject(V, VM_FAULTS, len(V["name"]) // 20, [x for x in H["name"] if x], rng)
     return (pa.table({c: pa.array(x, type=pa.string()) for c, x in H.items()}),
             pa.table({c: pa.array(x, type=pa.string()) for c, x in V.items()}))
 
 
-@pytest.mark.parametrize("fmt", ["json-file", "csv", "parquet", "parquet-row-groups"])
-def test_columnar_checks_agree_with_a_row_by_row_reading(catalog: Catalog, tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "policy"), [("json-file", BhiPolicy.FORCE_BHI_DIS_S), ("csv", BhiPolicy.CMDLINE_LONG),
+                                            ("parquet", BhiPolicy.LONG_NEEDED_BIT),
+                                            ("parquet-row-groups", BhiPolicy.FORCE_BHI_DIS_S)])
+def test_columnar_checks_agree_with_a_row_by_row_reading(catalog: Catalog, tmp_path: Path, fmt: str,
+                                                         policy: BhiPolicy) -> None:
     hosts, vms = faulty_fleet(catalog, 3000, 200, seed=7)
     if fmt == "json-file":
         path = tmp_path / "inv.json"
@@ -252,13 +268,14 @@ def test_columnar_checks_agree_with_a_row_by_row_reading(catalog: Catalog, tmp_p
         path = tmp_path / "inv"
         path.mkdir()
         pq.write_table(hosts, path / "hosts.parquet", row_group_size=7)
-        pq.write_table(vms.set_column(1, "host", vms.column("host").dictionary_encode()), path / "vms.parquet",
+        at = vms.column_names.index("host")
+        pq.write_table(vms.set_column(at, "host", vms.column("host").dictionary_encode()), path / "vms.parquet",
                        row_group_size=250)
     else:
         path = tmp_path / "inv"
         write_inventory(hosts, vms, path, fmt)
-    want = reference(read_inventory([path]), Resolver(catalog))
-    got = fast(read_inventory([path]), Resolver(catalog))
+    want = reference(read_inventory([path]), Resolver(catalog), policy)
+    got = fast(read_inventory([path]), Resolver(catalog), policy)
     assert len(want["errors"]) > 100 and len(want["vms"]) > 2000 and len(want["vm_classes"]) > 20  # a real test
     for key in want:
         assert got[key] == want[key], key

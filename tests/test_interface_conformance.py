@@ -106,10 +106,11 @@ def test_kvm_form_high_half_is_read_only_and_read_modify_write_works(catalog: Ca
 def test_enumeration_each_form_shows(catalog: Catalog) -> None:
     intel, kvm, neutral = (InterfaceConfig(f, 3) for f in FORMS)
     assert kvm_feature_leaf_bits(kvm) == 1 << 30 and kvm_feature_leaf_bits(intel) == 0
-    sig, info = neutral_leaves(neutral)
-    assert (sig.leaf, sig.eax) == (0x40000100, 0x40000101)
+    sig, info, pool = neutral_leaves(neutral)
+    assert (sig.leaf, sig.eax) == (0x40000100, 0x40000102)
     assert struct.pack("<3I", sig.ebx, sig.ecx, sig.edx) == NEUTRAL_SIGNATURE
-    assert (info.leaf, info.eax, info.ebx, info.ecx, info.edx) == (0x40000101, 1, 0x50000002, 3, 0)
+    assert (info.leaf, info.eax, info.ebx, info.ecx, info.edx) == (0x40000101, 2, 0x50000002, 3, 0)
+    assert (pool.leaf, pool.eax, pool.ebx, pool.ecx, pool.edx) == (0x40000102, 0, 0, 0, 0)
 
 
 def test_intel_form_is_offered_to_amd_guests_by_emulating_arch_capabilities(catalog: Catalog) -> None:
@@ -143,3 +144,125 @@ def test_neutral_register_cannot_clash(index: int, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         InterfaceConfig(Form.NEUTRAL, 3, neutral_msr=index)
     assert InterfaceConfig(Form.NEUTRAL, 3, neutral_msr=0x5000_0002).ctrl_msr == 0x5000_0002
+
+
+# --- pvmit's proposal: LONG_BHB_NEEDED and the pool description, in every form (docs/interface.md 9, 10) -----------
+
+from pvmit.interface.forms import (  # noqa: E402
+    KVM_FEATURE_PVMIT_POOL_BIT,
+    KVM_HINTS_PVMIT_LONG_BHB_BIT,
+    MSR_KVM_PVMIT_POOL,
+    MSR_VIRTUAL_POOL_INFO,
+    NEUTRAL_EDX_LONG_BHB_NEEDED,
+    kvm_hint_bits,
+)
+from pvmit.interface.pooldesc import MAX_ENTRIES, Implementation  # noqa: E402
+from pvmit.x86.bits import VirtualEnumeration  # noqa: E402
+
+POOL = (Implementation("intel", 6, 0x55, 6, 7), Implementation("intel", 6, 0x6A, 4, 6),
+        Implementation("intel", 6, 0x8F))
+POOL_MSR = {Form.INTEL: MSR_VIRTUAL_POOL_INFO, Form.KVM: MSR_KVM_PVMIT_POOL, Form.NEUTRAL: MSR_VIRTUAL_POOL_INFO}
+
+
+def shown_long(config: InterfaceConfig, vm: VmInterface) -> bool:
+    """LONG_BHB_NEEDED as a guest of each form reads it."""
+    if config.form is Form.INTEL:
+        enum = vm.rdmsr(0, MSR_VIRTUAL_ENUMERATION)
+        assert enum is not None
+        return bool(enum & VirtualEnumeration.LONG_BHB_NEEDED)
+    if config.form is Form.KVM:
+        return bool(kvm_hint_bits(config) & 1 << KVM_HINTS_PVMIT_LONG_BHB_BIT)
+    return bool(neutral_leaves(config)[1].edx & NEUTRAL_EDX_LONG_BHB_NEEDED)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("long", [None, False, True])
+def test_long_bhb_needed_where_each_form_shows_it(catalog: Catalog, form: Form, long: bool | None) -> None:
+    config = InterfaceConfig(form, 2, bhb_long=long)
+    vm = VmInterface(config, catalog.get("sapphirerapids").facts, catalog.get("icelake-sp").facts)
+    assert shown_long(config, vm) is bool(long)
+    # what the guest's CPUID holds (build_cpuid): the bit in this form's place only
+    from pvmit.vmm.personality import build_cpuid, from_model
+
+    table = {(e.function, e.index): e for e in build_cpuid(from_model(catalog, "icelake-sp"), config, [])}
+    hints = table[(0x40000001, 0)].edx
+    assert bool(hints & 1 << KVM_HINTS_PVMIT_LONG_BHB_BIT) is (form is Form.KVM and bool(long))
+    neutral = table.get((0x40000101, 0))
+    assert (neutral is not None) is (form is Form.NEUTRAL)
+    assert neutral is None or bool(neutral.edx & NEUTRAL_EDX_LONG_BHB_NEEDED) is bool(long)
+    if form is Form.INTEL:  # read-only, like the rest of MSR_VIRTUAL_ENUMERATION
+        assert not vm.wrmsr(0, MSR_VIRTUAL_ENUMERATION, 1) and "read-only" in vm.last_fault
+        assert vm.rdmsr(0, MSR_VIRTUAL_ENUMERATION) == 1 | (2 if long else 0)
+
+
+def pool_enumerated(config: InterfaceConfig, vm: VmInterface) -> int:
+    """Where a guest of each form finds POOL_INFO (0: not offered)."""
+    if config.form is Form.INTEL:
+        enum = vm.rdmsr(0, MSR_VIRTUAL_ENUMERATION)
+        assert enum is not None
+        return MSR_VIRTUAL_POOL_INFO if enum & VirtualEnumeration.POOL_DESCRIPTION else 0
+    if config.form is Form.KVM:
+        return MSR_KVM_PVMIT_POOL if kvm_feature_leaf_bits(config) & 1 << KVM_FEATURE_PVMIT_POOL_BIT else 0
+    sig, _, leaf = neutral_leaves(config)
+    assert sig.eax >= leaf.leaf  # the largest leaf of the block reaches base+2
+    return leaf.eax
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("count", [1, 3, MAX_ENTRIES])
+def test_pool_description_registers(catalog: Catalog, form: Form, count: int) -> None:
+    """POOL_INFO gives the count and version; entry i < count reads its encoding; every register is read-only
+    (#GP, value unchanged); an entry at or past the count raises #GP, and so does the MSR after the block."""
+    entries = (POOL * MAX_ENTRIES)[:count] if count <= len(POOL) else tuple(
+        Implementation("intel", 6, m) for m in range(count))
+    config = InterfaceConfig(form, 3, pool=entries)
+    vm = VmInterface(config, catalog.get("sapphirerapids").facts, catalog.get("icelake-sp").facts)
+    base = pool_enumerated(config, vm)
+    assert base == POOL_MSR[form]
+    assert vm.rdmsr(0, base) == count | 1 << 8
+    for i in range(MAX_ENTRIES):
+        value = vm.rdmsr(0, base + 1 + i)
+        if i < count:
+            assert value == entries[i].encode() and Implementation.decode(value) == entries[i]
+        else:
+            assert value is None and f"entry {i} is past the {count} entries" in vm.last_fault
+    assert vm.rdmsr(0, base + 1 + MAX_ENTRIES) is None  # past the block: not a register of the interface
+    for index in range(base, base + 1 + count):
+        before = vm.rdmsr(0, index)
+        for v in (0, 1, before or 0, 1 << 63):
+            assert not vm.wrmsr(0, index, v) and "read-only" in vm.last_fault
+        assert vm.rdmsr(0, index) == before
+    for other in FORMS:  # another form's block does not exist here
+        if POOL_MSR[other] != base:
+            assert vm.rdmsr(0, POOL_MSR[other]) is None
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_pool_description_offered(catalog: Catalog, form: Form) -> None:
+    config = InterfaceConfig(form, 3)
+    vm = VmInterface(config, catalog.get("sapphirerapids").facts, catalog.get("icelake-sp").facts)
+    assert pool_enumerated(config, vm) == 0
+    for base in set(POOL_MSR.values()):
+        for index in (base, base + 1, base + MAX_ENTRIES):
+            assert vm.rdmsr(0, index) is None and not vm.wrmsr(0, index, 0)
+    assert config.pool_info == 0 and config.msrs == InterfaceConfig(form, 3).msrs
+
+
+def test_pool_description_configuration_is_checked() -> None:
+    with pytest.raises(ValueError, match="1 to 32 entries, not 0"):
+        InterfaceConfig(Form.NEUTRAL, 3, pool=())
+    with pytest.raises(ValueError, match="1 to 32 entries, not 33"):
+        InterfaceConfig(Form.NEUTRAL, 3, pool=tuple(Implementation("intel", 6, m) for m in range(33)))
+    with pytest.raises(ValueError, match="overlaps the CTRL MSR"):
+        InterfaceConfig(Form.NEUTRAL, 3, pool=POOL, neutral_msr=0x50000020)
+    with pytest.raises(ValueError, match="KVM's paravirtual MSR range"):
+        InterfaceConfig(Form.NEUTRAL, 3, pool=POOL, neutral_pool_msr=0x4B564CF0)
+    with pytest.raises(ValueError, match="outside 0x40000000-0x5fffffff"):
+        InterfaceConfig(Form.NEUTRAL, 3, pool=POOL, neutral_pool_msr=0x5FFFFFF0)
+    relocated = InterfaceConfig(Form.NEUTRAL, 3, pool=POOL, neutral_pool_msr=0x40000300)
+    assert neutral_leaves(relocated)[2].eax == 0x40000300 and relocated.pool_msr == 0x40000300
+    assert 0x40000300 + MAX_ENTRIES in relocated.msrs and 0x40000300 + MAX_ENTRIES + 1 not in relocated.msrs
+    with pytest.raises(ValueError, match="bhb_long must be true, false or null"):
+        InterfaceConfig(Form.NEUTRAL, 3, bhb_long=1)  # type: ignore[arg-type]
+    assert InterfaceConfig.from_json(relocated.to_json()) == relocated
+    assert InterfaceConfig.from_json({**InterfaceConfig(Form.KVM, 1, bhb_long=False).to_json()}).bhb_long is False

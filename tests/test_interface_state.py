@@ -87,10 +87,11 @@ def test_finish_refuses_a_final_state_that_does_not_fit(f) -> None:  # type: ign
     bad["vcpus"][0]["spec_ctrl"] = R_DIS  # Ice Lake shows no RRSBA_CTRL
     with pytest.raises(InputError, match=r"vcpus\[0\].spec_ctrl 0x40 has bits the guest's personality does not"):
         finish(prepared, bad)
-    for schema in ("pvmit.interface-state/2", None):
+    for schema in ("pvmit.interface-state/3", None):
         other = copy.deepcopy(first)
         other["schema"] = schema
-        with pytest.raises(InputError, match=f"^interface state: schema {schema!r} is not 'pvmit.interface-state/1'$"):
+        with pytest.raises(InputError, match=f"^interface state: schema {schema!r} is not "
+                                             r"'pvmit.interface-state/2' \(or its /1\)$"):
             finish(prepared, other)
     with pytest.raises(InputError, match="^interface state: schema None is not"):
         finish(prepared, [])  # type: ignore[arg-type]
@@ -290,7 +291,8 @@ def test_verdict_and_decision_as_json(f) -> None:  # type: ignore[no-untyped-def
                     "reason": "operator forces RRSBA_DIS_S off", "exists_on_host": True}],
         "mask": R_DIS, "value": 0,
         "exposures": [{"mitigation": "retpoline", "operator_override": True, "reason": doc["exposures"][0]["reason"]}],
-        "safe": True, "notes": [], "warnings": list(d.warnings), "assumed_facts": list(d.assumed)}
+        "safe": True, "notes": [], "warnings": list(d.warnings), "assumed_facts": list(d.assumed),
+        "exposed_by_policy_design": []}
     assert doc["exposures"][0]["reason"].startswith("the operator forces RRSBA_DIS_S off, which retpoline needs here: "
                                                     "retpoline is ineffective here (")
     refused = check(helo(f, vcpus=1, supported=2), f("cascadelake-sp"))
@@ -310,7 +312,8 @@ def test_parse_errors_say_exactly_what(f) -> None:  # type: ignore[no-untyped-de
     host = f("sapphirerapids")
     with pytest.raises(InputError, match="^interface state: not a JSON object$"):
         check([], host)  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="^interface state: schema 'x/1' is not 'pvmit.interface-state/1'$"):
+    with pytest.raises(InputError,
+                       match=r"^interface state: schema 'x/1' is not 'pvmit.interface-state/2' \(or its /1\)$"):
         check({**helo(f), "schema": "x/1"}, host)
     with pytest.raises(InputError, match="^interface state: missing field 'config'$"):
         check({k: v for k, v in helo(f).items() if k != "config"}, host)

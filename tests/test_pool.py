@@ -180,6 +180,29 @@ def test_libvirt_cpu_element(catalog: Catalog) -> None:
     assert "arch_capabilities.ITS_NO" in e.unexpressed  # not in cpu_map yet
 
 
+def test_libvirt_cpu_element_names_only_what_that_libvirt_knows(catalog: Catalog) -> None:
+    """A libvirt refuses a whole <cpu> naming a feature it does not know: names outside its CPU map are left out
+    and said (libvirt 9.0, Debian 12's, has no name for any CPUID.(7,2).EDX bit)."""
+    pool = _intel_pool(catalog)
+    e = libvirt_cpu(pool, "Cascadelake-Server", lambda name: name != "bhi-ctrl")
+    names = {f.get("name") for f in ET.fromstring(e.text).findall("feature")}
+    assert "bhi-ctrl" not in names and "mds-no" in names
+    assert e.warnings and "bhi-ctrl" in e.warnings[0]
+
+
+def test_pool_cli_libvirt_cpu_map(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "x86_features.xml").write_text("<cpus><feature name='mds-no'/><feature name='spec-ctrl'/></cpus>")
+    (tmp_path / "x86_Cascadelake-Server.xml").write_text(
+        "<cpus><model name='Cascadelake-Server'><feature name='spec-ctrl'/></model></cpus>")
+    r = cli("pool", "cascadelake-sp", "sapphirerapids", "--format", "libvirt", "--libvirt-cpu-map", str(tmp_path))
+    assert r.code == 0, r.stderr
+    cpu = ET.fromstring(r.stdout)
+    assert cpu.findtext("model") == "Cascadelake-Server"
+    assert {f.get("name") for f in cpu.findall("feature")} <= {"mds-no", "spec-ctrl"}
+    r = cli("pool", "sapphirerapids", "--format", "libvirt", "--libvirt-cpu-map", str(tmp_path))
+    assert r.code == 2 and "defines" in r.stderr  # SapphireRapids is not in that map
+
+
 CPU_MAP = Path("/usr/share/libvirt/cpu_map/x86_features.xml")
 
 

@@ -1,7 +1,8 @@
 """The files the agent needs in a guest, and installing them with the systemd unit into a root directory (a
 guest's /, or a mounted image).
 
-A guest needs python3 and these files only: pvmit/__init__.py, pvmit/agent/*.py, pvmit/linux/__init__.py,
+A guest needs python3 and these files only: pvmit/__init__.py, pvmit/agent/*.py and *.json (the CPU history
+table), pvmit/linux/__init__.py,
 pvmit/linux/spectre_v2.py, and the standard-library-only modules every reader of pvmit shares: pvmit/errors.py,
 pvmit/userfiles.py (reading files and devices safely) and pvmit/safetext.py (escaping text for a terminal).
 The unit sets PYTHONPATH to LIB_DIR, so a copied bundle works without pip.
@@ -24,6 +25,7 @@ def agent_files() -> dict[str, bytes]:
     pkg = Path(pvmit.__file__).parent
     names = ["__init__.py", "errors.py", "userfiles.py", "safetext.py", "linux/__init__.py", "linux/spectre_v2.py"]
     names += sorted(f"agent/{p.name}" for p in (pkg / "agent").glob("*.py"))
+    names += sorted(f"agent/{p.name}" for p in (pkg / "agent").glob("*.json"))  # cpu_history.json
     return {f"pvmit/{n}": (pkg / n).read_bytes() for n in names}
 
 

@@ -27,6 +27,8 @@ class Offer:
     ctrl_msr: int
     supported: int
     how: str
+    long_bhb: bool = False  # LONG_BHB_NEEDED shown (pvmit's proposal)
+    pool_msr: int = 0  # POOL_INFO's index where a pool description is offered (pvmit's proposal), else 0
 
     def in_use(self, raw: int) -> int:
         """The request bits in a value read back from the CTRL register (in the kvm form bits 63:32 read back the
@@ -35,7 +37,8 @@ class Offer:
 
     def to_json(self) -> dict[str, object]:
         return {"form": self.form, "ctrl_msr": hex(self.ctrl_msr), "supported": hex(self.supported),
-                "how": self.how}
+                "how": self.how, "long_bhb_needed": self.long_bhb,
+                "pool_info_msr": hex(self.pool_msr) if self.pool_msr else None}
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,11 @@ def _intel(cpuid: Cpuid, rdmsr: Rdmsr, probes: list[str]) -> Offer | None:
     if supported is None:
         probes.append("intel: MSR_VIRTUAL_MITIGATION_ENUM faulted although MSR_VIRTUAL_ENUMERATION enumerates it")
         return None
-    probes.append(f"intel: offered, MSR_VIRTUAL_MITIGATION_ENUM={supported:#x}")
+    probes.append(f"intel: offered, MSR_VIRTUAL_ENUMERATION={enum:#x}, MSR_VIRTUAL_MITIGATION_ENUM={supported:#x}")
     return Offer("intel", wire.MSR_VIRTUAL_MITIGATION_CTRL, supported & wire.REQUEST_BITS,
-                 "IA32_ARCH_CAPABILITIES bit 63, MSR_VIRTUAL_ENUMERATION bit 0, MSR_VIRTUAL_MITIGATION_ENUM")
+                 "IA32_ARCH_CAPABILITIES bit 63, MSR_VIRTUAL_ENUMERATION bit 0, MSR_VIRTUAL_MITIGATION_ENUM",
+                 bool(enum & wire.VIRT_ENUM_LONG_BHB_NEEDED),
+                 wire.MSR_VIRTUAL_POOL_INFO if enum & wire.VIRT_ENUM_POOL_DESCRIPTION else 0)
 
 
 def _kvm(cpuid: Cpuid, rdmsr: Rdmsr, leaves: list[tuple[int, bytes, int]], probes: list[str]) -> Offer | None:
@@ -96,7 +101,7 @@ def _kvm(cpuid: Cpuid, rdmsr: Rdmsr, leaves: list[tuple[int, bytes, int]], probe
         probes.append("kvm: no KVMKVMKVM signature leaf")
         return None
     top = next(t for b, _, t in leaves if b == base)
-    features = cpuid(base + 1, 0)[0] if top >= base + 1 else 0
+    features, _, _, hints = cpuid(base + 1, 0) if top >= base + 1 else (0, 0, 0, 0)
     if not features & wire.KVM_FEATURE_PVMIT_MITIGATION:
         probes.append(f"kvm: KVM leaves at {base:#x}, feature bit 30 clear in {base + 1:#x}.EAX={features:#x}")
         return None
@@ -106,7 +111,9 @@ def _kvm(cpuid: Cpuid, rdmsr: Rdmsr, leaves: list[tuple[int, bytes, int]], probe
         return None
     probes.append(f"kvm: offered at {base:#x}, MSR {wire.MSR_KVM_PVMIT_MITIGATION:#x}={raw:#x}")
     return Offer("kvm", wire.MSR_KVM_PVMIT_MITIGATION, (raw >> 32) & wire.REQUEST_BITS,
-                 f"KVM leaves at {base:#x}, {base + 1:#x}.EAX bit 30, supported bits in MSR bits 63:32")
+                 f"KVM leaves at {base:#x}, {base + 1:#x}.EAX bit 30, supported bits in MSR bits 63:32",
+                 bool(hints & wire.KVM_HINTS_PVMIT_LONG_BHB),
+                 wire.MSR_KVM_PVMIT_POOL if features & wire.KVM_FEATURE_PVMIT_POOL else 0)
 
 
 def _neutral(cpuid: Cpuid, leaves: list[tuple[int, bytes, int]], probes: list[str]) -> Offer | None:
@@ -118,13 +125,16 @@ def _neutral(cpuid: Cpuid, leaves: list[tuple[int, bytes, int]], probes: list[st
     if top < base + 1:
         probes.append(f"neutral: signature at {base:#x} but its largest leaf is {top:#x}")
         return None
-    version, msr, supported, _ = cpuid(base + 1, 0)
+    version, msr, supported, flags = cpuid(base + 1, 0)
     if version < 1:
         probes.append(f"neutral: signature at {base:#x} but version {version}")
         return None
-    probes.append(f"neutral: offered at {base:#x}, version {version}, CTRL MSR {msr:#x}, supported {supported:#x}")
+    pool = cpuid(base + 2, 0)[0] if version >= 2 and top >= base + 2 else 0
+    probes.append(f"neutral: offered at {base:#x}, version {version}, CTRL MSR {msr:#x}, supported {supported:#x}"
+                  + (f", flags {flags:#x}, POOL_INFO {pool:#x}" if version >= 2 else ""))
     return Offer("neutral", msr, supported & wire.REQUEST_BITS,
-                 f"VirtMitigCtl leaves at {base:#x}, version {version}")
+                 f"VirtMitigCtl leaves at {base:#x}, version {version}",
+                 version >= 2 and bool(flags & wire.NEUTRAL_EDX_LONG_BHB_NEEDED), pool)
 
 
 def discover(cpuid: Cpuid, rdmsr: Rdmsr) -> Discovery:

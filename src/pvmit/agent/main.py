@@ -99,6 +99,17 @@ def print_text(doc: dict[str, object], out: TextIO) -> None:
                           f"({chosen['how']})" if chosen else "not offered")
         for p in iface["probes"]:
             line("", f"- {p}")
+    pool = doc.get("pool")
+    if isinstance(pool, dict):
+        line("pool", f"{len(pool['entries'])} CPU implementations this VM may run on (the hypervisor's list)")
+        for e in pool["entries"]:
+            line("", f"- {e['value']}: {'/'.join(e['cpus']) or 'unknown to pvmit'} ({e['vendor']} family "
+                     f"{e['family']:#x} model {e['model']:#x}, steppings {e['stepping_min']}-{e['stepping_max']}): "
+                     f"branch history {e['bhb_history']}, retpoline {e['retpoline']}")
+        for p in pool["problems"]:
+            line("", f"- {p}")
+    for w in doc.get("warnings") or []:  # type: ignore[attr-defined]
+        line("warning", f"{w['message']}")
     req = doc.get("request")
     if isinstance(req, dict):
         line("request", f"{req['value']} ({req['bits']})")

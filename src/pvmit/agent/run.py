@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from pvmit.agent import pool
 from pvmit.agent.decide import decide
 from pvmit.agent.discover import Cpuid, Offer, discover, identify
 from pvmit.agent.errors import STATUS_TEXT, AgentError, Status
@@ -85,6 +86,14 @@ def _run(command: str, dry_run: bool, m: Machine, doc: dict[str, object]) -> Sta
     if offer is None:
         raise AgentError(Status.NOT_OFFERED, "the hypervisor offers no form of the mitigation interface "
                                              "(see the probes): nothing to report to")
+    if offer.pool_msr:  # the CPUs this VM may run on, and whether one of them defeats what the kernel chose
+        entries, problems = pool.read(lambda index: msr.read(cpus[0], index), offer.pool_msr)
+        doc["pool"] = {"entries": entries, "problems": problems}
+    else:
+        entries = []
+        doc["pool"] = None
+    doc["warnings"] = pool.warnings(entries, short_loop=decision.bhb_short, retpoline=decision.retpoline,
+                                    supported=offer.supported, long_bit=offer.long_bhb)
     value = decision.bits & offer.supported
     uncovered = decision.bits & ~offer.supported & REQUEST_BITS
     doc["request"] = {"value": hex(value), "bits": bit_names(value), "relies_on_unsupported": _names(uncovered)}

@@ -27,6 +27,37 @@ REQUEST_BITS = BHB_CLEAR_SEQ_S_USED | RETPOLINE_S_USED
 REQUEST_NAMES = {BHB_CLEAR_SEQ_S_USED: "BHB_CLEAR_SEQ_S_USED", RETPOLINE_S_USED: "RETPOLINE_S_USED"}
 
 
+# pvmit's proposal (docs/interface.md sections 9 and 10): LONG_BHB_NEEDED and the pool description, in each form
+NEUTRAL_EDX_LONG_BHB_NEEDED = 1 << 0  # CPUID base+1 EDX
+KVM_HINTS_PVMIT_LONG_BHB = 1 << 30  # CPUID 0x40000001.EDX
+KVM_FEATURE_PVMIT_POOL = 1 << 29  # CPUID 0x40000001.EAX
+MSR_KVM_PVMIT_POOL = 0x4B564D81
+VIRT_ENUM_LONG_BHB_NEEDED = 1 << 1  # MSR_VIRTUAL_ENUMERATION
+VIRT_ENUM_POOL_DESCRIPTION = 1 << 2
+MSR_VIRTUAL_POOL_INFO = 0x50000010
+POOL_MAX_ENTRIES = 32
+POOL_VENDORS = {1: "intel", 2: "amd", 3: "hygon"}
+
+
+def decode_pool_entry(value: int) -> dict[str, int | str]:
+    """One pool-description entry: vendor, family, model, stepping range (ValueError for a value no VMM writes)."""
+    if value & ~((1 << 36) - 1 | (0xF << 40)) or value & (0xF << 12) or value & (0xF << 28):
+        raise ValueError(f"pool entry {value:#x}: reserved bits set")
+    vendor = POOL_VENDORS.get((value >> 40) & 0xF)
+    if vendor is None:
+        raise ValueError(f"pool entry {value:#x}: unknown vendor code {(value >> 40) & 0xF}")
+    eax = value & 0xFFFF_FFFF
+    family, model = (eax >> 8) & 0xF, (eax >> 4) & 0xF
+    if family == 0xF:
+        family += (eax >> 20) & 0xFF
+    if family >= 6:
+        model |= ((eax >> 16) & 0xF) << 4
+    low, high = eax & 0xF, (value >> 32) & 0xF
+    if low > high:
+        raise ValueError(f"pool entry {value:#x}: steppings {low}..{high} are not a range")
+    return {"vendor": vendor, "family": family, "model": model, "stepping_min": low, "stepping_max": high}
+
+
 def bit_names(value: int) -> str:
     """'RETPOLINE_S_USED|BHB_CLEAR_SEQ_S_USED', or 'none'."""
     names = [n for b, n in sorted(REQUEST_NAMES.items(), reverse=True) if value & b]

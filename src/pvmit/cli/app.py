@@ -35,6 +35,7 @@ def _register() -> None:
         fleet_cmd,
         guest_cmd,
         host_cmd,
+        libvirt_cmd,
         oracle_cmd,
         policy_cmd,
         pool_cmd,
@@ -58,8 +59,9 @@ def _register() -> None:
     cli.add_command(guest_cmd.guest)
     cli.add_command(oracle_cmd.oracle)
     cli.add_command(fleet_cmd.fleet)
-    cli.add_command(pool_cmd.pool)
+    cli.add_command(libvirt_cmd.libvirt)
     cli.add_command(tls_cmd.tls)
+    cli.add_command(pool_cmd.pool)
 
 
 _register()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from pvmit.cli.fleet_cmd import MAX_HOSTS, MAX_SEED, MAX_VMS
 from pvmit.cli.output import emit_json, err, esc, out
@@ -49,6 +50,77 @@ def exits(st: State, iterations: int, repeats: int, guest_cpu: str, json_out: bo
               f"{doc['spec_ctrl_userspace_exits']} userspace exits")
     out.print(f"ratio pvmit / bare = {doc['ratio']:.3f} (target <= {doc['ratio_target']}); pvmit adds "
               f"{doc['pvmit_added_us']:.3f} us per exit")
+    return 0
+
+
+@bench.command("bhi")
+@click.option("--native-calls", type=BoundedInt(1, 10 ** 9), default=20_000, show_default=True,
+              help="Calls of each BHB-clearing sequence per native timing (at least 31 timings, the fastest kept).")
+@click.option("--guest-calls", type=BoundedInt(1, 10 ** 6), default=500, show_default=True,
+              help="Calls of each sequence per run inside the test guest (each instruction is emulated here).")
+@click.option("--entries", type=BoundedInt(1, 10 ** 6), default=1000, show_default=True,
+              help="Kernel entries of the workload guest per policy and backend.")
+@click.option("--repeats", type=BoundedInt(1, 100), default=5, show_default=True, help="Interleaved repeats.")
+@click.option("--doc", "doc_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Write the table into FILE between its markers (default: docs/bhi.md when it exists here).")
+@click.option("--no-doc", is_flag=True, help="Write no file.")
+@json_option
+@pass_state
+def bhi(st: State, native_calls: int, guest_calls: int, entries: int, repeats: int, doc_path: Path | None,
+        no_doc: bool, json_out: bool) -> int:
+    """The four BHI policies side by side: the short and long BHB-clearing sequences timed natively and in the test
+    guest, userspace exits and IA32_SPEC_CTRL writes per 1,000 kernel entries under each policy (interception
+    measured, the hardware mask modelled), and over the catalog's pools who is exposed, forced, paying the long loop
+    or refused (modelled). Prints one table and writes it into docs/bhi.md with the machine it ran on."""
+    import datetime
+
+    from pvmit.bench.bhi import HEADERS, markdown, notes, replace_block, table_rows
+    from pvmit.bench.bhi import bench as run_bench
+    from pvmit.errors import InputError, PvmitError
+    from pvmit.kvm.errors import KvmUnavailable
+    from pvmit.kvm.system import Kvm
+    from pvmit.userfiles import FileError, read_text, write_atomic
+    from pvmit.vmm.hosts import this_machine
+
+    target = None if no_doc else doc_path or (Path("docs/bhi.md") if Path("docs/bhi.md").is_file() else None)
+    if doc_path is not None and no_doc:
+        raise InputError("--doc and --no-doc together")
+    kvm: Kvm | None = None
+    real = None
+    try:
+        kvm = Kvm()
+        real, _ = this_machine(st.catalog)
+    except KvmUnavailable as e:
+        err.print(esc(f"bench: /dev/kvm is not usable ({e}): native timings and the pools only"))
+    except PvmitError:
+        if kvm is not None:
+            kvm.close()
+        raise
+    try:
+        doc = run_bench(st.catalog, kvm, real, native_calls=native_calls, guest_calls=guest_calls, entries=entries,
+                        repeats=repeats, progress=lambda m: err.print(esc(f"bench: {m}")))
+    finally:
+        if kvm is not None:
+            kvm.close()
+    when = f"`pvmit bench bhi` on {datetime.date.today().isoformat()}"
+    if target is not None:
+        try:
+            text = read_text(target, "the BHI document", 4 << 20)
+            write_atomic(target, replace_block(text, markdown(doc), when))
+            err.print(esc(f"bench: table written to {target}"))
+        except (FileError, ValueError) as e:
+            raise InputError(f"--doc {target}: {e}") from None
+    if json_out:
+        emit_json(doc)
+        return 0
+    t = Table(title="pvmit bench bhi: the four BHI policies side by side")
+    for h in HEADERS:
+        t.add_column(h, overflow="fold")
+    for row in table_rows(doc):
+        t.add_row(*(esc(c) for c in row))
+    out.print(t)
+    for n in notes(doc):
+        out.print(esc(n))
     return 0
 
 

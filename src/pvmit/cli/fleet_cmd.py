@@ -7,6 +7,7 @@ first wrong row with --strict (nothing else is written).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from rich.table import Table
 from pvmit.cli.output import emit_json, err, esc, out, warn
 from pvmit.cli.params import BoundedInt
 from pvmit.cli.state import State, json_option, pass_state
-from pvmit.errors import InputError
+from pvmit.errors import InputError, PvmitError
+from pvmit.interface.bhi import DEFAULT_POLICY, POLICY_NAMES, parse_policy
 from pvmit.safetext import clean_message, safe_text
 from pvmit.userfiles import write_atomic
 
@@ -56,25 +58,47 @@ class Stages:
         self.say(f"{message} ({self.timings[stage]:.2f} s)")
 
 
-def load_plan(st: State, inventory: tuple[Path, ...], strict: bool, stages: Stages) -> Plan:
-    """Read, check, collapse and plan; with --strict the first wrong row stops everything (exit 2)."""
+def is_uri(text: str) -> bool:
+    """A libvirt connection URI (qemu:///system, qemu+ssh://host/system, ...) rather than a file."""
+    return re.match(r"^[a-z][a-z0-9+.-]*:/", text) is not None and not Path(text).exists()
+
+
+def load_plan(st: State, inventory: tuple[str, ...], strict: bool, stages: Stages,
+              bhi_policy: str = DEFAULT_POLICY.value) -> Plan:
+    """Read, check, collapse and plan under the BHI policy; with --strict the first wrong row stops everything
+    (exit 2)."""
     from pvmit.fleet.classes import Resolver, collapse
-    from pvmit.fleet.inventory import read_inventory
-    from pvmit.fleet.plan import plan
+    from pvmit.fleet.inventory import read_document, read_inventory
+    from pvmit.fleet.plan import Judge, plan
 
     if not inventory:
-        raise InputError("give an inventory: a JSON file, a directory with hosts.* and vms.*, or both table files")
+        raise InputError("give an inventory: a JSON file, a directory with hosts.* and vms.*, or both table files, "
+                         "or libvirt connection URIs")
     catalog = st.catalog
-    raw = read_inventory(inventory)
+    uris = [i for i in inventory if is_uri(i)]
+    if uris and len(uris) != len(inventory):
+        raise InputError("give either libvirt connection URIs or inventory files, not both")
+    if uris:
+        from pvmit.libvirt.inventory import gather
+
+        g = gather(uris, catalog, say=stages.say)
+        for w in g.warnings:
+            warn(w)
+        if g.errors:
+            raise PvmitError("; ".join(g.errors))
+        raw = read_document(g.document(), "libvirt inventory of " + ", ".join(uris), Path("."))
+    else:
+        raw = read_inventory([Path(i) for i in inventory])
     n = raw.vms.num_rows
     stages.size(n)
     stages.done("read", f"read {raw.hosts.num_rows:,} host rows and {n:,} VM rows")
-    fleet = collapse(raw, Resolver(catalog))  # checks every value; its errors join the reader's in raw.errors
+    policy = parse_policy(bhi_policy)
+    fleet = collapse(raw, Resolver(catalog), policy)  # checks every value; its errors join the reader's in raw.errors
     if strict and fleet.errors:
         raise InputError(str(fleet.errors.first(1)[0]))  # the first wrong row of all, by table and row
     stages.done("classes", f"{fleet.num_hosts:,} hosts in {len(fleet.host_classes):,} classes, {fleet.num_vms:,} VMs "
                            f"in {len(fleet.vm_classes):,} classes")
-    p = plan(fleet, progress=stages.say)
+    p = plan(fleet, Judge(bhi_policy=policy), progress=stages.say)
     stages.done("plan", f"planned: {p.pairs:,} class pairs, {p.decisions:,} policy decisions, {len(p.pools)} pools")
     return p
 
@@ -97,6 +121,13 @@ def _exit_code(p: Plan) -> int:
     return 2 if p.fleet.errors else 0
 
 
+def bhi_policy_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--bhi-policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY.value,
+                        show_default=True,
+                        help="Plan as if the VMMs ran this BHI policy (docs/bhi.md): MITIGATION_ENUM, "
+                             "LONG_BHB_NEEDED and what is forced follow it.")(f)
+
+
 def _progress_flag(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--progress/--quiet", "progress", default=None,
                      help=f"Stage progress on stderr (default: on from {PROGRESS_FROM:,} VMs).")(f)
@@ -110,7 +141,7 @@ def fleet() -> None:
 
 
 @fleet.command("plan")
-@click.argument("inventory", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("inventory", nargs=-1)
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="DIR",
               help="Also write the plan's tables (vms, pairs, hosts, host_classes, vm_classes, pools) here.")
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
@@ -119,22 +150,24 @@ def fleet() -> None:
               help="Also list every VM's destination hosts (a 'moves' table, destination_hosts in --json): "
                    "VMs x hosts rows, for small fleets.")
 @click.option("--vm", "vms", multiple=True, metavar="NAME", help="Show this VM's destinations in detail.")
+@bhi_policy_option
 @_progress_flag
 @json_option
 @pass_state
-def plan_cmd(st: State, inventory: tuple[Path, ...], output: Path | None, fmt: str, per_vm: bool,
-             vms: tuple[str, ...], strict: bool, progress: bool | None, json_out: bool) -> int:
-    """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files): per
-    VM the destinations that are safe as they are, safe only with forced controls (which, and why), or would
-    leave it exposed (why); the migration pools; the VMs with no safe destination outside their host. Exit 2 when
-    some rows were wrong: they are named on stderr and left out, and the rest is planned."""
+def plan_cmd(st: State, inventory: tuple[str, ...], output: Path | None, fmt: str, per_vm: bool,
+             vms: tuple[str, ...], bhi_policy: str, strict: bool, progress: bool | None, json_out: bool) -> int:
+    """Plan migrations for INVENTORY (a JSON file, a directory with hosts.* and vms.*, or HOSTS VMS files; or
+    libvirt connection URIs, read as `pvmit libvirt inventory` reads them): per VM the destinations that are safe
+    as they are, safe only with forced controls (which, and why), or would leave it exposed (why); the migration
+    pools; the VMs with no safe destination outside their host. Exit 2 when some rows were wrong: they are named
+    on stderr and left out, and the rest is planned."""
     from pvmit.fleet.document import vm_detail
 
     format_given = click.get_current_context().get_parameter_source("fmt") is not click.core.ParameterSource.DEFAULT
     if format_given and output is None:
         raise InputError("--format chooses the format of the tables --output writes; give --output DIR")
     stages = Stages(progress)
-    p = load_plan(st, inventory, strict, stages)
+    p = load_plan(st, inventory, strict, stages, bhi_policy)
     details = [vm_detail(p, name) for name in vms]  # unknown names are bad input, whatever the output
     _report_errors(p)
     if output is not None:
@@ -235,21 +268,23 @@ def _print_vm(d: dict[str, Any]) -> None:
 
 
 @fleet.command("report")
-@click.argument("inventory", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("inventory", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="FILE.html",
               help="Where to write the report.")
 @click.option("--max-vm-rows", type=BoundedInt(0, MAX_VMS), default=100_000, show_default=True,
               help="VMs listed in the report's table (those that cannot move and those exposed first).")
+@bhi_policy_option
 @_progress_flag
 @pass_state
-def report_cmd(st: State, inventory: tuple[Path, ...], output: Path, max_vm_rows: int, strict: bool,
+def report_cmd(st: State, inventory: tuple[str, ...], output: Path, max_vm_rows: int, bhi_policy: str,
+               strict: bool,
                progress: bool | None) -> int:
     """Write one self-contained HTML report of the plan (opens offline): summary, a heat map of host classes
-    against VM classes, pool sizes, searchable tables."""
+    against VM classes, pool sizes, searchable tables. INVENTORY as for `plan` (files, or libvirt URIs)."""
     from pvmit.fleet.report import render_report
 
     stages = Stages(progress)
-    p = load_plan(st, inventory, strict, stages)
+    p = load_plan(st, inventory, strict, stages, bhi_policy)
     _report_errors(p)
     try:
         write_atomic(output, render_report(p, max_vm_rows=max_vm_rows))

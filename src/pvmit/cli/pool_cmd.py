@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -16,10 +18,15 @@ from pvmit.cli.output import emit_json, esc, out, warn
 from pvmit.cli.state import State, pass_state
 from pvmit.errors import InputError
 from pvmit.fleet.classes import Resolver
+from pvmit.interface.bhi import long_bhb_needed
+from pvmit.interface.pooldesc import Implementation, describe
 from pvmit.pool.emit import firecracker_template, libvirt_cpu, qemu_cpu
 from pvmit.pool.rule import Pool, personality_for_pool, pool_bit_table, pool_bits
 from pvmit.vmm.personality import Personality
 from pvmit.x86.bits import MitigationEnum
+
+if TYPE_CHECKING:
+    from pvmit.libvirt.cpumap import FileCpuMap
 
 FORMATS = ("text", "json", "qemu", "libvirt", "firecracker")
 
@@ -38,9 +45,11 @@ def resolve_hosts(catalog: Catalog, names: tuple[str, ...]) -> list[tuple[str, s
     return hosts
 
 
-def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> str | None:
+def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]],
+                 defined: Callable[[str], bool] = lambda _name: True) -> str | None:
     """The QEMU/libvirt model to start from: the oldest catalog model of the pool that has a QEMU name (a host
-    fact file counts as the catalog model of its identity when there is exactly one)."""
+    fact file counts as the catalog model of its identity when there is exactly one), and that `defined` accepts
+    (a libvirt defines only the models of its CPU map)."""
     models = []
     for _, model_id, facts in hosts:
         if model_id:
@@ -49,10 +58,27 @@ def default_base(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> st
             near = catalog.by_identity(facts.vendor, facts.family, facts.model)
             if len(near) == 1:
                 models.append(near[0])
-    named = [m for m in models if m.qemu_name]
+    named = [m for m in models if m.qemu_name and defined(m.qemu_name)]
     if not named:
         return None
     return min(named, key=lambda m: (m.year or 9999, m.id)).qemu_name
+
+
+def pool_description(catalog: Catalog, hosts: list[tuple[str, str, CpuFacts]]) -> tuple[Implementation, ...]:
+    """The pool description the VMM shows a VM of this pool (docs/interface.md section 10): a catalog model with
+    every model number and stepping it covers, a host reading with its own identity."""
+    cpus = []
+    for _, model_id, facts in hosts:
+        if model_id:
+            m = catalog.get(model_id)
+            cpus.append((m.vendor, m.family, m.models, m.steppings))
+        else:
+            cpus.append((facts.vendor, facts.family, (facts.model,), () if facts.stepping is None else
+                         (facts.stepping,)))
+    try:
+        return describe(cpus)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def shown_in_pool(personality: Personality, hosts: list[tuple[str, CpuFacts]]) -> Personality:
@@ -73,6 +99,16 @@ def qemu_flags(binary: str) -> frozenset[str]:
     return frozenset(text.split("Recognized CPUID flags:", 1)[1].split())
 
 
+def _cpu_map(directory: Path) -> FileCpuMap:
+    """A libvirt CPU map directory (`pvmit.libvirt.cpumap`)."""
+    from pvmit.libvirt.cpumap import CpuMapError, FileCpuMap
+
+    try:
+        return FileCpuMap(directory)
+    except CpuMapError as e:
+        raise InputError(f"--libvirt-cpu-map: {e}") from None
+
+
 def _text(pool: Pool) -> None:
     t = Table(title=f"What a pool of {', '.join(pool.hosts)} may show its guests")
     for col in ("bit", "show", "why"):
@@ -89,6 +125,13 @@ def _text(pool: Pool) -> None:
     out.print("(bits KVM never passes to guests and the other vendor's registers are left out; --json has all)")
 
 
+def _describe(entries: tuple[Implementation, ...], long_bit: bool) -> None:
+    out.print(f"LONG_BHB_NEEDED (BHI policy long-needed-bit): {int(long_bit)}; pool description "
+              f"(docs/interface.md section 10), POOL_INFO {len(entries) | 1 << 8:#x}:")
+    for e in entries:
+        out.print(esc(f"  {e.encode():#014x}  {e.label}"))
+
+
 @click.command("pool")
 @click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
@@ -99,24 +142,33 @@ def _text(pool: Pool) -> None:
               help="QEMU/libvirt CPU model to start from (default: the pool's oldest catalog model with one).")
 @click.option("--qemu", "qemu_binary", default=None, metavar="PATH",
               help="With --format qemu: emit only the flags this qemu-system-x86_64 knows (its -cpu help).")
+@click.option("--libvirt-cpu-map", "cpu_map_dir", default=None, metavar="DIR", type=click.Path(path_type=Path),
+              help="With --format libvirt: emit only the model and feature names this libvirt CPU map defines "
+                   "(/usr/share/libvirt/cpu_map on the libvirt host): a libvirt refuses a <cpu> naming others.")
 @pass_state
 def pool(st: State, hosts: tuple[str, ...], fmt: str, json_out: bool, base: str | None,
-         qemu_binary: str | None) -> int:
+         qemu_binary: str | None, cpu_map_dir: Path | None) -> int:
     """Compute which bits of IA32_ARCH_CAPABILITIES and the speculation CPUID leaves a pool of HOSTs (catalog
     models, or files `pvmit host --json` wrote) may show its guests: each must stay true on every host a VM can
-    reach. Also MITIGATION_ENUM for the pool, and the result as QEMU, libvirt or Firecracker configuration."""
+    reach. Also MITIGATION_ENUM for the pool, LONG_BHB_NEEDED and the pool description a VMM shows its VMs
+    (docs/interface.md sections 9 and 10), and the result as QEMU, libvirt or Firecracker configuration."""
     if json_out:
         fmt = "json"
     resolved = resolve_hosts(st.catalog, hosts)
     result = pool_bits([(label, facts) for label, _, facts in resolved])
     for w in result.warnings:
         warn(w)
+    entries = pool_description(st.catalog, resolved)
+    long_bit = long_bhb_needed(facts for _, _, facts in resolved)
     if fmt == "text":
         _text(result)
+        _describe(entries, long_bit)
         return 0
     if fmt == "json":
         doc = result.to_json()
         doc["base_model"] = base or default_base(st.catalog, resolved)
+        doc["long_bhb_needed"] = long_bit
+        doc["pool_description"] = {"pool_info": len(entries) | 1 << 8, "entries": [e.to_json() for e in entries]}
         emit_json(doc)
         return 0
     if fmt == "firecracker":
@@ -125,11 +177,17 @@ def pool(st: State, hosts: tuple[str, ...], fmt: str, json_out: bool, base: str 
             warn(w)
         out.file.write(json.dumps(template, indent=2) + "\n")
         return 0
-    model = base or default_base(st.catalog, resolved)
+    cpu_map = _cpu_map(cpu_map_dir) if cpu_map_dir is not None and fmt == "libvirt" else None
+    defined: Callable[[str], bool] = (lambda m: cpu_map.model(m) is not None) if cpu_map else (lambda _m: True)
+    model = base or default_base(st.catalog, resolved, defined)
     if model is None:
-        raise InputError("no host of the pool is a catalog model with a QEMU name: give --base MODEL")
+        raise InputError("no host of the pool is a catalog model with a QEMU name"
+                         + (f" that {cpu_map.where} defines" if cpu_map else "") + ": give --base MODEL")
+    if cpu_map is not None and not defined(model):
+        raise InputError(f"--base {model}: {cpu_map.where} defines no such model")
     known = qemu_flags(qemu_binary) if qemu_binary and fmt == "qemu" else None
-    emitted = qemu_cpu(result, model, known) if fmt == "qemu" else libvirt_cpu(result, model)
+    emitted = qemu_cpu(result, model, known) if fmt == "qemu" else \
+        libvirt_cpu(result, model, cpu_map.knows if cpu_map else None)
     for w in emitted.warnings:
         warn(w)
     if emitted.unexpressed:

@@ -7,7 +7,7 @@ import click
 from pvmit.cli.output import emit_json, esc, out
 from pvmit.cli.params import parse_register_value
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
-from pvmit.cli.pool_cmd import shown_in_pool
+from pvmit.cli.pool_cmd import pool_description, shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError
 from pvmit.interface.forms import Form
@@ -33,17 +33,20 @@ from pvmit.vmm.runner import run_guest
                    "(default: the host alone).")
 @click.option("--spec-ctrl-write", default="0", metavar="VALUE", show_default=True,
               help="The IA32_SPEC_CTRL value the guest writes, trying to clear forced bits.")
+@click.option("--describe-pool", is_flag=True,
+              help="Offer the pool description (the CPU implementations of the host and --pool) to the guest.")
 @operator_options
 @json_option
 @pass_state
 def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | None, pool: str,
-        spec_ctrl_write: str, force_on: str, force_off: str, unreported: str, json_out: bool) -> int:
+        spec_ctrl_write: str, force_on: str, force_off: str, unreported: str, bhi_policy: str, describe_pool: bool,
+        json_out: bool) -> int:
     """Run pvmit's test guest on /dev/kvm: it discovers the interface, reports its mitigations, tries to clear
     forced IA32_SPEC_CTRL bits and triggers a #GP; prints its transcript and what was forced. Exit 0 only when
     every check passes."""
     catalog = st.catalog
     personality = resolve(catalog, guest_cpu)
-    settings = settings_from_options(force_on, force_off, unreported)
+    settings = settings_from_options(force_on, force_off, unreported, bhi_policy)
     try:
         spec_value = parse_register_value(spec_ctrl_write)
     except InputError as e:
@@ -70,8 +73,11 @@ def run(st: State, guest_cpu: str, host_cpu: str | None, form: str, uses: str | 
                       + (" (what a Linux guest picks when shown this personality)" if predicted else "")))
         for n in notes:
             out.print(esc(f"vmm: host reading: {n}"))
+    models = [host_cpu or ""] + [m.strip() for m in pool.split(",") if m.strip()]
+    entries = pool_description(catalog, [(h.name, catalog.get(m).id if m else "", h.facts)
+                                         for h, m in zip(hosts, models, strict=True)]) if describe_pool else False
     report = run_guest(kvm, personality, host, Form(form), relied, settings, spec_ctrl_write=spec_value,
-                       pool=hosts, on_line=live)
+                       pool=hosts, on_line=live, describe_pool=entries)
     kvm.close()
     if json_out:
         emit_json({**report.to_json(), "host_notes": notes})

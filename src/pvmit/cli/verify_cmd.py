@@ -55,6 +55,16 @@ def verify(st: State, models: str, jobs: int, json_out: bool) -> int:
                   str(doc["accepted_with_forced_controls"]), str(doc["refused"]),
                   str(doc["operator_overrides_reported"]), str(doc["violations"]))
         out.print(t)
+        pt = Table(title="the BHI policies: the promise kept under each; what each leaves to the guest by design "
+                         "(reported, not a violation)")
+        for col in ("BHI policy", "scenarios", "accepted", "accepted with forced controls", "refused",
+                    "exposed by design", "guests exposed by design (pvmit.interface.bhi_compare)"):
+            pt.add_column(col, justify="left" if col.startswith(("BHI", "guests")) else "right", overflow="fold")
+        for name, p in doc["bhi_policies"].items():
+            pt.add_row(name, str(p["scenarios"]), str(p["accepted"]), str(p["accepted_with_forced_controls"]),
+                       str(p["refused"]), str(p["exposed_by_design"]),
+                       esc(", ".join(p["guests_exposed_by_design"]) or "none"))
+        out.print(pt)
         for v in doc["violation_examples"]:
             out.print("[red]violation[/] " + esc(str(v)))
     return 1 if tally.violations else 0

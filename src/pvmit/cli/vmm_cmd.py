@@ -12,9 +12,10 @@ import click
 from pvmit.cli import params
 from pvmit.cli.output import emit_json, err, esc, out
 from pvmit.cli.policy_cmd import operator_options, parse_uses, settings_from_options
-from pvmit.cli.pool_cmd import shown_in_pool
+from pvmit.cli.pool_cmd import pool_description, shown_in_pool
 from pvmit.cli.state import State, json_option, pass_state
 from pvmit.errors import InputError, PvmitError
+from pvmit.interface.bhi import shown_long_bit
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.kvm.system import Kvm
@@ -71,6 +72,8 @@ def load_creds(path: Path | None, roles: tuple[str, ...], *addresses: Address | 
               help="What the guest reports: retpoline,bhb-short | none | unreported (default: what a Linux "
                    "guest shown the personality would use).")
 @click.option("--pool", default="", metavar="MODELS", help="Catalog models this VM may run on (MITIGATION_ENUM).")
+@click.option("--describe-pool", is_flag=True,
+              help="Offer the pool description (the CPU implementations of this host and --pool) to the guest.")
 @click.option("--memory", type=params.Converted(parse_size, "size"), default="64M", show_default=True,
               help="Guest memory: a multiple of 2 MiB from 4 MiB to 1 GiB.")
 @click.option("--heartbeat", default=DEFAULT_HEARTBEAT, show_default=True,
@@ -87,14 +90,14 @@ def load_creds(path: Path | None, roles: tuple[str, ...], *addresses: Address | 
 @operator_options
 @pass_state
 def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, guest_cpu: str | None, form: str,
-        uses: str | None, pool: str, memory: int, heartbeat: int, fill_memory: str, deadline: float, stall: float,
-        settle_notice: float, fault: str | None, tls_creds: Path | None, force_on: str, force_off: str,
-        unreported: str) -> int:
+        uses: str | None, pool: str, describe_pool: bool, memory: int, heartbeat: int, fill_memory: str,
+        deadline: float, stall: float, settle_notice: float, fault: str | None, tls_creds: Path | None,
+        force_on: str, force_off: str, unreported: str, bhi_policy: str) -> int:
     """Run a VMM process: boot the counting guest (--guest-cpu) and/or receive guests (--incoming), and serve
     commands on the control socket until told to quit. A guest received keeps the operator settings it had on its
     source; --force-on, --force-off or --unreported given here replace those fields only."""
     catalog = st.catalog
-    settings = settings_from_options(force_on, force_off, unreported)
+    settings = settings_from_options(force_on, force_off, unreported, bhi_policy)
     ctx = click.get_current_context()
     given = {o for o in ("force_on", "force_off", "unreported")
              if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT}
@@ -120,7 +123,12 @@ def vmm(st: State, control: str, host_cpu: str | None, incoming: str | None, gue
         hosts = [host.facts] + [catalog.get(m.strip()).facts for m in pool.split(",") if m.strip()]
         if len(hosts) > 1:  # shown only the speculation bits every host of its pool keeps true (pool rule)
             personality = shown_in_pool(personality, [(str(i), h) for i, h in enumerate(hosts)])
-        config = InterfaceConfig(Form(form), supported_requests(hosts))
+        policy = settings.bhi_policy
+        config = InterfaceConfig(Form(form), supported_requests(hosts, policy),
+                                 bhb_long=shown_long_bit(policy, hosts),
+                                 pool=pool_description(catalog, [("", host_cpu or "", host.facts)] + [
+                                     ("", m.strip(), catalog.get(m.strip()).facts)
+                                     for m in pool.split(",") if m.strip()]) if describe_pool else None)
         boot = Boot(personality, config, settings, relied, memory, heartbeat, fill_memory)
 
     def say(line: str) -> None:

@@ -50,11 +50,15 @@ from pvmit.fleet.inventory import (
     parse_bits,
     parse_form,
     parse_mitigations,
+    parse_relies_on,
     parse_supported,
     parse_unreported,
 )
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, shown_long_bit
 from pvmit.interface.forms import Form
 from pvmit.interface.policy import PartialSettings, supported_requests
+from pvmit.interface.pooldesc import VERSION as POOL_VERSION
+from pvmit.interface.pooldesc import describe_facts
 from pvmit.userfiles import FileError, MiB, load_json, read_json
 from pvmit.vmm.personality import Personality, builtin_templates, resolve
 
@@ -92,10 +96,13 @@ class VmClass:
     supported: int  # MITIGATION_ENUM request bits
     settings: PartialSettings
     facts: CpuFacts = field(compare=False, hash=False, repr=False)
+    read_in_guest: bool = False  # `reported` is the inventory's relies_on, read inside a VM that never reported
+    long_bhb: bool | None = None  # LONG_BHB_NEEDED as shown (BHI policy long-needed-bit: its cluster's answer)
 
     @property
     def mitigations(self) -> str:
-        return mitigations_label(self.reported)
+        label = mitigations_label(self.reported)
+        return f"{label} (read in the guest)" if self.read_in_guest else label
 
     @property
     def label(self) -> str:
@@ -106,7 +113,7 @@ class VmClass:
     def to_json(self) -> dict[str, object]:
         return {"personality": self.personality, "mitigations": self.mitigations,
                 "form": self.form.value if self.form else "none", "supported": bits_label(self.supported),
-                "settings": self.settings.to_json(), "label": self.label}
+                "settings": self.settings.to_json(), "label": self.label, "long_bhb_needed": self.long_bhb}
 
 
 def facts_digest(facts: CpuFacts) -> str:
@@ -158,7 +165,7 @@ class Resolver:
         return f"model:{m.id}", m.id, m.facts
 
     def personality(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
-        """(key, label, facts) for a catalog model, built-in template, or template file."""
+        """(key, label, facts) for a catalog model, built-in template, template file, or a personality's JSON."""
         k = (text, base)
         if k not in self._personalities:
             name = text.strip()
@@ -167,14 +174,31 @@ class Resolver:
             if self._templates is None:
                 self._templates = builtin_templates(self.catalog)
             try:
-                p = resolve(self.catalog, name, self._templates)
-                self._personalities[k] = (p.origin, p.name, p.facts)
-            except PvmitError as e:
+                if name.startswith("{"):
+                    p = _inline_personality(name)
+                    self._personalities[k] = (f"inline:{facts_digest(p.facts)}", p.name, p.facts)
+                else:
+                    p = resolve(self.catalog, name, self._templates)
+                    self._personalities[k] = (p.origin, p.name, p.facts)
+            except (PvmitError, ValueError) as e:
                 self._personalities[k] = str(e)
         got = self._personalities[k]
         if isinstance(got, str):
             raise ValueError(got)
         return got
+
+
+def _inline_personality(text: str) -> Personality:
+    """A personality given as the JSON `Personality.to_json` writes (or bare CPU facts)."""
+    try:
+        doc = load_json(text, "the personality")
+    except FileError as e:
+        raise ValueError(str(e)) from None
+    if isinstance(doc, dict) and "facts" in doc:
+        return Personality.from_json(doc)
+    facts = CpuFacts.from_json(doc)
+    return Personality(f"{facts.vendor} {facts.family:#x}/{facts.model:#x} (facts {facts_digest(facts)[:6]})", facts,
+                       "inline facts")
 
 
 @dataclass
@@ -196,6 +220,8 @@ class Fleet:
     hosts_read: int
     vms_read: int
     sources: dict[str, str]
+    bhi_policy: BhiPolicy = DEFAULT_POLICY
+    clusters: dict[str, dict[str, Any]] = field(default_factory=dict)  # what a VMM shows the VMs booted in each
 
     @property
     def num_hosts(self) -> int:
@@ -374,8 +400,9 @@ class _Hosts:
     cluster: list[str | None]
     classes: list[HostClass]
     invalid: dict[str, int]  # names of hosts whose rows are all wrong -> the first of them
-    cluster_code: IntArray  # per valid host: its cluster (hosts without one share one)
-    cluster_supported: dict[int, int]  # cluster -> MITIGATION_ENUM its hosts can all honour
+    cluster_code: IntArray  # per valid host: its cluster, numbered by first appearance (hosts without one share one)
+    cluster_names: list[str | None]  # per cluster code
+    cluster_keys: dict[int, set[str]]  # cluster code -> the CPU keys of its hosts, in code order
 
 
 def _host_column(src: TableSource, name: str, get: Callable[[str], tuple[Any, str | None]],
@@ -479,17 +506,17 @@ def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
     klass = group_class[cgroup] if idx.size else np.empty(0, dtype=np.int64)
     clusters = src.column("cluster").take(pa.array(idx))
     cvalues, ccodes = encode(clusters)
-    cluster_code = np.where(ccodes < 0, len(cvalues), ccodes).astype(np.int64)  # no cluster: one more
+    ccodes = np.where(ccodes < 0, len(cvalues), ccodes)  # no cluster: one cluster more
+    cfirst, cluster_code = _combine([ccodes], [len(cvalues) + 2])  # numbered by first appearance
+    every = cvalues.to_pylist() + [None]
     classes = list(index)
-    keys: dict[int, set[str]] = {}
-    if idx.size:
-        for pair in np.unique(cluster_code * len(classes) + klass).tolist():
-            keys.setdefault(pair // len(classes), set()).add(classes[pair % len(classes)].cpu_key)
-    facts_of = {c.cpu_key: c.facts for c in classes}
-    cluster_supported = {c: supported_requests(facts_of[k] for k in sorted(ks)) for c, ks in keys.items()}
+    keys: dict[int, set[str]] = {c: set() for c in range(cfirst.size)}
+    for pair in np.unique(cluster_code.astype(np.int64) * len(classes) + klass).tolist() if idx.size else []:
+        keys[pair // len(classes)].add(classes[pair % len(classes)].cpu_key)
     return _Hosts(names=names_arr.take(pa.array(idx)).to_pylist(), rows=src.rows[idx], klass=klass,
-                  cluster=clusters.to_pylist(),
-                  classes=classes, invalid=invalid, cluster_code=cluster_code, cluster_supported=cluster_supported)
+                  cluster=clusters.to_pylist(), classes=classes, invalid=invalid,
+                  cluster_code=cluster_code.astype(np.int64),
+                  cluster_names=[every[int(ccodes[r])] for r in cfirst.tolist()], cluster_keys=keys)
 
 
 # --- VMs ------------------------------------------------------------------------------------------------------
@@ -575,13 +602,14 @@ def _vm_hosts(src: TableSource, hosts: _Hosts) -> tuple[Int32Array, Codes | None
     return vm_host, encode(col)[1] if any(messages) else None, messages
 
 
-def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
-    """Check every row and put the valid ones into classes; errors go to `raw.errors`.
+def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFAULT_POLICY) -> Fleet:
+    """Check every row and put the valid ones into classes; errors go to `raw.errors`. MITIGATION_ENUM and
+    LONG_BHB_NEEDED of a VM that does not give its own are its host's cluster's under `bhi_policy`.
 
     The work that needs no other column (hashing the names, coding each column and checking its distinct values)
     runs side by side on this process's CPUs; the checks are then applied in a fixed order, each to the rows no
     earlier check refused, so a row is reported for its first problem: name, host, personality, mitigations, form,
-    supported, force_on, force_off, unreported, then what its class combines."""
+    supported, force_on, force_off, unreported, relies_on, then what its class combines."""
     errors = raw.errors
     src = raw.vms
     with Workers() as workers:
@@ -591,8 +619,19 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         cols = [_column(src, "personality", lambda v: resolver.personality(v, src.base_dir)),
                 _column(src, "mitigations", parse_mitigations), _column(src, "form", parse_form),
                 _column(src, "supported", parse_supported), _column(src, "force_on", parse_bits),
-                _column(src, "force_off", parse_bits), _column(src, "unreported", parse_unreported)]
+                _column(src, "force_off", parse_bits), _column(src, "unreported", parse_unreported),
+                _column(src, "relies_on", parse_relies_on)]
         maybe_blank, repeats = hashing.result()
+    facts_of = {c.cpu_key: c.facts for c in hosts.classes}
+    cluster_supported = {c: supported_requests((facts_of[k] for k in sorted(keys)), bhi_policy)
+                         for c, keys in hosts.cluster_keys.items()}
+    cluster_long = {c: shown_long_bit(bhi_policy, (facts_of[k] for k in sorted(keys)))
+                    for c, keys in hosts.cluster_keys.items()}
+    described = {c: cluster_description([facts_of[k] for k in sorted(keys)])
+                 for c, keys in hosts.cluster_keys.items()}
+    cluster_doc = {str(hosts.cluster_names[c]) if hosts.cluster_names[c] is not None else "(no cluster)": {
+        "mitigation_enum": cluster_supported[c], "long_bhb_needed": cluster_long[c], **described[c]}
+        for c in hosts.cluster_keys}
 
     bad = src.bad.copy()
     _unique_names(src, errors, bad, maybe_blank, repeats)
@@ -604,9 +643,9 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
     if missing.any():
         errors.add(src.file, src.table, "host", "required, but empty", src.rows[missing])
         bad |= missing
-    for column, required in zip(cols, (True, True, True, False, False, False, False), strict=True):
+    for column, required in zip(cols, (True, True, True, False, False, False, False, False), strict=True):
         column.log(errors, src, bad, required)
-    pers, mits, forms, sups, ons, offs, uns = cols
+    pers, mits, forms, sups, ons, offs, uns, rels = cols
 
     ok = None if not bad.any() else np.flatnonzero(~bad)  # None: every row
 
@@ -614,15 +653,17 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         return a if ok is None else a[ok]
 
     host_ok = rows_ok(vm_host)
-    ncl = int(hosts.cluster_code.max()) + 1 if hosts.cluster_code.size else 0
-    cl = np.where(rows_ok(sups.codes) < 0, hosts.cluster_code.astype(smallest_int(ncl))[host_ok], -1)
-    codes = [rows_ok(c.codes) for c in cols] + [cl]
-    first, group = _combine(codes, [len(c.messages) + 1 for c in cols] + [ncl + 1])
+    ncl = len(hosts.cluster_names)
+    host_cluster = hosts.cluster_code.astype(smallest_int(ncl))
+    cl = np.where(rows_ok(sups.codes) < 0, host_cluster[host_ok], -1)
+    lc = host_cluster[host_ok] if bhi_policy.shows_long_bit else np.full(host_ok.size, -1, dtype=np.int8)
+    codes = [rows_ok(c.codes) for c in cols] + [cl, lc]
+    first, group = _combine(codes, [len(c.messages) + 1 for c in cols] + [ncl + 1, ncl + 1])
     index: dict[VmClass, int] = {}
     group_class = np.full(first.size, -1, dtype=np.int32)
     problems: dict[int, tuple[str, str]] = {}
     for g, r in enumerate(first.tolist()):
-        p, m, f, s, on, off, un, c = (int(col[r]) for col in codes)
+        p, m, f, s, on, off, un, rel, c, lcode = (int(col[r]) for col in codes)
         pkey, plabel, pfacts = pers.parsed[p]
         reported, form = mits.parsed[m], forms.parsed[f]
         problem: tuple[str, str] | None = None
@@ -640,7 +681,14 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
                 problem = ("mitigations", f"reports {bits_label(extra)}, which its MITIGATION_ENUM (supported: "
                                           f"{bits_label(supported)}) never offered")
         else:
-            supported = hosts.cluster_supported.get(c, 0) | mitigations_to_bits(reported or frozenset())
+            supported = cluster_supported.get(c, 0) | mitigations_to_bits(reported or frozenset())
+        read_in_guest = rel >= 0
+        if problem is None and read_in_guest:
+            if reported is not None:
+                problem = ("relies_on", f"relies_on is for a VM that never reported; this one reported "
+                                        f"{mitigations_label(reported)} through the interface")
+            else:
+                reported = rels.parsed[rel]  # decided as a report: what the kernel relies on is known
         settings = None
         if problem is None:
             try:
@@ -650,7 +698,8 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         if problem is not None or settings is None:
             problems[g] = problem or ("(row)", "invalid")
             continue
-        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts)
+        vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest,
+                     cluster_long.get(lcode) if form is not None else None)
         group_class[g] = index.setdefault(vc, len(index))
     for g, rows_g in _rows_of(group, list(problems)):
         fld, msg = problems[g]
@@ -668,4 +717,15 @@ def collapse(raw: RawInventory, resolver: Resolver) -> Fleet:
         host_classes=hosts.classes, vm_names=names, vm_rows=src.rows if ok is None else src.rows[ok],
         vm_host=vm_host if ok is None else vm_host[ok], vm_class=vm_class, vm_classes=list(index),
         errors=errors, warnings=raw.warnings, hosts_read=raw.hosts.num_rows, vms_read=src.num_rows,
-        sources=raw.sources())
+        sources=raw.sources(), bhi_policy=bhi_policy, clusters=cluster_doc)
+
+
+def cluster_description(hosts: list[CpuFacts]) -> dict[str, Any]:
+    """The pool description a VMM fills for VMs booted in a cluster of `hosts` (docs/interface.md section 10), or
+    why it cannot (more implementations than a description holds)."""
+    try:
+        entries = describe_facts(hosts)
+    except ValueError as e:
+        return {"pool_description": None, "pool_description_problem": str(e)}
+    return {"pool_description": {"pool_info": len(entries) | POOL_VERSION << 8,
+                                 "entries": [e.to_json() for e in entries]}}

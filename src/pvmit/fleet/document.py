@@ -55,6 +55,8 @@ def plan_document(plan: Plan, per_vm: bool = False) -> dict[str, Any]:
         "errors": [e.to_json() for e in errors],
         "errors_total": f.errors.total,
         "warnings": f.warnings,
+        "bhi_policy": f.bhi_policy.value,
+        "clusters": f.clusters,
         "host_classes": [{"id": j, **c.to_json(), "hosts": int(plan.host_class_size[j]),
                           "host_names": hosts_by_class[j]} for j, c in enumerate(f.host_classes)],
         "vm_classes": [{

@@ -15,9 +15,14 @@ hosts  name         unique host name
                     on a migration destination (`pvmit vmm --incoming --force-on ...`)
 vms    name         unique VM name
        host         the host it runs on now
-       personality  the CPU personality it was booted with: catalog model, built-in template or .toml file
+       personality  the CPU personality it was booted with: catalog model, built-in template or .toml file, or
+                    the JSON of a personality (`Personality.to_json`, inline; `pvmit libvirt inventory` writes
+                    these for libvirt domains)
        mitigations  what it reported through the interface: retpoline, bhb-short, both (comma-separated), none,
                     or unenlightened (it never reported)
+       relies_on    optional, only for a VM that never reported: what its kernel relies on as read inside the
+                    guest (its spectre_v2 sysfs line, through an agent such as QEMU's guest agent). The policy
+                    then decides with it as it would with a report, in place of assuming from the personality
        form         the interface form its VMM offers: intel, kvm, neutral, or none (then it is unenlightened)
        supported    optional MITIGATION_ENUM it was promised; by default what every host of its host's cluster
                     can honour (`policy.supported_requests`), plus anything it reported (a guest can only report
@@ -64,7 +69,7 @@ SETTINGS_COLUMNS = ("force_on", "force_off", "unreported")
 HOST_COLUMNS: dict[str, bool] = {"name": True, "cpu": True, "cluster": False,
                                  **dict.fromkeys(SETTINGS_COLUMNS, False)}
 VM_COLUMNS: dict[str, bool] = {"name": True, "host": True, "personality": True, "mitigations": True, "form": True,
-                               "supported": False, **dict.fromkeys(SETTINGS_COLUMNS, False)}
+                               "supported": False, "relies_on": False, **dict.fromkeys(SETTINGS_COLUMNS, False)}
 COLUMNS = {"hosts": HOST_COLUMNS, "vms": VM_COLUMNS}
 """Column name -> required, per table."""
 TABLE_EXTENSIONS = (".parquet", ".csv", ".json")
@@ -72,6 +77,8 @@ CAPS = {".parquet": 512 * MiB, ".csv": 1 * GiB, ".json": 512 * MiB}
 """Largest inventory file read, by kind (a generated 1,000,000-VM inventory is 6 MiB of Parquet, 70 MiB of CSV,
 150 MiB of JSON; JSON costs about five times its size in memory once parsed)."""
 UNENLIGHTENED = ("unenlightened", "unreported")
+MAX_ROWS = 2**31 - 1
+"""Most rows a Parquet table may say it has (the planner indexes rows with 32-bit integers)."""
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -206,6 +213,15 @@ def parse_mitigations(text: str) -> frozenset[Mitigation] | None:
     return frozenset(out)
 
 
+def parse_relies_on(text: str) -> frozenset[Mitigation]:
+    """What a guest relies on as read inside it: mitigation names or 'none' (never 'unenlightened')."""
+    got = parse_mitigations(text)
+    if got is None:
+        raise ValueError("relies_on names what the guest relies on (retpoline, bhb-short, both or none); leave it "
+                         "empty when that is not known")
+    return got
+
+
 def parse_supported(text: str) -> int:
     """MITIGATION_ENUM as request bits, from mitigation names or 'none'."""
     try:
@@ -273,9 +289,11 @@ def _cell(value: Any, column: str, table: str) -> str | None:
         return value.strip() or None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value) if value else "none"
-    if isinstance(value, dict) and table == "hosts" and column == "cpu":
+    facts_cell = (table, column) in (("hosts", "cpu"), ("vms", "personality"))
+    if isinstance(value, dict) and facts_cell:
         return json.dumps(value)
-    want = "a string, a CPU facts object" if column == "cpu" and table == "hosts" else "a string or a list of strings"
+    want = f"a string or a {'CPU facts' if column == 'cpu' else 'personality'} object" if facts_cell else \
+        "a string or a list of strings"
     raise ValueError(f"must be {want}, not {type(value).__name__}")
 
 
@@ -351,8 +369,8 @@ class _ParquetColumns:
     ones dictionary-encoded (each distinct value is then checked once). Validated in full: Parquet strings are not
     checked for UTF-8 on reading (found by fuzzing). The name column, which the plan keeps, is read once."""
 
-    def __init__(self, buf: pa.Buffer, file: str, table: str, names: list[str], leaves: set[str]) -> None:
-        self.buf, self.file, self.table, self.names, self.leaves = buf, file, table, names, leaves
+    def __init__(self, buf: pa.Buffer, file: str, table: str, names: list[str], leaves: set[str], rows: int) -> None:
+        self.buf, self.file, self.table, self.names, self.leaves, self.rows = buf, file, table, names, leaves, rows
         self._kept: dict[str, pa.ChunkedArray] = {}
         self._lock = threading.Lock()
 
@@ -372,6 +390,9 @@ class _ParquetColumns:
             t = pq.ParquetFile(pa.BufferReader(self.buf), read_dictionary=dictionary).read(columns=[name],
                                                                                           use_threads=False)
             t.validate(full=True)
+            if t.num_rows != self.rows:  # found by fuzzing: a column chunk that disagrees with the row count
+                raise InputError(f"{self.file}: cannot read {self.table} table: column {quoted(name)} has "
+                                 f"{t.num_rows:,} rows, the file's metadata {self.rows:,}")
             return _as_strings(t.column(0), name, self.file)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{self.file}: cannot read {self.table} table: {e}") from None
@@ -386,8 +407,12 @@ def _read_parquet(path: Path, table: str) -> TableSource:
     _required(file, table, names)
     leaves = {meta.schema.column(i).path for i in range(meta.num_columns)}
     n = int(meta.num_rows)
+    groups = sum(int(meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+    if not 0 <= n <= MAX_ROWS or n != groups:  # found by fuzzing: metadata that cannot be true
+        raise InputError(f"{file}: cannot read {table} table: its metadata gives {n:,} rows "
+                         f"({groups:,} in its row groups; at most {MAX_ROWS:,})")
     return TableSource(file, table, n, np.arange(1, n + 1, dtype=np.int64), np.zeros(n, dtype=bool), path.parent,
-                       _ParquetColumns(buf, file, table, names, leaves))
+                       _ParquetColumns(buf, file, table, names, leaves, n))
 
 
 def read_table(path: Path, table: str, errors: ErrorLog) -> TableSource:
@@ -542,17 +567,23 @@ def read_inventory(paths: Sequence[str | Path]) -> RawInventory:
     if p.suffix.lower() != ".json":
         raise InputError(f"{p}: a single-file inventory is JSON ({{\"hosts\": [...], \"vms\": [...]}}); Parquet and "
                          "CSV hold one table per file: give a directory with hosts.* and vms.*, or both files")
-    doc = read_json(p, "inventory", CAPS[".json"])
+    return read_document(read_json(p, "inventory", CAPS[".json"]), str(p), p.parent)
+
+
+def read_document(doc: Any, file: str, base_dir: Path) -> RawInventory:
+    """An inventory from its JSON document already in memory (`pvmit libvirt inventory` builds one); `file`
+    names it in messages and relative paths in cells are read from `base_dir`."""
+    errors = ErrorLog()
     if not isinstance(doc, dict):
-        raise InputError(f"{p}: expected a JSON object with 'hosts' and 'vms'")
+        raise InputError(f"{file}: expected a JSON object with 'hosts' and 'vms'")
     if "schema" in doc and doc["schema"] != SCHEMA:
-        raise InputError(f"{p}: schema {quoted(str(doc['schema']))} is not {SCHEMA!r}")
+        raise InputError(f"{file}: schema {quoted(str(doc['schema']))} is not {SCHEMA!r}")
     tables = {}
     for t in ("hosts", "vms"):
         rows = doc.get(t)
         if not isinstance(rows, list):
-            raise InputError(f"{p}: field {t!r} must be a list of rows")
-        tables[t] = table_from_records(rows, str(p), t, p.parent, errors)
+            raise InputError(f"{file}: field {t!r} must be a list of rows")
+        tables[t] = table_from_records(rows, file, t, base_dir, errors)
     return RawInventory(tables["hosts"], tables["vms"], errors)
 
 

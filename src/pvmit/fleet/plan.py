@@ -8,7 +8,8 @@ exactly as `state.check` answers a migration. Verdicts:
   safe     nothing would be forced and nothing is exposed
   forced   safe only because IA32_SPEC_CTRL controls are forced there (which, and why, are given)
   exposed  `check` would refuse the VM there, or an operator setting leaves a mitigation it relies on
-           ineffective (`check` accepts that, the operator chose it, but the VM is unprotected: the planner says so)
+           ineffective (`check` accepts that, the operator chose it, but the VM is unprotected: the planner says so),
+           or the BHI policy leaves the short loop to an unenlightened guest where it is too short (accepted too)
 
 Pure and columnar: pairs are decided once per class pair (and the decision once per distinct input to `decide`),
 then per-VM answers come from array lookups: a VM's destination counts are its class's counts over host classes,
@@ -32,6 +33,7 @@ from pvmit.derive import Mitigation
 from pvmit.fleet.classes import Fleet, HostClass, VmClass
 from pvmit.fleet.columns import SLICE
 from pvmit.fleet.inventory import IntArray
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, long_bit_reasons
 from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, Why, decide
 from pvmit.interface.state import broken_promises
 from pvmit.pool.rule import pool_bits, shown_bit_violations
@@ -77,21 +79,23 @@ class Judge:
     `decisions` counts calls of `decide`: at most one per class pair, fewer where classes share what decide sees.
     """
 
-    def __init__(self, decide_fn: Decide = decide) -> None:
+    def __init__(self, decide_fn: Decide = decide, bhi_policy: BhiPolicy = DEFAULT_POLICY) -> None:
         self._decide = decide_fn
+        self.bhi_policy = bhi_policy
         self._decisions: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings], Decision] = {}
-        self._promises: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._promises: dict[tuple[str, int, bool | None], tuple[str, ...]] = {}
         self._shown: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._settings: dict[tuple[PartialSettings, PartialSettings], OperatorSettings] = {}
-        self._moves: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings, int], Move] = {}
+        self._moves: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings, int, bool | None], Move] = {}
         self.decisions = 0
 
     def __call__(self, vm: VmClass, host: HostClass) -> Move:
         sk = (host.settings, vm.settings)
         settings = self._settings.get(sk)
         if settings is None:
-            settings = self._settings[sk] = host.settings.over(vm.settings)
-        mk = (host.cpu_key, vm.personality_key, vm.reported, settings, vm.supported)
+            settings = self._settings[sk] = dataclasses.replace(host.settings.over(vm.settings),
+                                                                bhi_policy=self.bhi_policy)
+        mk = (host.cpu_key, vm.personality_key, vm.reported, settings, vm.supported, vm.long_bhb)
         move = self._moves.get(mk)  # everything the move depends on: one Move per distinct input
         if move is None:
             move = self._moves[mk] = self._judge(vm, host, settings)
@@ -103,10 +107,11 @@ class Judge:
         if d is None:
             d = self._decisions[k] = self._decide(host.facts, vm.reported, vm.facts, settings)
             self.decisions += 1
-        pk = (host.cpu_key, vm.supported)
+        pk = (host.cpu_key, vm.supported, vm.long_bhb)
         broken = self._promises.get(pk)
         if broken is None:
-            broken = self._promises[pk] = broken_promises(vm.supported, host.facts)
+            broken = self._promises[pk] = broken_promises(vm.supported, host.facts, self.bhi_policy) + \
+                long_bit_reasons(vm.long_bhb, host.facts)
         shk = (host.cpu_key, vm.personality_key)
         shown = self._shown.get(shk)
         if shown is None:
@@ -120,7 +125,8 @@ def move_from(d: Decision, broken: tuple[str, ...], shown: tuple[tuple[str, str]
     accepted = d.safe and not broken and not shown
     bits = tuple(b for b, _ in shown)
     broken = broken + tuple(r for _, r in shown)
-    exposed = tuple(("operator override: " if e.override else "") + e.reason for e in d.exposures) + broken
+    exposed = tuple(("operator override: " if e.override else "") + e.reason for e in d.exposures) + tuple(
+        f"left to the guest by the BHI policy: {e.reason}" for e in d.by_design) + broken
     forced = tuple(f for f in d.forced if f.on)
     names = tuple(str(f.control.name) for f in forced)
     if exposed:

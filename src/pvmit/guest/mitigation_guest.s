@@ -3,6 +3,9 @@
 ; Entry (set by the VMM):  rdi = the software mitigations this guest uses (MITIGATION_CTRL layout:
 ;   bit 0 short BHB-clearing sequence, bit 1 retpoline); rsi = the IA32_SPEC_CTRL value it writes (trying to
 ;   clear forced bits); rsp = a stack. Paging, GDT and the 64-bit code segment are already set up.
+; Shown LONG_BHB_NEEDED (pvmit's proposal, docs/interface.md section 9) it runs the long BHB-clearing loop and stops
+; reporting the short one, as a guest that honours the bit would; it reads the pool description (section 10) where
+; one is offered, checks it is read-only and ends where POOL_INFO says, and runs the loop it chose once.
 ; It reports every step as a text line on the serial port (0x3f8), installs its own #GP handler, checks what it
 ; reads back, prints "RESULT PASS" or "RESULT FAIL n", and halts.
 ; Register use: r15 uses, r14 the SPEC_CTRL value to write, r13 the CTRL MSR index, r12 the enumerated bits,
@@ -84,6 +87,19 @@ scan:
     cpuid
     mov r13d, ebx              ; CTRL MSR index
     mov r12d, ecx              ; supported request bits
+    and edx, 1                 ; flags: LONG_BHB_NEEDED
+    mov byte ptr [rip + long_bhb], dl
+    mov eax, ebp
+    xor ecx, ecx
+    cpuid
+    lea ecx, [rbp + 2]
+    cmp eax, ecx               ; version 2 has leaf base+2: the pool description's POOL_INFO index
+    jb neutral_done
+    mov eax, ecx
+    xor ecx, ecx
+    cpuid
+    mov dword ptr [rip + pool_msr], eax
+neutral_done:
     xor r11d, r11d
     lea rsi, [rip + s_neutral]
     call puts
@@ -107,6 +123,12 @@ scan_next:
     cpuid
     bt eax, 30                 ; pvmit's KVM-style feature bit
     jnc try_intel
+    bt edx, 30                 ; KVM hints: LONG_BHB_NEEDED
+    setc byte ptr [rip + long_bhb]
+    bt eax, 29                 ; the pool description at 0x4b564d81
+    jnc kvm_no_pool
+    mov dword ptr [rip + pool_msr], 0x4b564d81
+kvm_no_pool:
     mov r13d, 0x4b564d80
     mov ecx, r13d
     call rdmsr_safe
@@ -127,6 +149,12 @@ try_intel:
     jc no_interface
     test al, 1                 ; MITIGATION_CTRL_SUPPORT
     jz no_interface
+    bt eax, 1                  ; LONG_BHB_NEEDED (proposed)
+    setc byte ptr [rip + long_bhb]
+    bt eax, 2                  ; the pool description at 0x50000010 (proposed)
+    jnc intel_no_pool
+    mov dword ptr [rip + pool_msr], 0x50000010
+intel_no_pool:
     mov ecx, 0x50000001
     call rdmsr_safe
     jc no_interface
@@ -158,6 +186,12 @@ found:
 
 ; --- report what this kernel relies on (only what the VMM enumerates) and read it back -------------------------
 requests:
+    cmp byte ptr [rip + long_bhb], 0
+    je requests_go
+    lea rsi, [rip + s_long]
+    call puts
+    and r15, -2                ; the long loop runs instead: the short one is not in use
+requests_go:
     mov rbx, r15
     and rbx, r12
     cmp rbx, r15
@@ -224,7 +258,7 @@ have_spec_ctrl:
     jnc spec_readable
     lea rsi, [rip + s_nospec]
     call puts
-    jmp done
+    jmp pool_desc
 spec_readable:
     lea rsi, [rip + s_spec_before]
     call puts
@@ -245,8 +279,78 @@ spec_written:
     call puthex
     call newline
     cmp rax, r14
-    je done
+    je pool_desc
     call fail
+
+; --- the pool description: POOL_INFO, each entry, read-only, #GP past the count -----------------------------------
+pool_desc:
+    mov ecx, dword ptr [rip + pool_msr]
+    test ecx, ecx
+    jz bhb
+    call rdmsr_safe
+    jnc pool_info_read
+    call fail
+    jmp bhb
+pool_info_read:
+    mov qword ptr [rip + pool_info], rax
+    lea rsi, [rip + s_pool]
+    call puts
+    call puthex
+    call newline
+    mov ecx, dword ptr [rip + pool_msr]
+    xor eax, eax
+    xor edx, edx
+    call wrmsr_expect_gp
+    movzx ebx, byte ptr [rip + pool_info]
+    xor ebp, ebp
+pool_loop:
+    cmp ebp, ebx
+    jae pool_past
+    mov ecx, dword ptr [rip + pool_msr]
+    lea ecx, [rcx + rbp + 1]
+    call rdmsr_safe
+    jnc pool_entry
+    call fail
+pool_entry:
+    lea rsi, [rip + s_entry]
+    call puts
+    call puthex
+    call newline
+    mov ecx, dword ptr [rip + pool_msr]
+    lea ecx, [rcx + rbp + 1]
+    mov rdx, rax
+    shr rdx, 32
+    call wrmsr_expect_gp       ; entries are read-only too
+    inc ebp
+    jmp pool_loop
+pool_past:
+    cmp ebx, 32                ; the block holds 32 entries: past a shorter count, the next one raises #GP
+    jae bhb
+    mov ecx, dword ptr [rip + pool_msr]
+    lea ecx, [rcx + rbx + 1]
+    call rdmsr_safe
+    jc pool_past_gp
+    call fail
+    jmp bhb
+pool_past_gp:
+    lea rsi, [rip + s_gp]
+    call puts
+
+; --- clear the branch history once, with the loop this guest chose --------------------------------------------
+bhb:
+    cmp byte ptr [rip + long_bhb], 0
+    jne bhb_long
+    mov ecx, 5
+    mov r8d, 5
+    lea rsi, [rip + s_bhb_short]
+    jmp bhb_run
+bhb_long:
+    mov ecx, 12
+    mov r8d, 7
+    lea rsi, [rip + s_bhb_long]
+bhb_run:
+    call clear_bhb
+    call puts
 
 done:
     mov rax, qword ptr [rip + failures]
@@ -314,6 +418,7 @@ fail:
     ret
 
 .include "lib.s"  ; gp_handler, install_idt, puts, puthex, newline and their data
+.include "bhb.s"  ; clear_bhb
 
 ; --- data ----------------------------------------------------------------------------------------------------
 s_hello: .asciz "guest: booted in long mode\n"
@@ -340,7 +445,15 @@ s_spec_before: .asciz "guest: ia32_spec_ctrl read "
 s_spec_after: .asciz "guest: ia32_spec_ctrl after write, read "
 s_pass: .asciz "guest: RESULT PASS\n"
 s_fail: .asciz "guest: RESULT FAIL "
+s_long: .asciz "guest: LONG_BHB_NEEDED shown: the long loop runs, the short one is not reported\n"
+s_pool: .asciz "guest: pool info "
+s_entry: .asciz "guest: pool entry "
+s_bhb_short: .asciz "guest: bhb loop short (5x5)\n"
+s_bhb_long: .asciz "guest: bhb loop long (12x7)\n"
     .align 8
+long_bhb: .quad 0
+pool_msr: .quad 0
+pool_info: .quad 0
 vendor: .space 16
 cpuid7edx: .quad 0
 archcaps: .quad 0

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation, mitigations_from_bits
-from pvmit.interface.forms import ALL_INTERFACE_MSRS, MSR_KVM_PVMIT_MITIGATION, Form, InterfaceConfig
+from pvmit.interface.forms import ALL_INTERFACE_MSRS, MSR_KVM_PVMIT_MITIGATION, POOL_BLOCK, Form, InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, decide
 from pvmit.interface.spec_ctrl import SpecCtrlShadow, guest_writable
-from pvmit.x86.bits import ArchCapabilities, VirtualEnumeration
+from pvmit.x86.bits import ArchCapabilities
 from pvmit.x86.registers import (
     MSR_IA32_ARCH_CAPABILITIES,
     MSR_IA32_SPEC_CTRL,
@@ -192,14 +192,18 @@ class VmInterface:
         for index in ALL_INTERFACE_MSRS:
             d[index] = (self._not_offered(index), self._not_offered_w(index))
         if cfg.form is Form.INTEL:
-            d[MSR_VIRTUAL_ENUMERATION] = (lambda v: int(VirtualEnumeration.MITIGATION_CTRL_SUPPORT),
-                                          ro("MSR_VIRTUAL_ENUMERATION"))
+            d[MSR_VIRTUAL_ENUMERATION] = (lambda v: cfg.virtual_enumeration, ro("MSR_VIRTUAL_ENUMERATION"))
             d[MSR_VIRTUAL_MITIGATION_ENUM] = (lambda v: cfg.supported, ro("MSR_VIRTUAL_MITIGATION_ENUM"))
             d[MSR_VIRTUAL_MITIGATION_CTRL] = (self._read_ctrl, self._write_ctrl)
         elif cfg.form is Form.KVM:
             d[MSR_KVM_PVMIT_MITIGATION] = (self._read_kvm, self._write_kvm)
         else:
             d[cfg.neutral_msr] = (self._read_ctrl, self._write_ctrl)
+        if cfg.pool is not None:
+            base = cfg.pool_msr
+            d[base] = (lambda v: cfg.pool_info, ro("POOL_INFO"))
+            for i in range(POOL_BLOCK - 1):
+                d[base + 1 + i] = (self._pool_entry(i), ro(f"pool description entry {i}"))
         d[MSR_IA32_ARCH_CAPABILITIES] = (self._read_arch_caps, ro("IA32_ARCH_CAPABILITIES"))
         d[MSR_IA32_SPEC_CTRL] = (lambda v: v.spec.guest, self._write_spec_ctrl)
         return d
@@ -230,6 +234,18 @@ class VmInterface:
             return False
 
         return write
+
+    def _pool_entry(self, i: int) -> Reader:
+        pool = self.config.pool or ()
+        value = pool[i].encode() if i < len(pool) else None
+        reason = f"pool description entry {i} is past the {len(pool)} entries POOL_INFO gives"
+
+        def read(v: VcpuInterface) -> int | None:
+            if value is None:
+                self.last_fault = reason
+            return value
+
+        return read
 
     def _read_arch_caps(self, v: VcpuInterface) -> int | None:
         if not self.arch_caps_present:

@@ -19,7 +19,8 @@ from enum import Enum
 from typing import Literal
 
 from pvmit.catalog.facts import CpuFacts
-from pvmit.derive import Mitigation, control_available, need
+from pvmit.derive import Finding, Mitigation, Need, control_available, need
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, parse_policy
 from pvmit.interface.spec_ctrl import guest_writable
 from pvmit.linux.model import predict
 from pvmit.x86.bits import SpecCtrl
@@ -36,8 +37,11 @@ class OperatorSettings:
     force_on: int = 0
     force_off: int = 0
     unreported: Unreported = "assume-worst"
+    bhi_policy: BhiPolicy = DEFAULT_POLICY
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bhi_policy, BhiPolicy):
+            raise ValueError(f"bhi_policy must be a BhiPolicy, not {self.bhi_policy!r}")
         if self.force_on & self.force_off:
             both = "+".join(str(b.name) for b in SpecCtrl if b & self.force_on & self.force_off)
             raise ValueError(f"{both} cannot be forced both on and off")
@@ -53,7 +57,8 @@ class OperatorSettings:
 
     def to_json(self) -> dict[str, object]:
         return {"force_on": [b.name for b in SpecCtrl if b & self.force_on],
-                "force_off": [b.name for b in SpecCtrl if b & self.force_off], "unreported": self.unreported}
+                "force_off": [b.name for b in SpecCtrl if b & self.force_off], "unreported": self.unreported,
+                "bhi_policy": self.bhi_policy.value}
 
     @classmethod
     def from_json(cls, doc: dict[str, object]) -> OperatorSettings:
@@ -66,7 +71,8 @@ class OperatorSettings:
                 raise ValueError(f"IA32_SPEC_CTRL has no bit named {e.args[0]!r}") from None
 
         return cls(bits(doc.get("force_on", [])), bits(doc.get("force_off", [])),
-                   str(doc.get("unreported", "assume-worst")))  # type: ignore[arg-type]
+                   str(doc.get("unreported", "assume-worst")),  # type: ignore[arg-type]
+                   parse_policy(str(doc.get("bhi_policy", DEFAULT_POLICY.value))))
 
 
 @dataclass(frozen=True, order=True)
@@ -96,7 +102,8 @@ class PartialSettings:
         if off is None:
             off = (carried.force_off or 0) & ~on
         unreported = self.unreported or carried.unreported or OperatorSettings().unreported
-        return OperatorSettings(on, off, unreported)  # type: ignore[arg-type]
+        policy = carried.bhi_policy if isinstance(carried, OperatorSettings) else DEFAULT_POLICY
+        return OperatorSettings(on, off, unreported, policy)  # type: ignore[arg-type]
 
     def label(self) -> str:
         parts = []
@@ -158,6 +165,7 @@ class Decision:
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     assumed: tuple[str, ...] = field(default=())  # unknown facts that were taken conservatively
+    by_design: tuple[Exposure, ...] = ()  # left to the guest by the BHI policy: reported, not refused
 
     @property
     def mask(self) -> int:
@@ -178,6 +186,7 @@ class Decision:
             "forced": [f.to_json() for f in self.forced], "mask": self.mask, "value": self.value,
             "exposures": [e.to_json() for e in self.exposures], "safe": self.safe,
             "notes": list(self.notes), "warnings": list(self.warnings), "assumed_facts": list(self.assumed),
+            "exposed_by_policy_design": [e.to_json() for e in self.by_design],
         }
 
 
@@ -197,9 +206,25 @@ def assumed_reliance(personality: CpuFacts) -> tuple[frozenset[Mitigation], str]
     return frozenset(relied), f"boot personality suggests {names} ({p.sysfs_mode}; {p.sysfs_bhi})"
 
 
-def can_honour(host: CpuFacts, m: Mitigation) -> tuple[bool, str]:
-    """Can this host keep `m` effective for a guest: it is effective here, or its control exists here?"""
-    n = need(host, m)
+def left_to_guest(m: Mitigation, policy: BhiPolicy) -> bool:
+    """Does `policy` leave making up for `m` to the guest (the VMM forces nothing for it)? The short loop, under
+    every BHI policy but force-bhi-dis-s."""
+    return m is Mitigation.BHB_SHORT and not policy.forces_bhi_dis_s
+
+
+def _policy_need(n: Need, policy: BhiPolicy) -> Need:
+    """`n` as the VMM sees it under `policy`: a control the policy never forces cannot be forced."""
+    if not left_to_guest(n.mitigation, policy) or not n.must_force:
+        return n
+    return Need(n.mitigation, n.effective, n.control,
+                Finding(False, f"the BHI policy {policy.value} never forces {n.control.name}: the guest must run "
+                               "the long BHB-clearing loop itself"))
+
+
+def can_honour(host: CpuFacts, m: Mitigation, policy: BhiPolicy = DEFAULT_POLICY) -> tuple[bool, str]:
+    """Can this host keep `m` effective for a guest: it is effective here, or its control exists here (and the BHI
+    policy forces it)?"""
+    n = _policy_need(need(host, m), policy)
     if not n.must_force:
         return True, n.effective.reason
     if n.can_force:
@@ -207,12 +232,13 @@ def can_honour(host: CpuFacts, m: Mitigation) -> tuple[bool, str]:
     return False, f"{m.title} is ineffective ({n.effective.reason}) and {n.available.reason}"
 
 
-def supported_requests(hosts: Iterable[CpuFacts]) -> int:
-    """MITIGATION_ENUM for a VM that may run on any of `hosts`: the mitigations every one of them can honour."""
+def supported_requests(hosts: Iterable[CpuFacts], policy: BhiPolicy = DEFAULT_POLICY) -> int:
+    """MITIGATION_ENUM for a VM that may run on any of `hosts`: the mitigations every one of them can honour under
+    the BHI `policy`."""
     bits = 0
     hosts = list(hosts)
     for m in Mitigation:
-        if hosts and all(can_honour(h, m)[0] for h in hosts):
+        if hosts and all(can_honour(h, m, policy)[0] for h in hosts):
             bits |= int(m.request_bit)
     return bits
 
@@ -225,6 +251,8 @@ def decide(host: CpuFacts, reported: frozenset[Mitigation] | None, personality: 
     assumed: list[str] = []
     forced: dict[SpecCtrl, Forced] = {}
     exposures: list[Exposure] = []
+    by_design: list[Exposure] = []
+    policy = settings.bhi_policy
 
     relied: frozenset[Mitigation]
     if reported is None:
@@ -248,6 +276,15 @@ def decide(host: CpuFacts, reported: frozenset[Mitigation] | None, personality: 
         if not n.must_force:
             notes.append(f"{m.title}: effective here, nothing forced ({n.effective.reason})")
             continue
+        if left_to_guest(m, policy) and reported is None:
+            # the policy trusts the guest to run the long loop; one that does not is exposed by that design
+            by_design.append(Exposure(m, f"{m.title} is ineffective here ({n.effective.reason}); under the BHI "
+                                         f"policy {policy.value} the guest must run the long loop itself and the VMM "
+                                         f"forces nothing: a guest that still runs the short one is exposed"))
+            warnings.append(f"BHI policy {policy.value}: nothing forced for the short BHB-clearing sequence; a guest "
+                            "that runs it here is exposed by the policy's design")
+            continue
+        n = _policy_need(n, policy)
         if n.can_force:
             forced[n.control] = Forced(n.control, True, why,
                                        f"{m.title} is ineffective here ({n.effective.reason}); "
@@ -276,4 +313,4 @@ def decide(host: CpuFacts, reported: frozenset[Mitigation] | None, personality: 
 
     return Decision(frozenset(relied), reported is not None,
                     tuple(sorted(forced.values(), key=lambda f: int(f.control))), tuple(exposures),
-                    tuple(notes), tuple(warnings), tuple(dict.fromkeys(assumed)))
+                    tuple(notes), tuple(warnings), tuple(dict.fromkeys(assumed)), tuple(by_design))

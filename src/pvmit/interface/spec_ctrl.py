@@ -3,11 +3,14 @@
 The value in effect is the guest's own value with the forced bits replaced: (guest & ~mask) | (forced & mask). The
 guest reads back exactly what it wrote and can never change a masked bit; a bit its CPU personality does not
 enumerate raises #GP, as on hardware (KVM's kvm_is_valid_spec_ctrl() applies the same rule to guest CPUID).
+Two backends hold the forced bits (`SpecCtrlBackend`): interception (what pvmit does on any KVM) and the hardware
+mask (FORCE_SPEC_CTRL-style, modelled by `HardwareMask`); both put the same value in effect.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from pvmit.catalog.facts import CpuFacts
 from pvmit.x86.bits import SpecCtrl
@@ -76,3 +79,42 @@ class SpecCtrlShadow:
         before = (self.effective, self.mask)
         self.mask, self.forced = mask, value & mask
         return (self.effective, self.mask) != before
+
+
+class SpecCtrlBackend(Enum):
+    """How a VMM holds the forced bits.
+
+    intercept  what pvmit does on any KVM today: every guest access to IA32_SPEC_CTRL exits to the VMM while a bit is
+               forced (`SpecCtrlShadow.intercept`), which writes the value in effect back;
+    hw-mask    the per-vCPU hardware mask the RFC's KVM_CAP_FORCE_SPEC_CTRL builds on (VMX tertiary control bit 7,
+               "virtualize IA32_SPEC_CTRL", VMCS IA32_SPEC_CTRL_MASK and _SHADOW; <20240410143446.797262-2-
+               chao.gao@intel.com>): a guest write lands as (value & ~mask) | (forced & mask) with no exit, writes
+               to masked bits are silently ignored, RDMSR returns the shadow. No KVM offers it yet, so here it is
+               `HardwareMask`, a model: the VMM stops intercepting and says the mask is modelled.
+    """
+
+    INTERCEPT = "intercept"
+    HW_MASK = "hw-mask"
+
+
+@dataclass
+class HardwareMask:
+    """The hw-mask backend's register for one vCPU, as the hardware would keep it: no exit on any guest access."""
+
+    mask: int = 0
+    forced: int = 0
+    shadow: int = 0  # what the guest last wrote; RDMSR returns it
+    value: int = 0  # what the hardware holds
+
+    def guest_write(self, v: int) -> None:
+        """A guest WRMSR: no exit; the masked bits keep their forced values."""
+        self.shadow = v
+        self.value = (v & ~self.mask) | (self.forced & self.mask)
+
+    def guest_read(self) -> int:
+        return self.shadow
+
+    def hold(self, mask: int, forced: int) -> None:
+        """The VMM sets the mask and the forced values (its only write: when the decision changes)."""
+        self.mask, self.forced = mask, forced & mask
+        self.value = (self.shadow & ~mask) | self.forced

@@ -14,13 +14,19 @@ from typing import Any
 from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation, mitigations_from_bits
 from pvmit.errors import InputError
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, long_bit_reasons
 from pvmit.interface.core import VmInterface
 from pvmit.interface.forms import InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, can_honour, decide
+from pvmit.interface.pooldesc import not_listed_reasons
 from pvmit.pool.rule import shown_bit_reasons
 from pvmit.x86.bits import SpecCtrl
 
-SCHEMA = "pvmit.interface-state/1"
+SCHEMA = "pvmit.interface-state/2"
+"""/2 adds, in `config`, the LONG_BHB_NEEDED bit and the pool description the guest was shown, and in `settings` the
+BHI policy; a /1 snapshot (none of them: the defaults) is still read. An older reader refuses /2 by its schema rather
+than dropping what the guest was shown."""
+READABLE = (SCHEMA, "pvmit.interface-state/1")
 _SPEC_BITS = tuple((int(b), str(b.name)) for b in SpecCtrl)  # plain ints: IntFlag arithmetic is slow
 
 
@@ -71,8 +77,8 @@ class Verdict:
 def _parse_vm(state: Any) -> tuple[InterfaceConfig, CpuFacts, OperatorSettings]:
     if not isinstance(state, dict):
         raise InputError("interface state: not a JSON object")
-    if state.get("schema") != SCHEMA:
-        raise InputError(f"interface state: schema {state.get('schema')!r} is not {SCHEMA!r}")
+    if state.get("schema") not in READABLE:
+        raise InputError(f"interface state: schema {state.get('schema')!r} is not {SCHEMA!r} (or its /1)")
     try:
         return (InterfaceConfig.from_json(state["config"]), CpuFacts.from_json(state["personality"]),
                 OperatorSettings.from_json(state["settings"]))
@@ -104,17 +110,24 @@ def _parse_vcpus(state: dict[str, Any], config: InterfaceConfig) -> list[dict[st
     return parsed
 
 
-def broken_promises(supported: int, host: CpuFacts) -> tuple[str, ...]:
+def broken_promises(supported: int, host: CpuFacts, policy: BhiPolicy = DEFAULT_POLICY) -> tuple[str, ...]:
     """Why `host` cannot honour request bits the VM was promised in MITIGATION_ENUM (empty when it can): the guest
-    read them once at boot and may report any of them later, so each must stay effective or forceable here."""
+    read them once at boot and may report any of them later, so each must stay effective or forceable here (and
+    forced under the BHI `policy`)."""
     reasons = []
     for m in Mitigation:
         if supported & m.request_bit:
-            ok, why = can_honour(host, m)
+            ok, why = can_honour(host, m, policy)
             if not ok:
                 reasons.append(f"the VM was promised {m.title} support (MITIGATION_ENUM bit "
                                f"{int(m.request_bit).bit_length() - 1}) but this host cannot honour it: {why}")
     return tuple(reasons)
+
+
+def shown_config_reasons(config: InterfaceConfig, host: CpuFacts) -> tuple[str, ...]:
+    """Why `host` cannot take a VM for what its interface showed it at boot (empty when it can): LONG_BHB_NEEDED = 0
+    where the short loop is too short, and a pool description that does not list this host's CPU."""
+    return long_bit_reasons(config.bhb_long, host) + not_listed_reasons(config.pool, host)
 
 
 @dataclass
@@ -155,7 +168,8 @@ def prepare(state: dict[str, Any], host: CpuFacts, settings: Settings = None, de
     `decider` is `policy.decide` (or a memo of it: the exhaustive verifier asks the same questions many times)."""
     config, personality, carried = _parse_vm(state)
     settings = settings_here(carried, settings)  # the operator's settings travel with the VM
-    reasons = list(broken_promises(config.supported, host)) + list(shown_bit_reasons(personality, host))
+    reasons = (list(broken_promises(config.supported, host, settings.bhi_policy))
+               + list(shown_bit_reasons(personality, host)) + list(shown_config_reasons(config, host)))
     offered = [m for m in Mitigation if config.supported & m.request_bit]
     reports: list[frozenset[Mitigation] | None] = [None] + [
         frozenset(m for j, m in enumerate(offered) if k >> j & 1) for k in range(1 << len(offered))]
@@ -180,6 +194,8 @@ def _verdict(p: Prepared, vcpus: list[dict[str, int]]) -> Verdict:
         decisions.append(d)
         for e in d.exposures:
             (warnings if e.override else reasons).append(f"vCPU {i}: {e.reason}")
+        for e in d.by_design:
+            warnings.append(f"vCPU {i}: exposed by the BHI policy's design: {e.reason}")
         for w in d.warnings:
             warnings.append(f"vCPU {i}: {w}")
         before_on = v["forced_mask"] & v["forced_value"]
@@ -208,9 +224,9 @@ def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterf
 
     The VM's description must not have changed since `prepare`; only its vCPUs' registers may have.
     """
-    if not isinstance(state, dict) or state.get("schema") != SCHEMA:
+    if not isinstance(state, dict) or state.get("schema") not in READABLE:
         raise InputError(f"interface state: schema {state.get('schema') if isinstance(state, dict) else None!r} "
-                         f"is not {SCHEMA!r}")
+                         f"is not {SCHEMA!r} (or its /1)")
     if (state.get("config"), state.get("personality"), state.get("settings")) != prepared.vm_fields:
         raise InputError("interface state: the VM's configuration changed after the destination's check")
     vcpus = _parse_vcpus(state, prepared.config)

@@ -204,7 +204,7 @@ class Outgoing:
                     self._bounce[:n] = payload
                     payload = memoryview(self._bounce)[:n]
                 head, _, crc = pages_frame(sub_first, payload)
-                if self.fault == "flip-memory" and not running:
+                if self.fault == "flip-memory":  # the first pages sent arrive with one bit flipped
                     flipped = bytearray(payload)
                     flipped[0] ^= 0x01
                     payload, self.fault = memoryview(flipped), None
@@ -307,7 +307,8 @@ class Outgoing:
                 if self.fault == "lose-commit-ack":
                     raise ConnectionError("connection dropped after the commit (fault injection)")
                 chan.deadline = time.monotonic() + self.stall
-                chan.expect(b"CACK")
+                if _object(chan.expect(b"CACK")).get("migration") != self.migration:
+                    raise StreamError("CACK section: it acknowledges another migration")
                 out.committed_at = time.monotonic()
                 out.migrated, out.settled_by = True, "CACK"
                 self.progress("committed: the guest now runs on the destination")

@@ -42,7 +42,7 @@ KINDS: dict[bytes, str] = {
     b"VRDT": "the destination's verdict on HELO (JSON)",
     b"MEMP": "guest memory pages: u64 first page number, u32 page count, then the pages",
     b"ZERO": "guest memory pages that are all zero: u64 first page number, u32 page count",
-    b"ISTA": "the interface state after the source paused (pvmit.interface-state/1 JSON)",
+    b"ISTA": "the interface state after the source paused (pvmit.interface-state/2 JSON)",
     b"CPUS": "vCPU registers, special registers, FPU, events and MSRs (JSON)",
     b"DEVS": "device state: the serial console's unfinished line (JSON)",
     b"DONE": "end of the stream: totals to check against (JSON)",

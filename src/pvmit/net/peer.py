@@ -66,6 +66,17 @@ def _nak(sock: socket.socket, reason: str) -> None:
         pass
 
 
+def _admit(sock: socket.socket, who: str, claim: Callable[[], str | None], deadline: float) -> Peer:
+    """An authenticated peer: refused with `claim()`'s reason, if it gives one, else accepted (ACK)."""
+    busy = claim()
+    if busy:
+        _nak(sock, busy)
+        raise Refused(f"refused {who}: {busy}")
+    sock.settimeout(_remaining(deadline))
+    sock.sendall(ACK)
+    return Peer(sock, who)
+
+
 def accept(conn: socket.socket, addr: object, creds: Credentials | None, *, deadline: float,
            claim: Callable[[], str | None] = lambda: None) -> Peer:
     """Authenticate a connection just accepted on a listening socket. Raises Refused (conn closed) if the peer
@@ -78,13 +89,7 @@ def accept(conn: socket.socket, addr: object, creds: Credentials | None, *, dead
             if uid not in (os.geteuid(), 0):
                 _nak(conn, f"permission denied: {who} is neither this VMM's owner (uid {os.geteuid()}) nor root")
                 raise Refused(f"refused {who}: neither this VMM's owner nor root")
-            busy = claim()
-            if busy:
-                _nak(conn, busy)
-                raise Refused(f"refused {who}: {busy}")
-            conn.settimeout(_remaining(deadline))
-            conn.sendall(ACK)
-            return Peer(conn, who)
+            return _admit(conn, who, claim, deadline)
         host = addr[0] if isinstance(addr, tuple) else "?"
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go now, not after an ACK
         if creds is None:  # never reached: a TCP endpoint is not opened without credentials
@@ -96,14 +101,7 @@ def accept(conn: socket.socket, addr: object, creds: Credentials | None, *, dead
             tls.do_handshake()
         except ssl.SSLError as e:
             raise Refused(f"refused {host}: TLS handshake failed: {e.reason or e}") from None
-        who = f"{host} ({describe_certificate(tls)})"
-        busy = claim()
-        if busy:
-            _nak(tls, busy)
-            raise Refused(f"refused {who}: {busy}")
-        tls.settimeout(_remaining(deadline))
-        tls.sendall(ACK)
-        return Peer(tls, who)
+        return _admit(tls, f"{host} ({describe_certificate(tls)})", claim, deadline)
     except Refused:
         conn.close()
         raise

@@ -11,7 +11,7 @@ leaves a bit as KVM gives it).
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pvmit.catalog.facts import CpuFacts
@@ -54,19 +54,27 @@ def qemu_cpu(pool: Pool, base: str, known: frozenset[str] | None = None) -> Emit
     return Emitted("-cpu " + ",".join([base, *flags]), tuple(missing), warnings)
 
 
-def libvirt_cpu(pool: Pool, base: str) -> Emitted:
-    """A libvirt domain `<cpu>` element: the base model, and each decided bit cpu_map names required or disabled."""
+def libvirt_cpu(pool: Pool, base: str, knows: Callable[[str], bool] | None = None) -> Emitted:
+    """A libvirt domain `<cpu>` element: the base model, and each decided bit cpu_map names required or disabled.
+    `knows`: whether the libvirt that will read it knows a feature name (its CPU map, `pvmit.libvirt.cpumap`); a
+    libvirt refuses a whole definition that names a feature it does not know, so those are left out (they stay as
+    the base model shows them) and said in the warnings."""
     cpu = ET.Element("cpu", {"mode": "custom", "match": "exact", "check": "partial"})
     ET.SubElement(cpu, "model", {"fallback": "forbid"}).text = base
-    missing = []
+    missing, older = [], []
     for b in _decided(pool):
         if not b.libvirt:
             missing.append(b.key)
             continue
+        if knows is not None and not knows(b.libvirt):
+            older.append(b.libvirt)
+            continue
         ET.SubElement(cpu, "feature", {"policy": "require" if pool.bits[b.key].show else "disable",
                                        "name": b.libvirt})
     ET.indent(cpu)
-    return Emitted(ET.tostring(cpu, encoding="unicode") + "\n", tuple(missing))
+    warnings = (f"this libvirt does not know {', '.join(older)}: left out (they stay as {base} shows them)",) \
+        if older else ()
+    return Emitted(ET.tostring(cpu, encoding="unicode") + "\n", tuple(missing), warnings)
 
 
 def _bitmap(width: int, decided: int, shown: int) -> str:

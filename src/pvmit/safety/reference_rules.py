@@ -201,12 +201,12 @@ def synthetic(vendors: tuple[str, ...] = ("intel", "amd", "hygon"), *,
             regs: dict[str, list[int]] = {}
             for name, s in zip(names, states, strict=True):
                 register, bit = BITS[name]
-                value, known, infer_mask = regs.setdefault(register, [0, 0, 0])
+                value, known, guessed = regs.setdefault(register, [0, 0, 0])
                 if s:
                     known |= 1 << bit
                     value |= (1 << bit) if s in (2, 4) else 0
-                    infer_mask |= (1 << bit) if s in (3, 4) else 0
-                regs[register] = [value, known, infer_mask]
+                    guessed |= (1 << bit) if s in (3, 4) else 0
+                regs[register] = [value, known, guessed]
             facts = CpuFacts(vendor, 6, 0, None, {  # type: ignore[arg-type]
                 k: RegisterFacts(REGISTERS[k], v, kn, {"*": "synthetic"}, "synthetic: unknown", inf)
                 for k, (v, kn, inf) in regs.items()})

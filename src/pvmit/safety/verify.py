@@ -20,6 +20,14 @@ promise above is judged by derive too.
 The pool rule (`pvmit.pool.rule`) is checked on every pair too: a migration `restore` accepted never lands a VM on
 a host where a speculation bit it was shown at boot is false, and what a pool of the two models may show is true on
 both (a VM booted with the pool's bits is refused by neither for a bit).
+
+The four BHI policies (`pvmit.interface.bhi`): every scenario above runs under force-bhi-dis-s, the default; each
+other policy runs every pair, pool and reported set too (neutral form, both settings for unreporting guests). The
+promise is the same under each: a mitigation a guest reported is kept effective, since under the policies that do
+not force BHI_DIS_S MITIGATION_ENUM never promises the short loop where it is too short; under long-needed-bit a VM
+shown LONG_BHB_NEEDED = 0 is never accepted where the short loop is too short. What each policy leaves to the guest
+by design (an unreporting guest that may run the short loop, on a host with the longer history) is counted per
+policy and listed by guest (`pvmit.interface.bhi_compare`), not counted as a violation.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from typing import Any
 
 from pvmit import derive
 from pvmit.catalog.facts import CpuFacts
-from pvmit.catalog.loader import CpuModel, load_catalog
+from pvmit.catalog.loader import Catalog, CpuModel, load_catalog
 from pvmit.derive import Mitigation, Need, need
+from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, long_history, shown_long_bit
 from pvmit.interface.core import VmInterface
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import Decision, OperatorSettings, decide, supported_requests
@@ -52,6 +61,11 @@ SETTINGS: tuple[tuple[str, OperatorSettings], ...] = tuple(
 )
 """Operator settings explored: both policies for unreporting guests, with no force, and each control forced on or
 off."""
+POLICY_SETTINGS: tuple[tuple[str, OperatorSettings], ...] = tuple(
+    (f"{unreported}, {p.value}", OperatorSettings(unreported=unreported, bhi_policy=p))
+    for p in BhiPolicy if p is not DEFAULT_POLICY for unreported in ("assume-worst", "trust"))
+"""The other BHI policies, each with both settings for unreporting guests (neutral form only: the policies do not
+depend on the wire form)."""
 LATER_WRITES = (0, 1, 2, 3, 1 << 2, 1 << 63, 0xFFFF_FFFF_FFFF_FFFF)
 
 
@@ -105,6 +119,22 @@ class Violation:
 
 
 @dataclass
+class PolicyTally:
+    """One BHI policy's share of the scenarios."""
+
+    scenarios: int = 0
+    accepted: int = 0
+    accepted_forced: int = 0
+    refused: int = 0
+    exposed_by_design: int = 0  # accepted where the policy leaves the short loop to an unreporting guest
+
+    def to_json(self) -> dict[str, int]:
+        return {"scenarios": self.scenarios, "accepted": self.accepted,
+                "accepted_with_forced_controls": self.accepted_forced, "refused": self.refused,
+                "exposed_by_design": self.exposed_by_design}
+
+
+@dataclass
 class Tally:
     scenarios: int = 0
     pairs: int = 0
@@ -114,6 +144,8 @@ class Tally:
     overrides: int = 0
     derivations: int = 0  # CPUs whose derivation was checked against the reference rules
     violations: list[Violation] = field(default_factory=list)
+    policies: dict[str, PolicyTally] = field(default_factory=lambda: {p.value: PolicyTally() for p in BhiPolicy})
+    guests_by_design: dict[str, list[str]] = field(default_factory=dict)  # policy -> guests it leaves exposed
 
     def to_json(self, limit: int = 50) -> dict[str, Any]:
         return {"schema": "pvmit.verify/1", "pairs": self.pairs, "scenarios": self.scenarios,
@@ -121,7 +153,9 @@ class Tally:
                 "accepted": self.accepted, "accepted_with_forced_controls": self.accepted_forced,
                 "refused": self.refused, "operator_overrides_reported": self.overrides,
                 "violations": len(self.violations),
-                "violation_examples": [v.to_json() for v in self.violations[:limit]]}
+                "violation_examples": [v.to_json() for v in self.violations[:limit]],
+                "bhi_policies": {k: {**v.to_json(), "guests_exposed_by_design": self.guests_by_design.get(k, [])}
+                                 for k, v in self.policies.items()}}
 
 
 def promise_violations(vm: VmInterface, need: Callable[[CpuFacts, Mitigation], Need] = need) -> list[str]:
@@ -197,9 +231,11 @@ def pool_violations(src: CpuModel, dst: CpuModel) -> list[str]:
 def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int, sname: str,
               settings: OperatorSettings, tally: Tally, memo: MemoDecider) -> None:
     hosts: list[CpuFacts] = [src.facts] if pool == "source" else [src.facts, dst.facts]
-    vm = VmInterface(InterfaceConfig(form, supported_requests(hosts)), src.facts, src.facts, settings, 1,
-                     decider=memo)
+    policy = settings.bhi_policy
+    config = InterfaceConfig(form, supported_requests(hosts, policy), bhb_long=shown_long_bit(policy, hosts))
+    vm = VmInterface(config, src.facts, src.facts, settings, 1, decider=memo)
     where = (src.id, dst.id, form.value, pool, reported, sname)
+    per = tally.policies[policy.value]
 
     def violation(step: str, detail: str) -> None:
         tally.violations.append(Violation(*where, step, detail))
@@ -214,16 +250,25 @@ def _scenario(src: CpuModel, dst: CpuModel, form: Form, pool: str, reported: int
     state = json.loads(json.dumps(snapshot(vm)))
     verdict, moved = restore(state, dst.facts, decider=memo)
     tally.scenarios += 1
+    per.scenarios += 1
     if moved is None:
         tally.refused += 1
+        per.refused += 1
         if verdict.accepted:
             violation("migration", "accepted but not restored")
         return
     tally.accepted += 1
+    per.accepted += 1
+    if config.bhb_long is False and long_history(dst.facts):
+        violation("migration", "accepted although the VM was shown LONG_BHB_NEEDED = 0 and the short loop is too "
+                               "short here")
+    if any(d.by_design for d in verdict.decisions):
+        per.exposed_by_design += 1
     for bit, why in shown_bit_violations(src.facts, dst.facts):
         violation("migration", f"accepted although the VM was shown {bit}, false here: {why}")
     if moved.vcpus[0].spec.mask & moved.vcpus[0].spec.forced:
         tally.accepted_forced += 1
+        per.accepted_forced += 1
     if any(e.override for d in verdict.decisions for e in d.exposures):
         tally.overrides += 1
     for p in promise_violations(moved, memo.need):
@@ -254,6 +299,9 @@ def _sources(catalog_files: list[str], sources: list[str], targets: list[str]) -
                     for reported in range(4):
                         for sname, settings in SETTINGS:
                             _scenario(src, dst, form, pool, reported, sname, settings, tally, memo)
+                        if form is Form.NEUTRAL:
+                            for sname, settings in POLICY_SETTINGS:
+                                _scenario(src, dst, form, pool, reported, sname, settings, tally, memo)
     return tally
 
 
@@ -267,6 +315,7 @@ def verify(catalog_files: list[str], models: Iterable[str] | None = None, *, job
     ids = [catalog.get(m).id for m in models] if models else [m.id for m in catalog]
     jobs = jobs or os.cpu_count() or 1
     total = Tally()
+    total.guests_by_design = guests_by_design(Catalog(tuple(catalog.get(i) for i in ids), catalog.sources))
     check_derivation(((i, catalog.get(i).facts) for i in ids), total)
     if synthetic:
         check_derivation(reference_rules.synthetic(), total)
@@ -293,3 +342,18 @@ def _merge(total: Tally, part: Tally) -> None:
     for name in ("scenarios", "pairs", "accepted", "accepted_forced", "refused", "overrides", "derivations"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.violations.extend(part.violations)
+    for key, pt in part.policies.items():
+        t = total.policies[key]
+        for name in ("scenarios", "accepted", "accepted_forced", "refused", "exposed_by_design"):
+            setattr(t, name, getattr(t, name) + getattr(pt, name))
+
+
+def guests_by_design(catalog: Catalog) -> dict[str, list[str]]:
+    """Per policy, the guests (`bhi_compare`'s kinds) it leaves exposed somewhere in the catalog's pools, each with
+    the pools where, as 'guest (scenario)'."""
+    from pvmit.interface.bhi_compare import compare
+
+    out: dict[str, list[str]] = {p.value: [] for p in BhiPolicy}
+    for r in compare(catalog):
+        out[r.policy.value] += [f"{g} ({r.scenario} pool)" for g in r.summary()["guests_exposed"]]
+    return out

@@ -45,7 +45,8 @@ def _segment(selector: int, type_: int, long_mode: bool) -> abi.KvmSegment:
 
 
 def enter_long_mode(vcpu: Vcpu, entry: int, stack_top: int, args: tuple[int, ...] = ()) -> None:
-    """Put `vcpu` in 64-bit mode at `entry` with paging on, rsp = stack_top and rdi, rsi, rdx = args."""
+    """Put `vcpu` in 64-bit mode at `entry` with paging on, rsp = stack_top and rdi, rsi, rdx, rcx, r8, r9 = args
+    (the System V argument registers, as many as given)."""
     s = vcpu.get_sregs()
     s.cs = _segment(CODE_SELECTOR, 11, True)
     for name in ("ds", "es", "fs", "gs", "ss"):
@@ -56,7 +57,7 @@ def enter_long_mode(vcpu: Vcpu, entry: int, stack_top: int, args: tuple[int, ...
     s.efer = EFER_LME | EFER_LMA
     vcpu.set_sregs(s)
     regs = Regs(rip=entry, rsp=stack_top, rflags=2)
-    for name, value in zip(("rdi", "rsi", "rdx")[: len(args)], args, strict=True):
+    for name, value in zip(("rdi", "rsi", "rdx", "rcx", "r8", "r9")[: len(args)], args, strict=True):
         setattr(regs, name, value)
     vcpu.set_regs(regs)
 

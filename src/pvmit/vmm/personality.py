@@ -30,7 +30,14 @@ from typing import Any
 from pvmit.catalog.facts import VENDOR_IDS, CpuFacts, RegisterFacts
 from pvmit.catalog.loader import Catalog
 from pvmit.errors import InputError, UnknownModelError
-from pvmit.interface.forms import CpuidLeaf, Form, InterfaceConfig, kvm_feature_leaf_bits, neutral_leaves
+from pvmit.interface.forms import (
+    CpuidLeaf,
+    Form,
+    InterfaceConfig,
+    kvm_feature_leaf_bits,
+    kvm_hint_bits,
+    neutral_leaves,
+)
 from pvmit.kvm.system import CpuidEntry
 from pvmit.userfiles import MiB, load_toml, read_text
 from pvmit.x86.bits import Cpuid7_0Edx
@@ -257,6 +264,7 @@ def build_cpuid(p: Personality, config: InterfaceConfig | None, base: list[Cpuid
         if kvm_sig[1:] == [0, 0, 0]:
             kvm_sig[:] = [KVM_CPUID_FEATURES, *struct.unpack("<3I", b"KVMKVMKVM\0\0\0")]
         regs(KVM_CPUID_FEATURES)[0] |= kvm_feature_leaf_bits(config)
+        regs(KVM_CPUID_FEATURES)[3] |= kvm_hint_bits(config)
         if config.form is Form.NEUTRAL:
             for leaf in neutral_leaves(config):
                 table[(leaf.leaf, 0)] = [leaf.eax, leaf.ebx, leaf.ecx, leaf.edx]

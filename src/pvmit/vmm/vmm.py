@@ -23,7 +23,7 @@ from pvmit.catalog.facts import CpuFacts
 from pvmit.interface.core import SpecCtrlChanged, VmInterface
 from pvmit.interface.forms import ALL_INTERFACE_MSRS, Form, InterfaceConfig, neutral_leaves
 from pvmit.interface.policy import OperatorSettings
-from pvmit.interface.spec_ctrl import guest_writable
+from pvmit.interface.spec_ctrl import HardwareMask, SpecCtrlBackend, guest_writable
 from pvmit.kvm import abi
 from pvmit.kvm.errors import KvmError
 from pvmit.kvm.system import CpuidEntry, Kvm
@@ -100,7 +100,8 @@ class Vmm:
     def __init__(self, kvm: Kvm, personality: Personality, host: Host, config: InterfaceConfig,
                  settings: OperatorSettings = OperatorSettings(), *, memory_size: int = 4 << 20,
                  on_line: Callable[[str], None] | None = None, log_dirty: bool = False,
-                 core: VmInterface | None = None) -> None:
+                 core: VmInterface | None = None,
+                 spec_ctrl_backend: SpecCtrlBackend = SpecCtrlBackend.INTERCEPT) -> None:
         self.kvm = kvm
         self.personality = personality
         self.host = host
@@ -111,12 +112,16 @@ class Vmm:
         self.serial = Serial(on_line)
         self._on_line = on_line
         self.counts = ExitCounts()
+        self.spec_ctrl_writes = 0  # values the VMM put into KVM's IA32_SPEC_CTRL
+        self.backend = spec_ctrl_backend
+        self.hw_mask = HardwareMask()  # the hw-mask backend's model (one vCPU)
         self.events: list[str] = []
         self._intercepting = False
         self._running = False  # before the first run, KVM's IA32_SPEC_CTRL holds nothing of the guest's
         self._hw = spec_ctrl_bits_kept(self.vcpu, host.hardware_spec_ctrl)  # what reaches the hardware here
         self._interface_ranges = self._ranges_for(config)
-        self._interface_indices = frozenset(r.base for r in self._interface_ranges) | {MSR_IA32_SPEC_CTRL}
+        self._interface_indices = frozenset(i for r in self._interface_ranges
+                                            for i in range(r.base, r.base + r.count)) | {MSR_IA32_SPEC_CTRL}
         self.after_msr_exit: Callable[[Vmm], None] | None = None  # a test's invariant check, run after each
         self.machine.vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR, USER_SPACE_MSR_REASONS)
         wanted = build_cpuid(personality, config, kvm.supported_cpuid())
@@ -132,9 +137,11 @@ class Vmm:
     def _checked_registers(self) -> list[tuple[int, int, str]]:
         """The CPUID registers a personality or interface form sets. Only these are compared: KVM legitimately
         adjusts others (APIC ids, cache topology)."""
+        hints = [(KVM_CPUID_FEATURES, 0, "edx")] if self.config.form is Form.KVM else []  # LONG_BHB_NEEDED there
         return [(0, 0, r) for r in ("ebx", "ecx", "edx")] + [(1, 0, "eax")] + [
             (r.index, r.subleaf, r.out) for r in CPU_FACT_REGISTERS if r.kind == "cpuid"] + [
-            (KVM_CPUID_FEATURES, 0, "eax")] + [(leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
+            (KVM_CPUID_FEATURES, 0, "eax")] + hints + [
+            (leaf.leaf, 0, r) for leaf in neutral_leaves(self.config)
                                                for r in ("eax", "ebx", "ecx", "edx")
                                                if self.config.form is Form.NEUTRAL]
 
@@ -160,8 +167,15 @@ class Vmm:
 
     @staticmethod
     def _ranges_for(config: InterfaceConfig) -> list[MsrRange]:
-        indices = sorted(config.msrs | ALL_INTERFACE_MSRS | {MSR_IA32_ARCH_CAPABILITIES})
-        return [MsrRange(i) for i in indices]
+        """One filter range per run of consecutive indices (a pool description is a block of them)."""
+        ranges: list[MsrRange] = []
+        for i in sorted(config.msrs | ALL_INTERFACE_MSRS | {MSR_IA32_ARCH_CAPABILITIES}):
+            last = ranges[-1] if ranges else None
+            if last is not None and last.base + last.count == i:
+                ranges[-1] = MsrRange(last.base, last.count + 1)
+            else:
+                ranges.append(MsrRange(i))
+        return ranges
 
     def _event(self, message: str) -> None:
         """Something the VMM did or decided: kept in `events` and shown in the transcript as it happens."""
@@ -172,7 +186,7 @@ class Vmm:
 
     # --- setup -------------------------------------------------------------------------------------------------
     def load(self, code: bytes, address: int, args: tuple[int, ...] = ()) -> None:
-        """Load a 64-bit program and point the vCPU at it, with rdi, rsi, rdx = args."""
+        """Load a 64-bit program and point the vCPU at it, with rdi, rsi, rdx, rcx, r8, r9 = args."""
         self.machine.load(code, address)
         enter_long_mode(self.vcpu, address, self.machine.stack_top, args)
 
@@ -267,8 +281,12 @@ class Vmm:
     def _apply(self, effects: list[SpecCtrlChanged]) -> None:
         for e in effects:
             # Also intercept while the guest's own value holds bits this hardware lacks: KVM would not keep them,
-            # and the guest must read back what it wrote.
-            intercept = e.intercept or bool(self.core.vcpus[e.vcpu].spec.guest & ~self._hw)
+            # and the guest must read back what it wrote. With the hardware mask nothing is intercepted: the mask
+            # holds the forced bits (modelled: no KVM here offers it).
+            intercept = self.backend is SpecCtrlBackend.INTERCEPT and (
+                e.intercept or bool(self.core.vcpus[e.vcpu].spec.guest & ~self._hw))
+            if self.backend is SpecCtrlBackend.HW_MASK:
+                self.hw_mask.hold(e.mask, e.forced)
             if intercept and not self._intercepting and self._running:
                 self.sync_spec_ctrl()  # the guest's own value so far lives in KVM; the core takes it over
             self._set_intercept(intercept)
@@ -280,7 +298,9 @@ class Vmm:
                 self._event(
                     f"forced IA32_SPEC_CTRL {'+'.join(str(n) for n in forced)}: "
                     f"in hardware {', '.join(str(n) for n in hw) or 'none'}; "
-                    f"modelled only {', '.join(str(n) for n in modelled) or 'none'}")
+                    f"modelled only {', '.join(str(n) for n in modelled) or 'none'}"
+                    + ("; held by the per-vCPU hardware mask (modelled: guest accesses do not exit)"
+                       if self.backend is SpecCtrlBackend.HW_MASK else ""))
             else:
                 self._event("nothing forced; IA32_SPEC_CTRL " + (
                     "still intercepted: the guest's value has bits this hardware lacks" if intercept
@@ -313,6 +333,7 @@ class Vmm:
 
     def _write_spec_ctrl(self, effective: int) -> None:
         """Put the value in effect into KVM, for the bits this hardware has; the others stay modelled."""
+        self.spec_ctrl_writes += 1
         try:
             self.vcpu.set_msrs({MSR_IA32_SPEC_CTRL: effective & self._hw})
         except KvmError as e:

@@ -176,6 +176,8 @@ class VirtualEnumeration(IntFlag):
     """MSR_VIRTUAL_ENUMERATION, 0x50000000, read-only: which virtual MSRs exist (RFC v3)."""
 
     MITIGATION_CTRL_SUPPORT = 1 << 0  # RFC v3 VIRT_ENUM_MITIGATION_CTRL_SUPPORT
+    LONG_BHB_NEEDED = 1 << 1  # pvmit's proposal (docs/interface.md section 9): the long BHB-clearing loop is needed
+    POOL_DESCRIPTION = 1 << 2  # pvmit's proposal (section 10): the pool description MSRs at 0x50000010 exist
 
 
 class MitigationEnum(IntFlag):
