@@ -108,6 +108,25 @@ def test_every_name_maps_to_an_existing_register_bit() -> None:
     assert table.canonical(["md_clear", "arch_capabilities", "fpu"]) == {"md-clear", "arch-capabilities", "fpu"}
 
 
+def test_every_pool_bit_has_its_names_or_a_reason_for_none() -> None:
+    """Each bit `pvmit pool` decides or leaves is named (QEMU's name, libvirt's or why libvirt has none yet) or is
+    listed as unnamed with the reason; never both, never neither."""
+    from pvmit.pool.rule import pool_bit_table
+
+    table = feature_names()
+    named = unnamed = 0
+    for b in pool_bit_table():
+        f, why = table.of_bit(b.register.key, b.name), table.why_unnamed(b.register.key, b.name)
+        assert (f is None) != (why is None), f"{b.key}: named {f} and unnamed because {why!r}"
+        if f is not None:
+            assert (b.qemu, b.libvirt) == (f.name, "" if f.not_in_libvirt else f.name), b.key
+            named += 1
+        else:
+            assert why and why.partition(":")[0] in table.sources and (b.qemu, b.libvirt) == ("", ""), b.key
+            unnamed += 1
+    assert named >= 50 and unnamed >= 20
+
+
 def test_the_names_and_their_absence_are_the_tools_own() -> None:
     """Against QEMU's and libvirt's trees (tests/fixtures/vmm_names, the sources qemu-tree and libvirt-tree): each
     name is QEMU's for its bit; libvirt defines it there unless the entry says it does not; an unnamed bit has no
