@@ -55,6 +55,13 @@ class Unnamed:
     why: str
 
 
+def source_ref(sources: Mapping[str, str], ref: object, where: str, what: str) -> str:
+    """`ref` if it is 'KEY: detail' (or 'KEY') with KEY one of `sources`; else ValueError naming where and what."""
+    if not isinstance(ref, str) or ref.partition(":")[0].strip() not in sources:
+        raise ValueError(f"{where}: {what}: source {ref!r} does not start with a key of [sources]")
+    return ref
+
+
 def cite(sources: Mapping[str, str], ref: str) -> str:
     """'KEY: detail' -> 'title of KEY: detail' (the reference itself where KEY is not a source)."""
     key, _, detail = ref.partition(":")
@@ -123,9 +130,7 @@ def parse_feature_names(doc: dict[str, Any], where: str) -> FeatureNames:
         raise ValueError(f"{where}: [sources] must map keys to titles")
 
     def check_source(ref: object, what: str) -> str:
-        if not isinstance(ref, str) or ref.partition(":")[0].strip() not in sources:
-            raise ValueError(f"{where}: {what}: source {ref!r} does not start with a key of [sources]")
-        return ref
+        return source_ref(sources, ref, where, what)
 
     feats: list[FeatureName] = []
     seen: dict[str, str] = {}
