@@ -93,7 +93,7 @@ def _migrate(env: Env, name: str, port: int) -> tuple[int, str]:
 
 def test_live_xml_of_tcg_guests_agrees_with_the_tcg_data(env: Env) -> None:
     """libvirt's live XML of a running TCG domain turns every speculation feature of its model to
-    policy='disable': what features.toml's [tcg] says QEMU shows a TCG guest (nothing)."""
+    policy='disable': what data/tcg.toml says QEMU shows a TCG guest (nothing)."""
     cpumap = FileCpuMap()
     hidden = set(feature_map().tcg_hidden)
     for name, model in MODELS.items():

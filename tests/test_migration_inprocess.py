@@ -209,7 +209,8 @@ def source_vmm(kvm: Kvm, catalog: Catalog, settings: OperatorSettings = Operator
     for off in range(2 << 20, 4 << 20, PAGE):  # data pages, then a run of written zero pages, then untouched
         view[off:off + 8] = off.to_bytes(8, "little")
     view[4 << 20:5 << 20] = bytes(1 << 20)
-    vmm.run(max_exits=2000, timeout=10)  # the guest reports retpoline and starts counting
+    vmm.run(poll=lambda: vmm.core.vcpus[0].reported, max_exits=2000, timeout=10)  # until it reports retpoline
+    assert vmm.core.vcpus[0].reported
     return vmm
 
 

@@ -47,7 +47,8 @@ def test_every_guest_visible_bit_has_a_rule() -> None:
 
 @pytest.mark.parametrize("tool,column", [("qemu_feature_names", "qemu"), ("libvirt_cpu_map", "libvirt")])
 def test_names_are_the_tools_own_for_the_same_bit(tool: str, column: str) -> None:
-    """Every QEMU/libvirt name in pool/bits.toml is the name the tool's source gives that register's bit."""
+    """Every QEMU/libvirt name a pool bit has (x86/data/feature_names.toml) is the name the tool's source gives that
+    register's bit."""
     words = json.loads((NAMES / f"{tool}.json").read_text())["words"]
     used = 0
     for b in pool_bit_table():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import secrets
 import socket
 import time
@@ -307,3 +308,18 @@ def test_a_guest_that_would_see_another_cpu_is_refused_before_the_pause(catalog:
                for r in verdict["reasons"]), verdict
     s.close()
     waiting(dest)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("vm.config.bhb_long", 1, "bhb_long must be true or false, not 1"),
+    ("vm.config.pool", {}, "pool must be a list, not a JSON object"),
+    ("vm.config.pool", [], "pool has 0 entries"),
+    ("vm.config.pool", [{}] * 33, "pool has 33 entries"),
+    ("vm.config.pool", [7], "pool[0] must be an object, not 7"),
+    ("vm.config.neutral_pool_msr", -1, "neutral_pool_msr = -1 is out of range"),
+])
+def test_the_pool_description_a_header_carries_is_checked(catalog: Catalog, path: str, value: Any,
+                                                          message: str) -> None:
+    header, _ = valid(catalog)
+    with pytest.raises(StreamError, match=re.escape(message)):
+        parse_header(put(header, path, value))

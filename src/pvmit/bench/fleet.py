@@ -5,7 +5,8 @@ planned by a fresh `python -m pvmit fleet plan INVENTORY --output DIR` process p
 and OMP_NUM_THREADS for Arrow's thread pool). Timed: that whole process, from interpreter start to the Parquet
 tables written: imports, catalog, reading the Parquet inventory, checking rows, classes, class-pair decisions,
 per-VM answers, pools, output. Peak memory: that process's maximum resident set size (wait4's rusage). Its CPU
-time and the load average are reported beside, because on a shared machine wall time includes waiting.
+time and the load average (before and after) are reported beside, because on a shared machine wall time includes
+waiting.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def run(catalog: Catalog, vms: int | None, hosts: int | None, cores: int, invent
                "plan", str(inventory), "--output", str(out_dir), "--format", "parquet", "--progress"]
         env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus) or cores)}
         progress(f"timing: {' '.join(cmd[1:])} on CPUs {cpus or 'unpinned'}")
+        load_before = list(os.getloadavg())
         t = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                  preexec_fn=pin)  # noqa: PLW1509 - affinity must be set before the child starts
@@ -91,7 +93,7 @@ def run(catalog: Catalog, vms: int | None, hosts: int | None, cores: int, invent
         "command": cmd[1:], "exit_status": child.returncode, "stages": stages, "tables_written": tables,
         "seconds": seconds, "target_seconds": TARGET_SECONDS, "seconds_ratio": seconds / TARGET_SECONDS,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the child's user + system time, whatever else runs
-        "load_average": list(os.getloadavg()),
+        "load_average": list(os.getloadavg()), "load_average_before": load_before,
         "peak_rss_bytes": rss, "target_rss_bytes": TARGET_RSS_BYTES, "rss_ratio": rss / TARGET_RSS_BYTES,
         "within_targets": child.returncode == 0 and seconds < TARGET_SECONDS and rss < TARGET_RSS_BYTES,
     }

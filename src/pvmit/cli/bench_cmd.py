@@ -238,7 +238,7 @@ def fleet(st: State, vms: int, hosts: int, cores: int, inventory: Path | None, s
     out.print(f"  seconds:   {doc['seconds']:7.2f} s    target < {doc['target_seconds']:.0f} s    "
               f"ratio {doc['seconds_ratio']:.3f}")
     out.print(f"  CPU time:  {doc['cpu_seconds']:7.2f} s    (user + system; load average "
-              f"{doc['load_average'][0]:.2f} on this machine)")
+              f"{doc['load_average_before'][0]:.2f} before, {doc['load_average'][0]:.2f} after, on this machine)")
     out.print(f"  peak RSS:  {doc['peak_rss_bytes'] / 2**20:7.0f} MiB  target < "
               f"{doc['target_rss_bytes'] / 2**20:.0f} MiB  ratio {doc['rss_ratio']:.3f}")
     if doc["exit_status"] != 0:

@@ -5,9 +5,9 @@ are one class when they booted with the same personality, reported the same miti
 the same form, were promised the same MITIGATION_ENUM and carry the same settings. The planner then decides each
 (VM class, host class) pair once, so its cost grows with the number of distinct classes, not with VMs x hosts.
 
-VM rows are checked column by column, once per distinct value, and grouped with vectorised key arithmetic, so a
-million rows cost a few array passes. Cell values that need files (host facts, personality templates) are read
-through a `Resolver`, each once.
+Rows are checked column by column, once per distinct value, and grouped with vectorised key arithmetic, so ten
+million rows cost a few array passes and no Python object per row (`columns` holds the primitives). Cell values
+that need files (host facts, personality templates) are read through a `Resolver`, each once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,17 @@ from pvmit.catalog.facts import CpuFacts
 from pvmit.catalog.loader import Catalog
 from pvmit.derive import Mitigation, mitigations_to_bits
 from pvmit.errors import PvmitError
+from pvmit.fleet.columns import (
+    SLICE,
+    Codes,
+    HashArray,
+    Workers,
+    encode,
+    hash_column,
+    repeated,
+    smallest_int,
+    strip,
+)
 from pvmit.fleet.inventory import (
     BoolArray,
     ErrorLog,
@@ -49,9 +60,10 @@ from pvmit.interface.policy import PartialSettings, supported_requests
 from pvmit.interface.pooldesc import VERSION as POOL_VERSION
 from pvmit.interface.pooldesc import describe_facts
 from pvmit.userfiles import FileError, MiB, load_json, read_json
-from pvmit.vmm.personality import Personality, resolve
+from pvmit.vmm.personality import Personality, builtin_templates, resolve
 
 T = TypeVar("T")
+Int32Array = npt.NDArray[np.int32]
 HOST_FACTS_CAP = 1 * MiB
 """Largest `pvmit host --json` file a host's cpu cell may name (one is about 20 KiB)."""
 
@@ -120,6 +132,7 @@ class Resolver:
         self.catalog = catalog
         self._hosts: dict[tuple[str, Path], tuple[str, str, CpuFacts]] = {}
         self._personalities: dict[tuple[str, Path], tuple[str, str, CpuFacts] | str] = {}  # str: why not
+        self._templates: dict[str, Personality] | None = None  # the built-in ones, read once
 
     def host_cpu(self, text: str, base: Path) -> tuple[str, str, CpuFacts]:
         """(key, label, facts) for a catalog model name, inline facts JSON, or a path to `pvmit host --json`."""
@@ -158,12 +171,14 @@ class Resolver:
             name = text.strip()
             if name.lower().endswith(".toml") and not Path(name).is_absolute():
                 name = str(base / name)
+            if self._templates is None:
+                self._templates = builtin_templates(self.catalog)
             try:
                 if name.startswith("{"):
                     p = _inline_personality(name)
                     self._personalities[k] = (f"inline:{facts_digest(p.facts)}", p.name, p.facts)
                 else:
-                    p = resolve(self.catalog, name)
+                    p = resolve(self.catalog, name, self._templates)
                     self._personalities[k] = (p.origin, p.name, p.facts)
             except (PvmitError, ValueError) as e:
                 self._personalities[k] = str(e)
@@ -197,8 +212,8 @@ class Fleet:
     host_classes: list[HostClass]
     vm_names: pa.ChunkedArray
     vm_rows: IntArray
-    vm_host: IntArray  # index into the host arrays
-    vm_class: IntArray
+    vm_host: Int32Array  # index into the host arrays
+    vm_class: Int32Array
     vm_classes: list[VmClass]
     errors: ErrorLog
     warnings: list[str]
@@ -219,90 +234,6 @@ class Fleet:
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-Codes = npt.NDArray[np.integer[Any]]
-"""Row codes into a column's distinct values (int32 from `encode`; -1 for an absent cell)."""
-
-
-def encode(col: pa.ChunkedArray) -> tuple[list[str | None], Codes]:
-    """The distinct values of a column and each row's index into them (-1 for an absent cell)."""
-    if not pa.types.is_dictionary(col.type):
-        col = col.dictionary_encode()
-    col = col.unify_dictionaries()
-    chunks = [c for c in col.chunks if len(c)]
-    if not chunks:
-        return [], np.empty(0, dtype=np.int64)
-    values: list[str | None] = chunks[0].dictionary.to_pylist()
-    codes = np.empty(sum(len(c) for c in chunks), dtype=np.int32)  # int32: half the memory of int64 at 10M rows
-    pos = 0
-    for c in chunks:
-        idx = c.indices if not c.null_count else pc.fill_null(c.indices, -1)
-        codes[pos:pos + len(c)] = idx.to_numpy(zero_copy_only=False)
-        pos += len(c)
-    return values, codes
-
-
-def _log_by_code(errors: ErrorLog, src: TableSource, fld: str, messages: Sequence[str | None], codes: Codes,
-                 bad: BoolArray) -> None:
-    """Log, per distinct value with a message, the rows holding it (and mark them bad), with array passes only."""
-    is_bad = np.array([m is not None for m in messages] + [False], dtype=bool)  # [-1] -> the appended False
-    hit = is_bad[codes] & ~bad
-    if not hit.any():
-        return
-    idx = np.nonzero(hit)[0]
-    order = np.argsort(codes[idx], kind="stable")
-    idx = idx[order]
-    cs = codes[idx]
-    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
-    for s, e in zip(starts, np.r_[starts[1:], cs.size], strict=True):
-        msg = messages[int(cs[s])]
-        assert msg is not None
-        errors.add(src.file, src.table, fld, msg, src.rows[idx[s:e]])
-    bad |= hit
-
-
-def _column(src: TableSource, name: str, parse: Callable[[str], T], errors: ErrorLog, bad: BoolArray,
-            required: bool) -> tuple[dict[int, T], Codes]:
-    """A column checked once per distinct value: {code: parsed value} for the good values, and each row's code
-    (-1 for an absent cell). Rows with a bad value, or absent where the column is required, are logged and marked."""
-    values, codes = encode(src.data.column(name))
-    get = _memo(parse, prefix=False)
-    parsed: dict[int, T] = {}
-    messages: list[str | None] = []
-    blank = np.zeros(len(values) + 1, dtype=bool)
-    for k, v in enumerate(values):
-        if v is None or not v.strip():
-            blank[k] = True
-            messages.append(None)
-            continue
-        value, msg = get(v)
-        if msg is None:
-            parsed[k] = value  # type: ignore[assignment]  # parse succeeded: a T, which may itself be None
-        elif v.strip() not in msg:
-            msg = f"{v!r}: {msg}"
-        messages.append(msg)
-    if blank.any():
-        codes = np.where(blank[codes], -1, codes)
-    _log_by_code(errors, src, name, messages, codes, bad)
-    if required:
-        missing = (codes < 0) & ~bad
-        if missing.any():
-            errors.add(src.file, src.table, name, "required, but empty", src.rows[missing])
-            bad |= missing
-    return parsed, codes
-
-
-# --- hosts ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Hosts:
-    names: list[str]
-    rows: list[int]
-    klass: list[int]
-    cluster: list[str | None]
-    classes: list[HostClass]
-    invalid: dict[str, int]  # host names whose rows are wrong -> row
-
-
 def _memo(parse: Callable[[str], T], prefix: bool) -> Callable[[str], tuple[T | None, str | None]]:
     """`parse` run once per distinct value: (value, None) or (None, the error message)."""
     cache: dict[str, tuple[T | None, str | None]] = {}
@@ -317,51 +248,275 @@ def _memo(parse: Callable[[str], T], prefix: bool) -> Callable[[str], tuple[T | 
     return get
 
 
-def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
-    """Hosts row by row (thousands, not millions); each distinct cell value is parsed once."""
-    d = src.data.to_pydict()
-    out = _Hosts([], [], [], [], [], {})
-    index: dict[HostClass, int] = {}
-    seen: dict[str, int] = {}
-    cpu_of = _memo(lambda v: resolver.host_cpu(v, src.base_dir), prefix=False)
-    bits_of = _memo(parse_bits, prefix=True)
-    unreported_of = _memo(parse_unreported, prefix=True)
+def _flags(messages: Sequence[str | None]) -> BoolArray:
+    """Per code, whether it has a message; one more entry, False, that code -1 (an absent cell) reads."""
+    return np.array([m is not None for m in messages] + [False], dtype=bool)
 
-    for i in range(src.num_rows):
-        row = int(src.rows[i])
-        problems: list[tuple[str, str | None]] = []
-        name = (d["name"][i] or "").strip()
-        if not name:
-            problems.append(("name", "required, but empty"))
-        elif name in seen:
-            problems.append(("name", f"duplicate host name {name!r} (first at row {seen[name]})"))
-        cpu, cpu_err = cpu_of(d["cpu"][i]) if d["cpu"][i] else (None, "required, but empty")
-        on, on_err = bits_of(d["force_on"][i]) if d["force_on"][i] else (None, None)
-        off, off_err = bits_of(d["force_off"][i]) if d["force_off"][i] else (None, None)
-        unrep, unrep_err = unreported_of(d["unreported"][i]) if d["unreported"][i] else (None, None)
-        problems += [("cpu", cpu_err), ("force_on", on_err), ("force_off", off_err), ("unreported", unrep_err)]
-        problems = [(f, m) for f, m in problems if m]
-        settings = None
-        if not problems:
-            try:
-                settings = PartialSettings(on, off, unrep)
-            except ValueError as e:
-                problems.append(("force_off", str(e)))
-        if problems or src.bad[i] or settings is None or cpu is None:
-            for fld, msg in problems:
-                errors.add(src.file, src.table, fld, str(msg), [row])
-            if name and name not in seen:
-                out.invalid.setdefault(name, row)
-            continue
-        seen[name] = row
-        key, label, facts = cpu
-        hc = HostClass(label, key, settings, facts)
-        out.names.append(name)
-        out.rows.append(row)
-        out.klass.append(index.setdefault(hc, len(index)))
-        out.cluster.append(d["cluster"][i])
-    out.classes = list(index)
-    return out
+
+def _log_by_code(errors: ErrorLog, src: TableSource, fld: str, messages: Sequence[str | None], codes: Codes,
+                 skip: BoolArray | None) -> BoolArray | None:
+    """Log, per code with a message, the rows holding it (less those in `skip`); return the rows logged (None:
+    none), with array passes only."""
+    flags = _flags(messages)
+    if not flags.any():
+        return None
+    hit = flags[codes]
+    if skip is not None:
+        hit &= ~skip
+    idx = np.flatnonzero(hit)
+    if not idx.size:
+        return None
+    idx = idx[np.argsort(codes[idx], kind="stable")]
+    cs = codes[idx]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]])
+    for s, e in zip(starts, np.r_[starts[1:], cs.size], strict=True):
+        msg = messages[int(cs[s])]
+        assert msg is not None
+        errors.add(src.file, src.table, fld, msg, src.rows[idx[s:e]])
+    return hit
+
+
+def _mark(bad: BoolArray, rows: BoolArray | None) -> None:
+    if rows is not None:
+        bad |= rows
+
+
+@dataclass
+class _Column:
+    """A column checked once per distinct value: parsed values and error messages by code, and each row's code
+    (-1 for an absent or blank cell)."""
+
+    name: str
+    parsed: dict[int, Any]
+    messages: list[str | None]
+    codes: Codes
+
+    def log(self, errors: ErrorLog, src: TableSource, bad: BoolArray, required: bool) -> None:
+        """Log the rows not yet `bad` that hold a wrong value, then (if `required`) those left empty; mark them."""
+        _mark(bad, _log_by_code(errors, src, self.name, self.messages, self.codes, bad))
+        if required:
+            missing = (self.codes < 0) & ~bad
+            if missing.any():
+                errors.add(src.file, src.table, self.name, "required, but empty", src.rows[missing])
+                bad |= missing
+
+
+def _column(src: TableSource, name: str, parse: Callable[[str], Any]) -> _Column:
+    """Parse each distinct value of a VM column once; blank values count as absent (code -1)."""
+    get = _memo(parse, prefix=False)
+    parsed: dict[int, Any] = {}
+    messages: list[str | None] = []
+
+    def check(values: pa.Array) -> Codes:
+        code = np.append(np.arange(len(values)), -1).astype(smallest_int(len(values)))
+        for k, v in enumerate(values.to_pylist()):
+            if not v.strip():
+                code[k] = -1
+                messages.append(None)
+                continue
+            value, msg = get(v)
+            if msg is None:
+                parsed[k] = value
+            elif v.strip() not in msg:
+                msg = f"{v!r}: {msg}"
+            messages.append(msg)
+        return code
+
+    _, codes = encode(src.column(name), check)
+    return _Column(name, parsed, messages, codes)
+
+
+def _combine(codes: Sequence[Codes], sizes: Sequence[int]) -> tuple[IntArray, Int32Array]:
+    """Rows with equal codes in every column -> one group: (the first row of each group, in row order; each row's
+    group). `sizes[i]` bounds column i's codes (-1 .. sizes[i] - 2). Mixed-radix keys, built a slice of rows at a
+    time; groups found with a dense table of keys where the key space is small (no sort), else with a sort."""
+    n = codes[0].size if codes else 0
+    if n == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+    used = [(c, s) for c, s in zip(codes, sizes, strict=True) if s > 1]  # a column with no values adds nothing
+    space = float(np.prod(np.array([s for _, s in used], dtype=np.float64))) if used else 1.0
+    if space >= 2.0 ** 62:
+        _, first, inverse = np.unique(np.stack([c for c, _ in used], axis=1), axis=0, return_index=True,
+                                      return_inverse=True)
+        return _renumber(first.astype(np.int64), inverse.reshape(-1).astype(np.int32))
+    key: npt.NDArray[np.signedinteger[Any]] = np.zeros(n, dtype=np.int32 if space < 2.0 ** 31 else np.int64)
+    for s0 in range(0, n, SLICE):
+        k = key[s0:s0 + SLICE]
+        for c, s in used:
+            k *= s
+            k += c[s0:s0 + SLICE]
+            k += 1
+    size = int(space)
+    if space > 4 * n + (1 << 20):  # sparse: number the keys present by sorting them
+        uniq, inverse = np.unique(key, return_inverse=True)
+        key, size = inverse.reshape(-1).astype(np.int32), int(uniq.size)
+    first_of = np.full(size, n, dtype=np.int64)
+    for s0 in range(0, n, 1 << 20):
+        k = key[s0:s0 + (1 << 20)]
+        np.minimum.at(first_of, k, np.arange(s0, s0 + k.size, dtype=np.int64))
+    present = np.flatnonzero(first_of < n)
+    order = np.argsort(first_of[present], kind="stable")  # groups numbered by their first row
+    group_of = np.full(size, -1, dtype=np.int32)
+    group_of[present[order]] = np.arange(present.size, dtype=np.int32)
+    group: Int32Array = key if key.dtype == np.int32 else np.empty(n, dtype=np.int32)  # the keys' memory, reused
+    relabel(key, group_of, group)
+    return first_of[present[order]], group
+
+
+def relabel(a: Codes, table: npt.NDArray[np.signedinteger[Any]], out: Codes) -> None:
+    """out[i] = table[a[i]], a slice of rows at a time (out may be a itself)."""
+    for s0 in range(0, a.size, SLICE):
+        out[s0:s0 + SLICE] = table[a[s0:s0 + SLICE]]
+
+
+def _renumber(first: IntArray, group: Int32Array) -> tuple[IntArray, Int32Array]:
+    """Groups renumbered in the order of their first rows."""
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(order.size, dtype=np.int32)
+    rank[order] = np.arange(order.size, dtype=np.int32)
+    return first[order], rank[group]
+
+
+def _rows_of(group: Int32Array, chosen: Sequence[int]) -> list[tuple[int, IntArray]]:
+    """(group, its row indices) for each chosen group, in one pass over the rows."""
+    if not chosen:
+        return []
+    flag = np.zeros(int(group.max()) + 1 if group.size else 0, dtype=bool)
+    flag[list(chosen)] = True
+    idx = np.flatnonzero(flag[group])
+    idx = idx[np.argsort(group[idx], kind="stable")]
+    gs = group[idx]
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    return [(int(gs[s]), idx[s:e]) for s, e in zip(starts, np.r_[starts[1:], gs.size], strict=True)]
+
+
+# --- hosts ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Hosts:
+    names: list[str]
+    rows: IntArray
+    klass: IntArray
+    cluster: list[str | None]
+    classes: list[HostClass]
+    invalid: dict[str, int]  # names of hosts whose rows are all wrong -> the first of them
+    cluster_code: IntArray  # per valid host: its cluster, numbered by first appearance (hosts without one share one)
+    cluster_names: list[str | None]  # per cluster code
+    cluster_keys: dict[int, set[str]]  # cluster code -> the CPU keys of its hosts, in code order
+
+
+def _host_column(src: TableSource, name: str, get: Callable[[str], tuple[Any, str | None]],
+                 empty: str | None) -> _Column:
+    """A host column parsed once per distinct value; an absent or empty cell gets the message `empty` (None: no
+    value and no error)."""
+    values, codes = encode(src.column(name))
+    parsed: dict[int, Any] = {}
+    messages: list[str | None] = []
+    for k, v in enumerate(values.to_pylist()):
+        value, msg = get(v) if v else (None, empty)
+        messages.append(msg)
+        if msg is None:
+            parsed[k] = value
+    parsed[-1] = None
+    messages.append(empty)  # code -1: an absent cell
+    return _Column(name, parsed, messages, codes)
+
+
+def _hosts(src: TableSource, resolver: Resolver, errors: ErrorLog) -> _Hosts:
+    """Hosts checked column by column (each distinct value parsed once) with the rules a row-by-row reading gives:
+    every problem of a row is reported; a name is a duplicate when an earlier valid row has it; settings are checked
+    only in rows with no other problem."""
+    n = src.num_rows
+    rownum = np.arange(n, dtype=np.int64)
+    names_arr = strip(src.column("name").combine_chunks()) if n else pa.array([], type=pa.string())
+    name_values, name_codes = encode(pa.chunked_array([names_arr]))
+    name_empty = np.append(np.asarray(pc.equal(name_values, "").to_numpy(zero_copy_only=False), dtype=bool),
+                           True)[name_codes]
+    cpu = _host_column(src, "cpu", _memo(lambda v: resolver.host_cpu(v, src.base_dir), prefix=False),
+                       "required, but empty")
+    bits_of = _memo(parse_bits, prefix=True)
+    on = _host_column(src, "force_on", bits_of, None)
+    off = _host_column(src, "force_off", bits_of, None)
+    unrep = _host_column(src, "unreported", _memo(parse_unreported, prefix=True), None)
+    cols = (cpu, on, off, unrep)
+    cell_bad = np.zeros(n, dtype=bool)
+    for c in cols:
+        cell_bad |= np.array([m is not None for m in c.messages], dtype=bool)[c.codes]  # [-1]: an absent cell
+
+    # settings, once per combination present
+    sfirst, sgroup = _combine([on.codes, off.codes, unrep.codes],
+                              [len(on.messages), len(off.messages), len(unrep.messages)])
+    settings: list[PartialSettings | None] = []
+    settings_msg: list[str | None] = []
+    for r in sfirst.tolist():
+        try:
+            settings.append(PartialSettings(on.parsed.get(int(on.codes[r])), off.parsed.get(int(off.codes[r])),
+                                            unrep.parsed.get(int(unrep.codes[r]))))
+            settings_msg.append(None)
+        except ValueError as e:
+            settings.append(None)
+            settings_msg.append(str(e))
+    settings_bad = _flags(settings_msg)[:-1][sgroup] if n else np.zeros(0, dtype=bool)
+
+    ok_other = ~cell_bad & ~settings_bad & ~src.bad
+    first_ok = np.full(len(name_values), n, dtype=np.int64)
+    cand = ok_other & ~name_empty
+    np.minimum.at(first_ok, name_codes[cand], rownum[cand])
+    dup = ~name_empty & (np.append(first_ok, n)[name_codes] < rownum)
+    valid = ok_other & ~name_empty & ~dup
+
+    # errors, per row in the order name, cpu, force_on, force_off, unreported, then the settings
+    if name_empty.any():
+        errors.add(src.file, src.table, "name", "required, but empty", src.rows[name_empty])
+    if dup.any():
+        name_list = name_values.to_pylist()
+        dup_messages: list[str | None] = [None] * len(name_list)
+        for k in np.unique(name_codes[dup]).tolist():
+            dup_messages[k] = (f"duplicate host name {name_list[k]!r} (first at row "
+                               f"{int(src.rows[first_ok[k]])})")
+        _log_by_code(errors, src, "name", dup_messages, np.where(dup, name_codes, -1), None)
+    for c in cols:
+        _log_by_code(errors, src, c.name, c.messages[:-1], c.codes, None)
+        if c.messages[-1] is not None and (c.codes < 0).any():
+            errors.add(src.file, src.table, c.name, c.messages[-1], src.rows[c.codes < 0])
+    settings_rows = settings_bad & ~cell_bad & ~name_empty & ~dup
+    if settings_rows.any():
+        _log_by_code(errors, src, "force_off", settings_msg, np.where(settings_rows, sgroup, -1), None)
+
+    # names whose every row is wrong, for the VMs that name them
+    has_valid = np.zeros(len(name_values) + 1, dtype=bool)
+    has_valid[name_codes[valid]] = True
+    first_any = np.full(len(name_values), n, dtype=np.int64)
+    named = ~name_empty
+    np.minimum.at(first_any, name_codes[named], rownum[named])
+    orphans = np.flatnonzero(~has_valid[:-1] & (first_any < n))
+    invalid = dict(zip(name_values.take(pa.array(orphans)).to_pylist(),
+                       src.rows[first_any[orphans]].tolist(), strict=True)) if orphans.size else {}
+
+    # the valid hosts, in classes numbered by first appearance
+    idx = np.flatnonzero(valid)
+    cfirst, cgroup = _combine([cpu.codes[idx], sgroup[idx]], [len(cpu.messages), max(len(sfirst), 1) + 1])
+    index: dict[HostClass, int] = {}
+    group_class = np.empty(cfirst.size, dtype=np.int64)
+    for g, r in enumerate(idx[cfirst].tolist()):
+        s = settings[int(sgroup[r])]
+        assert s is not None
+        key, label, facts = cpu.parsed[int(cpu.codes[r])]
+        group_class[g] = index.setdefault(HostClass(label, key, s, facts), len(index))
+    klass = group_class[cgroup] if idx.size else np.empty(0, dtype=np.int64)
+    clusters = src.column("cluster").take(pa.array(idx))
+    cvalues, ccodes = encode(clusters)
+    ccodes = np.where(ccodes < 0, len(cvalues), ccodes)  # no cluster: one cluster more
+    cfirst, cluster_code = _combine([ccodes], [len(cvalues) + 2])  # numbered by first appearance
+    every = cvalues.to_pylist() + [None]
+    classes = list(index)
+    keys: dict[int, set[str]] = {c: set() for c in range(cfirst.size)}
+    for pair in np.unique(cluster_code.astype(np.int64) * len(classes) + klass).tolist() if idx.size else []:
+        keys[pair // len(classes)].add(classes[pair % len(classes)].cpu_key)
+    return _Hosts(names=names_arr.take(pa.array(idx)).to_pylist(), rows=src.rows[idx], klass=klass,
+                  cluster=clusters.to_pylist(), classes=classes, invalid=invalid,
+                  cluster_code=cluster_code.astype(np.int64),
+                  cluster_names=[every[int(ccodes[r])] for r in cfirst.tolist()], cluster_keys=keys)
 
 
 # --- VMs ------------------------------------------------------------------------------------------------------
@@ -370,71 +525,24 @@ DUPLICATES_NAMED = 1000
 """Duplicate VM names reported one by one with the earlier row; beyond that, one message for the rest."""
 
 
-_HASH_P = np.uint64(0x9E3779B97F4A7C15)
-_HASH_LEN = np.uint64(0xC2B2AE3D27D4EB4F)
-_HASH_POWERS = 4096
-_WHITESPACE = np.zeros(256, dtype=bool)
-_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
+def _name_hashes(col: pa.ChunkedArray) -> tuple[HashArray, BoolArray]:
+    """Each name's 64-bit hash (`columns.hash_strings`) and whether it may be blank."""
+    return hash_column(col)
 
 
-def _powers() -> npt.NDArray[np.uint64]:
-    pw = np.empty(_HASH_POWERS, dtype=np.uint64)
-    pw[0] = 1
-    with np.errstate(over="ignore"):
-        for i in range(1, _HASH_POWERS):
-            pw[i] = pw[i - 1] * _HASH_P
-    return pw
+def _hash_names(src: TableSource) -> tuple[BoolArray, HashArray]:
+    """Which names may be blank, and the hash values more than one name has (the hashes are sorted for that in
+    place, and made again only where some repeat). Reads the name column (in the worker that runs it)."""
+    hashes, maybe_blank = _name_hashes(src.column("name"))
+    return maybe_blank, repeated(hashes)
 
 
-def _name_hashes(col: pa.ChunkedArray, step: int = 1 << 20) -> tuple[npt.NDArray[np.uint64], BoolArray]:
-    """A 64-bit hash of every string (a polynomial over its UTF-8 bytes, from Arrow's buffers, a million strings at a
-    time) and whether it may be blank (null, empty, or starting with whitespace). Equal strings hash equal; unequal
-    ones rarely do, and callers compare the strings of equal hashes."""
-    pw = _powers()
+def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray, maybe_blank: BoolArray,
+                  repeats: HashArray) -> None:
+    """Empty names, and every later row of a name an earlier row has. Only rows whose hash repeats are compared as
+    strings, so unique names cost no string sort."""
+    col = src.column("name")
     n = len(col)
-    out = np.empty(n, dtype=np.uint64)
-    maybe_blank = np.zeros(n, dtype=bool)
-    pos = 0
-    for chunk in col.chunks:
-        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
-            chunk = chunk.cast(pa.string())
-        for s in range(0, len(chunk), step):
-            arr = chunk.slice(s, step)
-            m = len(arr)
-            otype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-            bufs = arr.buffers()
-            offs = np.frombuffer(bufs[1], dtype=otype, count=m + 1,
-                                 offset=arr.offset * np.dtype(otype).itemsize).astype(np.int64)
-            data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
-            a, b = int(offs[0]), int(offs[-1])
-            lens = np.diff(offs)
-            starts = offs[:-1] - a
-            nz = lens > 0
-            sums = np.zeros(m, dtype=np.uint64)
-            if b > a:
-                rel = np.arange(b - a, dtype=np.int64) - np.repeat(starts, lens)
-                np.minimum(rel, _HASH_POWERS - 1, out=rel)
-                with np.errstate(over="ignore"):
-                    prod = data[a:b].astype(np.uint64) * pw[rel]
-                sums[nz] = np.add.reduceat(prod, starts[nz])
-            with np.errstate(over="ignore"):
-                out[pos:pos + m] = sums ^ (lens.astype(np.uint64) * _HASH_LEN)
-            first = np.zeros(m, dtype=bool)
-            first[nz] = _WHITESPACE[data[offs[:-1][nz]]]
-            blank = ~nz | first
-            if arr.null_count:
-                blank |= np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            maybe_blank[pos:pos + m] = blank
-            pos += m
-    return out, maybe_blank
-
-
-def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray) -> None:
-    """Empty names, and every later row of a name an earlier row has. Names are hashed (`_name_hashes`) and the
-    hashes sorted; only rows whose hash repeats are compared as strings, so unique names cost no string sort."""
-    col = src.data.column("name")
-    n = len(col)
-    hashes, maybe_blank = _name_hashes(col)
     candidates = np.flatnonzero(maybe_blank)
     if candidates.size:
         cells = col.take(pa.array(candidates))
@@ -446,13 +554,11 @@ def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray) -> None:
         if missing.any():
             errors.add(src.file, src.table, "name", "required, but empty", src.rows[missing])
             bad |= missing
-    if n < 2:
+    if n < 2 or not repeats.size:
         return
-    ordered = np.sort(hashes)
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    if not repeated.size:
-        return
-    rows_np = np.flatnonzero(np.isin(hashes, np.unique(repeated)))  # rows sharing a hash, in row order
+    hashes, _ = _name_hashes(col)
+    rows_np = np.flatnonzero(np.isin(hashes, repeats))  # rows sharing a hash, in row order
+    del hashes
     names = col.take(pa.array(rows_np)).to_pylist()
     first_of: dict[str, int] = {}
     later: list[tuple[int, int]] = []
@@ -472,120 +578,104 @@ def _unique_names(src: TableSource, errors: ErrorLog, bad: BoolArray) -> None:
         bad[np.array([r for r, _ in later], dtype=np.int64)] = True
 
 
-def _vm_hosts(src: TableSource, hosts: _Hosts, errors: ErrorLog, bad: BoolArray) -> IntArray:
-    """Each VM's host as an index into the valid hosts, through the column's distinct values (-1: none)."""
-    values, codes = encode(src.data.column("host"))
-    index = {name: i for i, name in enumerate(hosts.names)}
-    lookup = np.full(len(values) + 1, -1, dtype=np.int64)  # [-1] -> -1 for absent cells
+def _vm_hosts(src: TableSource, hosts: _Hosts) -> tuple[Int32Array, Codes | None, list[str | None]]:
+    """Each VM's host as an index into the valid hosts (-1: blank, -2: not a valid host), through the column's
+    distinct values; where some value names no valid host, the rows' codes into the values and a message for
+    each value (None for the good ones)."""
     messages: list[str | None] = []
-    for k, v in enumerate(values):
-        name = (v or "").strip()
-        if not name:
-            messages.append(None)
-        elif name in index:
-            lookup[k] = index[name]
-            messages.append(None)
-        elif name in hosts.invalid:
-            messages.append(f"host {name!r} is wrong in its own row (hosts row {hosts.invalid[name]})")
-        else:
-            messages.append(f"no host named {name!r} in the inventory")
-    host: IntArray = lookup[codes]
-    _log_by_code(errors, src, "host", messages, codes, bad)
-    blank = np.array([not (v or "").strip() for v in values] + [True], dtype=bool)
-    missing = blank[codes] & ~bad
-    if missing.any():
-        errors.add(src.file, src.table, "host", "required, but empty", src.rows[missing])
-        bad |= missing
-    return host
 
+    def to_host(values: pa.Array) -> Codes:
+        names = strip(values)
+        blank = np.asarray(pc.equal(names, "").to_numpy(zero_copy_only=False), dtype=bool)
+        found = pc.index_in(names.cast(pa.string()), value_set=pa.array(hosts.names, type=pa.string()))
+        lookup = np.append(np.asarray(pc.fill_null(found, -2).to_numpy(zero_copy_only=False), dtype=np.int32), -1)
+        lookup[:-1][blank] = -1
+        messages.extend([None] * len(values))
+        unknown = np.flatnonzero(lookup[:-1] == -2)
+        for k, name in zip(unknown.tolist(), names.take(pa.array(unknown)).to_pylist(), strict=True):
+            messages[k] = (f"host {name!r} is wrong in its own row (hosts row {hosts.invalid[name]})"
+                           if name in hosts.invalid else f"no host named {name!r} in the inventory")
+        return lookup
 
-def _combine(codes: Sequence[Codes]) -> tuple[IntArray, IntArray]:
-    """Rows with equal codes in every column -> one group: (index of the first row of each group, group of each
-    row). Mixed-radix keys; a dense table of keys where the key space is small (no sort), else a sort."""
-    n = codes[0].size if codes else 0
-    if n == 0:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    sizes = [int(c.max()) + 2 for c in codes]
-    space = float(np.prod(np.array(sizes, dtype=np.float64)))
-    if space >= 2.0 ** 62:
-        _, first, inverse = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_inverse=True)
-        return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
-    key = np.zeros(n, dtype=np.int64)
-    for c, s in zip(codes, sizes, strict=True):
-        key = key * s + (c + 1)
-    if space > 4 * n + 1_000_000:
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
-    first_of = np.full(int(space), n, dtype=np.int64)
-    np.minimum.at(first_of, key, np.arange(n, dtype=np.int64))
-    present = np.flatnonzero(first_of < n)
-    group_of = np.full(int(space), -1, dtype=np.int64)
-    order = np.argsort(first_of[present], kind="stable")  # groups numbered by their first row
-    group_of[present[order]] = np.arange(present.size, dtype=np.int64)
-    return first_of[present[order]], group_of[key]
+    col = src.column("host")
+    _, vm_host = encode(col, to_host)
+    return vm_host, encode(col)[1] if any(messages) else None, messages
 
 
 def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFAULT_POLICY) -> Fleet:
     """Check every row and put the valid ones into classes; errors go to `raw.errors`. MITIGATION_ENUM and
-    LONG_BHB_NEEDED of a VM that does not give its own are its host's cluster's under `bhi_policy`."""
+    LONG_BHB_NEEDED of a VM that does not give its own are its host's cluster's under `bhi_policy`.
+
+    The work that needs no other column (hashing the names, coding each column and checking its distinct values)
+    runs side by side on this process's CPUs; the checks are then applied in a fixed order, each to the rows no
+    earlier check refused, so a row is reported for its first problem: name, host, personality, mitigations, form,
+    supported, force_on, force_off, unreported, relies_on, then what its class combines."""
     errors = raw.errors
-    hosts = _hosts(raw.hosts, resolver, errors)
-    host_facts = {hosts.classes[k].cpu_key: hosts.classes[k].facts for k in hosts.klass}
-    clusters: dict[str | None, int] = {}
-    cluster_code = np.array([clusters.setdefault(c, len(clusters)) for c in hosts.cluster], dtype=np.int64)
-    cluster_keys: dict[int, set[str]] = {}
-    for k, code in zip(hosts.klass, cluster_code, strict=True):
-        cluster_keys.setdefault(int(code), set()).add(hosts.classes[k].cpu_key)
-    cluster_supported = {c: supported_requests((host_facts[k] for k in sorted(keys)), bhi_policy)
-                         for c, keys in cluster_keys.items()}
-    cluster_long = {c: shown_long_bit(bhi_policy, (host_facts[k] for k in sorted(keys)))
-                    for c, keys in cluster_keys.items()}
-    described = {c: cluster_description([host_facts[k] for k in sorted(keys)]) for c, keys in cluster_keys.items()}
-    cluster_names = {code: name for name, code in clusters.items()}
-    cluster_doc = {str(cluster_names[c]) if cluster_names[c] is not None else "(no cluster)": {
-        "mitigation_enum": cluster_supported[c], "long_bhb_needed": cluster_long[c], **described[c]}
-        for c in cluster_keys}
-
     src = raw.vms
-    bad = src.bad.copy()
-    _unique_names(src, errors, bad)
-    vm_host = _vm_hosts(src, hosts, errors, bad)
-    pers, pers_c = _column(src, "personality", lambda v: resolver.personality(v, src.base_dir), errors, bad, True)
-    mits, mits_c = _column(src, "mitigations", parse_mitigations, errors, bad, True)
-    forms, form_c = _column(src, "form", parse_form, errors, bad, True)
-    sups, sup_c = _column(src, "supported", parse_supported, errors, bad, False)
-    ons, on_c = _column(src, "force_on", parse_bits, errors, bad, False)
-    offs, off_c = _column(src, "force_off", parse_bits, errors, bad, False)
-    uns, un_c = _column(src, "unreported", parse_unreported, errors, bad, False)
-    rels, rel_c = _column(src, "relies_on", parse_relies_on, errors, bad, False)
+    with Workers() as workers:
+        hashing = workers.submit(_hash_names, src)
+        hosts = _hosts(raw.hosts, resolver, errors)
+        vm_host, host_codes, host_messages = _vm_hosts(src, hosts)
+        cols = [_column(src, "personality", lambda v: resolver.personality(v, src.base_dir)),
+                _column(src, "mitigations", parse_mitigations), _column(src, "form", parse_form),
+                _column(src, "supported", parse_supported), _column(src, "force_on", parse_bits),
+                _column(src, "force_off", parse_bits), _column(src, "unreported", parse_unreported),
+                _column(src, "relies_on", parse_relies_on)]
+        maybe_blank, repeats = hashing.result()
+    facts_of = {c.cpu_key: c.facts for c in hosts.classes}
+    cluster_supported = {c: supported_requests((facts_of[k] for k in sorted(keys)), bhi_policy)
+                         for c, keys in hosts.cluster_keys.items()}
+    cluster_long = {c: shown_long_bit(bhi_policy, (facts_of[k] for k in sorted(keys)))
+                    for c, keys in hosts.cluster_keys.items()}
+    described = {c: cluster_description([facts_of[k] for k in sorted(keys)])
+                 for c, keys in hosts.cluster_keys.items()}
+    cluster_doc = {str(hosts.cluster_names[c]) if hosts.cluster_names[c] is not None else "(no cluster)": {
+        "mitigation_enum": cluster_supported[c], "long_bhb_needed": cluster_long[c], **described[c]}
+        for c in hosts.cluster_keys}
 
-    all_ok = not bad.any()
-    ok = np.arange(src.num_rows, dtype=np.int64) if all_ok else np.flatnonzero(~bad)
+    bad = src.bad.copy()
+    _unique_names(src, errors, bad, maybe_blank, repeats)
+    del maybe_blank
+    if host_codes is not None:
+        _mark(bad, _log_by_code(errors, src, "host", host_messages, host_codes, bad))
+        del host_codes
+    missing = (vm_host == -1) & ~bad
+    if missing.any():
+        errors.add(src.file, src.table, "host", "required, but empty", src.rows[missing])
+        bad |= missing
+    for column, required in zip(cols, (True, True, True, False, False, False, False, False), strict=True):
+        column.log(errors, src, bad, required)
+    pers, mits, forms, sups, ons, offs, uns, rels = cols
+
+    ok = None if not bad.any() else np.flatnonzero(~bad)  # None: every row
 
     def rows_ok(a: Codes) -> Codes:  # the valid rows of a column: the column itself when every row is valid
-        return a if all_ok else a[ok]
+        return a if ok is None else a[ok]
 
     host_ok = rows_ok(vm_host)
-    cl = np.where(rows_ok(sup_c) < 0, cluster_code[host_ok], -1).astype(np.int32)
-    lc = cluster_code[host_ok] if bhi_policy.shows_long_bit else np.zeros(host_ok.size, dtype=np.int64)
-    cols = [rows_ok(c) for c in (pers_c, mits_c, form_c, sup_c, on_c, off_c, un_c, rel_c)] + [cl, lc]
-    first, group = _combine(cols)
+    ncl = len(hosts.cluster_names)
+    host_cluster = hosts.cluster_code.astype(smallest_int(ncl))
+    cl = np.where(rows_ok(sups.codes) < 0, host_cluster[host_ok], -1)
+    lc = host_cluster[host_ok] if bhi_policy.shows_long_bit else np.full(host_ok.size, -1, dtype=np.int8)
+    codes = [rows_ok(c.codes) for c in cols] + [cl, lc]
+    first, group = _combine(codes, [len(c.messages) + 1 for c in cols] + [ncl + 1, ncl + 1])
     index: dict[VmClass, int] = {}
-    group_class = np.full(first.size, -1, dtype=np.int64)
-    for g, r in enumerate(first):
-        p, m, f, s, on, off, un, rel, c, lcode = (int(col[r]) for col in cols)
-        pkey, plabel, pfacts = pers[p]
-        reported, form = mits[m], forms[f]
+    group_class = np.full(first.size, -1, dtype=np.int32)
+    problems: dict[int, tuple[str, str]] = {}
+    for g, r in enumerate(first.tolist()):
+        p, m, f, s, on, off, un, rel, c, lcode = (int(col[r]) for col in codes)
+        pkey, plabel, pfacts = pers.parsed[p]
+        reported, form = mits.parsed[m], forms.parsed[f]
         problem: tuple[str, str] | None = None
         if form is None:
             supported = 0
             if reported is not None:
                 problem = ("form", f"form none: a VM without the interface cannot have reported "
                                    f"{mitigations_label(reported)} (use mitigations 'unenlightened')")
-            elif sups.get(s):
+            elif sups.parsed.get(s):
                 problem = ("supported", "form none: a VM without the interface is promised nothing")
         elif s >= 0:
-            supported = sups[s]
+            supported = sups.parsed[s]
             extra = mitigations_to_bits(reported or frozenset()) & ~supported
             if extra:
                 problem = ("mitigations", f"reports {bits_label(extra)}, which its MITIGATION_ENUM (supported: "
@@ -598,32 +688,34 @@ def collapse(raw: RawInventory, resolver: Resolver, bhi_policy: BhiPolicy = DEFA
                 problem = ("relies_on", f"relies_on is for a VM that never reported; this one reported "
                                         f"{mitigations_label(reported)} through the interface")
             else:
-                reported = rels[rel]  # decided as a report: what the kernel relies on is known
+                reported = rels.parsed[rel]  # decided as a report: what the kernel relies on is known
         settings = None
         if problem is None:
             try:
-                settings = PartialSettings(ons.get(on), offs.get(off), uns.get(un))
+                settings = PartialSettings(ons.parsed.get(on), offs.parsed.get(off), uns.parsed.get(un))
             except ValueError as e:
                 problem = ("force_off", str(e))
         if problem is not None or settings is None:
-            rows_g = ok[group == g]
-            fld, msg = problem or ("(row)", "invalid")
-            errors.add(src.file, src.table, fld, msg, src.rows[rows_g])
-            bad[rows_g] = True
+            problems[g] = problem or ("(row)", "invalid")
             continue
         vc = VmClass(plabel, pkey, reported, form, supported, settings, pfacts, read_in_guest,
                      cluster_long.get(lcode) if form is not None else None)
         group_class[g] = index.setdefault(vc, len(index))
-    vm_class_ok = group_class[group] if group.size else np.empty(0, dtype=np.int64)
-    keep = vm_class_ok >= 0
-    if not keep.all():
-        ok, vm_class_ok = ok[keep], vm_class_ok[keep]
-    names = src.data.column("name").take(pa.array(ok)) if ok.size != src.num_rows else src.data.column("name")
+    for g, rows_g in _rows_of(group, list(problems)):
+        fld, msg = problems[g]
+        rows = rows_g if ok is None else ok[rows_g]
+        errors.add(src.file, src.table, fld, msg, src.rows[rows])
+        bad[rows] = True
+    vm_class = group  # each row's class, in the memory of its group
+    relabel(group, group_class, vm_class)
+    if problems:
+        keep = vm_class >= 0
+        ok, vm_class = (np.flatnonzero(keep) if ok is None else ok[keep]), vm_class[keep]
+    names = src.column("name") if ok is None else src.column("name").take(pa.array(ok))
     return Fleet(
-        host_names=hosts.names, host_rows=np.array(hosts.rows, dtype=np.int64),
-        host_class=np.array(hosts.klass, dtype=np.int64), host_cluster=hosts.cluster, host_classes=hosts.classes,
-        vm_names=names, vm_rows=src.rows if ok.size == src.num_rows else src.rows[ok],
-        vm_host=vm_host if ok.size == src.num_rows else vm_host[ok], vm_class=vm_class_ok, vm_classes=list(index),
+        host_names=hosts.names, host_rows=hosts.rows, host_class=hosts.klass, host_cluster=hosts.cluster,
+        host_classes=hosts.classes, vm_names=names, vm_rows=src.rows if ok is None else src.rows[ok],
+        vm_host=vm_host if ok is None else vm_host[ok], vm_class=vm_class, vm_classes=list(index),
         errors=errors, warnings=raw.warnings, hosts_read=raw.hosts.num_rows, vms_read=src.num_rows,
         sources=raw.sources(), bhi_policy=bhi_policy, clusters=cluster_doc)
 

@@ -19,9 +19,11 @@ less its own host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +31,10 @@ import numpy.typing as npt
 from pvmit.catalog.facts import CpuFacts
 from pvmit.derive import Mitigation
 from pvmit.fleet.classes import Fleet, HostClass, VmClass
+from pvmit.fleet.columns import SLICE
 from pvmit.fleet.inventory import IntArray
 from pvmit.interface.bhi import DEFAULT_POLICY, BhiPolicy, long_bit_reasons
-from pvmit.interface.policy import Decision, OperatorSettings, Why, decide
+from pvmit.interface.policy import Decision, OperatorSettings, PartialSettings, Why, decide
 from pvmit.interface.state import broken_promises
 from pvmit.pool.rule import pool_bits, shown_bit_violations
 
@@ -82,10 +85,23 @@ class Judge:
         self._decisions: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings], Decision] = {}
         self._promises: dict[tuple[str, int, bool | None], tuple[str, ...]] = {}
         self._shown: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._settings: dict[tuple[PartialSettings, PartialSettings], OperatorSettings] = {}
+        self._moves: dict[tuple[str, str, frozenset[Mitigation] | None, OperatorSettings, int, bool | None], Move] = {}
         self.decisions = 0
 
     def __call__(self, vm: VmClass, host: HostClass) -> Move:
-        settings = dataclasses.replace(host.settings.over(vm.settings), bhi_policy=self.bhi_policy)
+        sk = (host.settings, vm.settings)
+        settings = self._settings.get(sk)
+        if settings is None:
+            settings = self._settings[sk] = dataclasses.replace(host.settings.over(vm.settings),
+                                                                bhi_policy=self.bhi_policy)
+        mk = (host.cpu_key, vm.personality_key, vm.reported, settings, vm.supported, vm.long_bhb)
+        move = self._moves.get(mk)  # everything the move depends on: one Move per distinct input
+        if move is None:
+            move = self._moves[mk] = self._judge(vm, host, settings)
+        return move
+
+    def _judge(self, vm: VmClass, host: HostClass, settings: OperatorSettings) -> Move:
         k = (host.cpu_key, vm.personality_key, vm.reported, settings)
         d = self._decisions.get(k)
         if d is None:
@@ -96,10 +112,10 @@ class Judge:
         if broken is None:
             broken = self._promises[pk] = broken_promises(vm.supported, host.facts, self.bhi_policy) + \
                 long_bit_reasons(vm.long_bhb, host.facts)
-        sk = (host.cpu_key, vm.personality_key)
-        shown = self._shown.get(sk)
+        shk = (host.cpu_key, vm.personality_key)
+        shown = self._shown.get(shk)
         if shown is None:
-            shown = self._shown[sk] = shown_bit_violations(vm.facts, host.facts)
+            shown = self._shown[shk] = shown_bit_violations(vm.facts, host.facts)
         return move_from(d, broken, shown)
 
 
@@ -160,28 +176,24 @@ class Plan:
     vm_class_size: IntArray
     class_counts: IntArray  # [vm class, verdict]: hosts of each verdict (all hosts)
     vm_here: Int8Array  # verdict on the VM's own host
-    vm_counts: Int32Array  # [vm, verdict]: destinations of each verdict, own host excluded
+    vm_counts: Int32Array  # [vm, verdict]: destinations of each verdict, own host excluded (columns contiguous)
     vm_class_pool: IntArray  # [vm class] -> index into pools, -1 where no host would take it
     pools: list[Pool]
     decisions: int
+    movable: Int32Array  # per VM: destinations other than its own host where it stays protected (safe or forced)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def pairs(self) -> int:
         return int(self.verdict.size)
 
-    @property
-    def movable(self) -> IntArray:
-        """Per VM: destinations other than its own host where it stays protected (safe or forced)."""
-        return (self.vm_counts[:, Verdict.SAFE].astype(np.int64) + self.vm_counts[:, Verdict.FORCED])
-
-    @property
+    @functools.cached_property
     def stranded(self) -> IntArray:
         """Indices of VMs with no safe destination outside their own host."""
         return np.flatnonzero(self.movable == 0)
 
     def counts(self) -> dict[str, object]:
-        here = np.bincount(self.vm_here, minlength=3) if self.vm_here.size else np.zeros(3, dtype=np.int64)
+        here = bincount(self.vm_here, 3)
         stranded = self.stranded
         return {
             "hosts": self.fleet.num_hosts, "vms": self.fleet.num_vms,
@@ -218,22 +230,51 @@ def plan(fleet: Fleet, judge: Judge | None = None, progress: Progress | None = N
     moves = list(seen)
 
     host_class_size = np.bincount(fleet.host_class, minlength=nhc).astype(np.int64)
-    vm_class_size = np.bincount(fleet.vm_class, minlength=nvc).astype(np.int64)
+    vm_class_size = bincount(fleet.vm_class, nvc)
     class_counts = np.stack([(verdict == v).astype(np.int64) @ host_class_size for v in VERDICTS], axis=1) \
         if nvc else np.zeros((0, 3), dtype=np.int64)
 
     say(f"expanding to {fleet.num_vms:,} VMs")
-    own = fleet.host_class[fleet.vm_host] if fleet.num_vms else np.empty(0, dtype=np.int64)
-    vm_here = verdict[fleet.vm_class, own] if fleet.num_vms else np.empty(0, dtype=np.int8)
-    vm_counts = class_counts[fleet.vm_class].astype(np.int32) if fleet.num_vms else np.zeros((0, 3), np.int32)
-    if fleet.num_vms:
-        vm_counts[np.arange(fleet.num_vms), vm_here] -= 1  # not a destination: it is already there
-
+    vm_here, vm_counts, movable = _expand(fleet, verdict, class_counts)
     pools, vm_class_pool = _pools(verdict, host_class_size, vm_class_size)
     say(f"computing what each of {len(pools):,} pools may show")
     pools = [_pool_bits(p, fleet, verdict, move_of, moves) for p in pools]
     return Plan(fleet, verdict, move_of, moves, host_class_size, vm_class_size, class_counts, vm_here, vm_counts,
-                vm_class_pool, pools, judge.decisions)
+                vm_class_pool, pools, judge.decisions, movable)
+
+
+def _expand(fleet: Fleet, verdict: Int8Array, class_counts: IntArray) -> tuple[Int8Array, Int32Array, Int32Array]:
+    """Per VM: the verdict on its own host, its destinations by verdict (its class's hosts less its own host) and
+    how many of them are safe or forced; each a lookup in a table over (VM class, verdict where it runs)."""
+    n, (nvc, nhc) = fleet.num_vms, verdict.shape
+    host_class = fleet.host_class.astype(np.int32)
+    flat = verdict.reshape(-1)
+    by_here = (class_counts[:, None, :] - np.eye(3, dtype=np.int64)[None, :, :]).reshape(nvc * 3, 3).astype(np.int32)
+    tables = [np.ascontiguousarray(by_here[:, v]) for v in VERDICTS]
+    tables.append(tables[Verdict.SAFE] + tables[Verdict.FORCED])
+    vm_here: Int8Array = np.empty(n, dtype=np.int8)
+    vm_counts: Int32Array = np.empty((n, 3), dtype=np.int32, order="F")  # each verdict's column contiguous
+    movable: Int32Array = np.empty(n, dtype=np.int32)
+    outs = [vm_counts[:, v] for v in VERDICTS] + [movable]
+    step = SLICE
+    for s in range(0, n, step):  # a slice of VMs at a time: no temporary as large as the fleet
+        cls = fleet.vm_class[s:s + step].astype(np.int32)
+        key = np.multiply(cls, nhc)
+        key += host_class[fleet.vm_host[s:s + step]]  # (VM class, host class where it runs)
+        np.take(flat, key, out=vm_here[s:s + step])
+        np.multiply(cls, 3, out=key)  # (VM class, verdict where it runs)
+        key += vm_here[s:s + step]
+        for table, out in zip(tables, outs, strict=True):
+            np.take(table, key, out=out[s:s + step])
+    return vm_here, vm_counts, movable
+
+
+def bincount(a: npt.NDArray[np.integer[Any]], length: int) -> IntArray:
+    """np.bincount of small non-negative integers a million at a time (it would widen all of `a` to 64 bits)."""
+    out = np.zeros(length, dtype=np.int64)
+    for s in range(0, a.size, 1 << 20):
+        out += np.bincount(a[s:s + (1 << 20)], minlength=length)[:length]
+    return out
 
 
 def _pool_bits(pool: Pool, fleet: Fleet, verdict: Int8Array, move_of: Int32Array, moves: list[Move]) -> Pool:

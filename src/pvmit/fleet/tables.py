@@ -16,7 +16,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from pvmit.errors import InputError
-from pvmit.fleet.inventory import IntArray, write_table
+from pvmit.fleet.inventory import write_table
 from pvmit.fleet.plan import VERDICTS, Plan, Verdict
 from pvmit.userfiles import staged
 
@@ -27,13 +27,13 @@ REASON_SEP = " | "
 _VERDICT_WORDS = pa.array([v.word for v in VERDICTS], type=pa.string())
 
 
-def _dict(indices: IntArray, values: list[str] | pa.Array) -> pa.DictionaryArray:
+def _dict(indices: npt.NDArray[np.integer[Any]], values: list[str] | pa.Array) -> pa.DictionaryArray:
     vals = values if isinstance(values, pa.Array) else pa.array(values, type=pa.string())
-    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32), type=pa.int32()), vals)
+    return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32, copy=False), type=pa.int32()), vals)
 
 
 def _verdicts(v: npt.NDArray[np.integer[Any]]) -> pa.DictionaryArray:
-    return _dict(np.asarray(v, dtype=np.int64), _VERDICT_WORDS)
+    return _dict(v, _VERDICT_WORDS)
 
 
 def pool_ids(plan: Plan) -> list[str]:
@@ -42,13 +42,13 @@ def pool_ids(plan: Plan) -> list[str]:
 
 def vms_table(plan: Plan) -> pa.Table:
     f = plan.fleet
-    pool = plan.vm_class_pool[f.vm_class] if f.num_vms else np.empty(0, dtype=np.int64)
+    pool_of_class = np.where(plan.vm_class_pool < 0, len(plan.pools), plan.vm_class_pool).astype(np.int32)
     counts = plan.vm_counts
     return pa.table({
         "vm": f.vm_names,
         "host": _dict(f.vm_host, f.host_names),
-        "vm_class": pa.array(f.vm_class.astype(np.int32)),
-        "pool": _dict(np.where(pool < 0, len(plan.pools), pool), pool_ids(plan)),
+        "vm_class": pa.array(f.vm_class.astype(np.int32, copy=False)),
+        "pool": _dict(pool_of_class[f.vm_class], pool_ids(plan)),
         "verdict_here": _verdicts(plan.vm_here),
         "safe_destinations": pa.array(counts[:, Verdict.SAFE]),
         "forced_destinations": pa.array(counts[:, Verdict.FORCED]),

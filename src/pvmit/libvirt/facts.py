@@ -7,7 +7,7 @@ where 0 is the unsafe answer is trusted only when nothing contradicts it); then 
 exact signature, each citing it, and stay unknown where the catalog has no such model.
 
 Guest: what the guest is shown: the model's features as libvirt defines it, plus features required, less those
-disabled; what a TCG guest is not shown (`features.toml`, [tcg]); identity from the catalog model with that QEMU
+disabled; what a TCG guest is not shown (`data/tcg.toml`); identity from the catalog model with that QEMU
 name, else from libvirt's signature for the model. A CPU pvmit cannot know from the XML (host-passthrough, or a model
 this libvirt does not define) raises `Unknowable`: deciding it is the operator's setting, never a guess.
 """

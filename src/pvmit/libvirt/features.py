@@ -1,7 +1,9 @@
 """libvirt's and QEMU's CPU feature names for the bits pvmit reads, and CPU facts from a list of such names.
 
-The mapping is data (`data/features.toml`, every name with its source). `facts_from_features` turns what libvirt
-lists for a CPU (a host's capabilities, a guest's CPU definition) into `CpuFacts`:
+The names are one table shared with `pvmit pool`'s emitter (`pvmit.x86.feature_names`, every name with its
+source), so a name pvmit writes is one it reads back; what only this reader needs (what a TCG guest is shown) is
+data too, `data/tcg.toml`. `facts_from_features` turns what libvirt lists for a CPU (a host's capabilities, a
+guest's CPU definition) into `CpuFacts`:
 
   a feature listed                                  the bit is 1
   a feature not listed, whose name libvirt knows    the bit is 0
@@ -17,108 +19,59 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 from pvmit.catalog.facts import CpuFacts, RegisterFacts, Vendor
-from pvmit.x86.registers import ARCH_CAPABILITIES, CPU_FACT_REGISTERS, REGISTERS, Register
+from pvmit.x86.feature_names import FeatureName, FeatureNames, cite, feature_names, source_ref
+from pvmit.x86.registers import ARCH_CAPABILITIES, CPU_FACT_REGISTERS, Register
 
 ARCH_CAPS_FEATURE = "arch-capabilities"
 
 
-@dataclass(frozen=True)
-class FeatureBit:
-    """One named feature: libvirt's name (QEMU's where libvirt has none yet), its aliases and its bit."""
-
-    name: str
-    aliases: tuple[str, ...]
-    register: Register
-    bit: str
-    source: str
-
-    @property
-    def mask(self) -> int:
-        return self.register.bit(self.bit)
-
-
 @dataclass(frozen=True, eq=False)
 class FeatureMap:
-    features: tuple[FeatureBit, ...]
-    sources: dict[str, str]
+    """The names libvirt's CPUs are read by (the shared table) and what a TCG guest is shown."""
+
+    names: FeatureNames
+    sources: dict[str, str]  # the table's sources and data/tcg.toml's
     tcg_hidden: tuple[str, ...]  # register keys a TCG guest sees nothing of
     tcg_source: str
-    by_name: dict[str, FeatureBit] = field(default_factory=dict)  # every name and alias
 
-    def __post_init__(self) -> None:
-        for f in self.features:
-            for n in (f.name, *f.aliases):
-                self.by_name[n] = f
+    @property
+    def features(self) -> tuple[FeatureName, ...]:
+        return self.names.features
 
-    def get(self, name: str) -> FeatureBit | None:
-        return self.by_name.get(name)
+    def get(self, name: str) -> FeatureName | None:
+        return self.names.get(name)
 
     def canonical(self, names: Iterable[str]) -> frozenset[str]:
-        """Names as libvirt wrote them -> the mapping's names (aliases resolved); names it does not map are kept."""
-        out = set()
-        for n in names:
-            f = self.get(n)
-            out.add(f.name if f else n)
-        return frozenset(out)
+        """Names as libvirt wrote them -> the table's names (aliases resolved); names it does not map are kept."""
+        return self.names.canonical(names)
 
     def cite(self, ref: str) -> str:
-        key, _, detail = ref.partition(":")
-        title = self.sources.get(key.strip())
-        return f"{title}: {detail.strip()}" if title and detail else title or ref
+        return cite(self.sources, ref)
 
 
-def parse_feature_map(doc: dict[str, Any], where: str) -> FeatureMap:
-    """Validate the mapping document; ValueError names the entry and field."""
-    sources = doc.get("sources")
-    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+def parse_feature_map(doc: dict[str, Any], where: str, names: FeatureNames | None = None) -> FeatureMap:
+    """Validate the reader's own document (data/tcg.toml: [sources], [tcg]) on top of the shared names table
+    (`names`, the shipped one by default); ValueError names the entry and field."""
+    names = feature_names() if names is None else names
+    if set(doc) - {"sources", "tcg"}:
+        raise ValueError(f"{where}: expects [sources] and [tcg] only (names are in the shared table)")
+    own = doc.get("sources", {})
+    if not isinstance(own, dict) or not all(isinstance(v, str) for v in own.values()):
         raise ValueError(f"{where}: [sources] must map keys to titles")
-
-    def check_source(ref: object, what: str) -> str:
-        if not isinstance(ref, str) or ref.partition(":")[0].strip() not in sources:
-            raise ValueError(f"{where}: {what}: source {ref!r} does not start with a key of [sources]")
-        return ref
-
-    feats: list[FeatureBit] = []
-    seen: dict[str, str] = {}
-    for i, raw in enumerate(doc.get("feature", [])):
-        what = f"feature #{i + 1}"
-        if not isinstance(raw, dict) or set(raw) - {"name", "aliases", "register", "bit", "source"}:
-            raise ValueError(f"{where}: {what}: expects name, aliases, register, bit, source")
-        name, reg_key, bit = raw.get("name"), raw.get("register"), raw.get("bit")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: {what}: name must be a non-empty string")
-        what = f"feature {name!r}"
-        reg = REGISTERS.get(str(reg_key))
-        if reg is None or reg not in CPU_FACT_REGISTERS:
-            raise ValueError(f"{where}: {what}: register {reg_key!r} is not one of "
-                             f"{', '.join(r.key for r in CPU_FACT_REGISTERS)}")
-        try:
-            reg.bit(str(bit))
-        except KeyError as e:
-            raise ValueError(f"{where}: {what}: {e.args[0]}") from None
-        aliases = raw.get("aliases", [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise ValueError(f"{where}: {what}: aliases must be a list of strings")
-        for n in (name, *aliases):
-            if n in seen:
-                raise ValueError(f"{where}: {what}: name {n!r} is already used by {seen[n]!r}")
-            seen[n] = name
-        feats.append(FeatureBit(name, tuple(aliases), reg, str(bit), check_source(raw.get("source"), what)))
-    bits = [(f.register.key, f.bit) for f in feats]
-    if len(set(bits)) != len(bits):
-        dup = next(b for b in bits if bits.count(b) > 1)
-        raise ValueError(f"{where}: {dup[0]}.{dup[1]} is named by more than one feature")
+    if clash := sorted(k for k in own if k in names.sources and own[k] != names.sources[k]):
+        raise ValueError(f"{where}: [sources] {', '.join(clash)} already means something else in the names table")
+    sources = {**names.sources, **own}
     tcg = doc.get("tcg", {})
     hidden = tcg.get("hidden", []) if isinstance(tcg, dict) else None
     if not isinstance(hidden, list) or any(h not in {r.key for r in CPU_FACT_REGISTERS} for h in hidden):
         raise ValueError(f"{where}: [tcg] hidden must list register keys")
-    return FeatureMap(tuple(feats), dict(sources), tuple(hidden), check_source(tcg.get("source"), "[tcg]"))
+    return FeatureMap(names, sources, tuple(hidden), source_ref(sources, tcg.get("source"), where, "[tcg]"))
 
 
 def _from_identity(reg: Register, vendor: Vendor, family: int, model: int, stepping: int | None,
@@ -132,9 +85,9 @@ def _from_identity(reg: Register, vendor: Vendor, family: int, model: int, stepp
 
 @lru_cache(maxsize=1)
 def feature_map() -> FeatureMap:
-    """The mapping shipped with pvmit."""
-    text = (resources.files("pvmit.libvirt") / "data" / "features.toml").read_text(encoding="utf-8")
-    return parse_feature_map(tomllib.loads(text), "pvmit/libvirt/data/features.toml")
+    """The names and TCG masks shipped with pvmit."""
+    text = (resources.files("pvmit.libvirt") / "data" / "tcg.toml").read_text(encoding="utf-8")
+    return parse_feature_map(tomllib.loads(text), "pvmit/libvirt/data/tcg.toml")
 
 
 def facts_from_features(present: Iterable[str], knows: Callable[[str], bool], *, vendor: Vendor, family: int,

@@ -23,6 +23,7 @@ from pvmit.catalog.facts import CpuFacts
 from pvmit.errors import PvmitError
 from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings
+from pvmit.interface.pooldesc import MAX_ENTRIES as POOL_ENTRIES
 from pvmit.interface.state import Prepared, Verdict, finish, prepare
 from pvmit.kvm.system import Kvm
 from pvmit.migration import vmstate
@@ -94,6 +95,15 @@ def _config(doc: Any) -> InterfaceConfig:
     need(doc, "supported", int, where=where, lo=0, hi=(1 << 64) - 1)
     optional(doc, "neutral_base", int, 0, where=where, lo=0, hi=(1 << 32) - 1)
     optional(doc, "neutral_msr", int, 0, where=where, lo=0, hi=(1 << 32) - 1)
+    optional(doc, "neutral_pool_msr", int, 0, where=where, lo=0, hi=(1 << 32) - 1)
+    if doc.get("bhb_long") is not None:
+        checked(doc["bhb_long"], "bhb_long", bool, where=where)
+    if doc.get("pool") is not None:
+        pool = checked(doc["pool"], "pool", list, where=where)
+        if not 1 <= len(pool) <= POOL_ENTRIES:
+            raise StreamError(f"{where}: pool has {len(pool)} entries, a description has 1 to {POOL_ENTRIES}")
+        for i, entry in enumerate(pool):
+            checked(entry, f"pool[{i}]", dict, where=where)
     return InterfaceConfig.from_json(doc)
 
 

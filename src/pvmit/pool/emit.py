@@ -1,7 +1,8 @@
 """A pool's bits as the configuration three VMMs take: a QEMU `-cpu` option, a libvirt `<cpu>` element and a
 Firecracker custom CPU template. Pure: a `Pool` in, text or JSON-ready data out.
 
-Names come from pool/bits.toml (QEMU target/i386/cpu.c feature_word_info; libvirt src/cpu_map/x86_features.xml).
+Names come from x86/data/feature_names.toml (QEMU target/i386/cpu.c feature_word_info; libvirt
+src/cpu_map/x86_features.xml), the table pvmit also reads libvirt's CPUs by, so what it writes it reads back.
 A bit a tool has no name for cannot be set or cleared there; `unexpressed` lists those the pool decides, so the
 operator knows what the tool's base model leaves as it is. Firecracker takes raw bitmaps, so every decided bit is
 expressed there (docs/cpu_templates/schema.json: `0b[01x]{32}` for CPUID registers, `0b[01x]{64}` for MSRs; `x`

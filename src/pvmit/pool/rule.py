@@ -20,26 +20,39 @@ from typing import Literal
 from pvmit.affected import affected
 from pvmit.catalog.facts import CpuFacts
 from pvmit.x86.bits import MitigationEnum
+from pvmit.x86.feature_names import feature_names
 from pvmit.x86.registers import REGISTERS, Register
 
 Rule = Literal["unaffected", "all", "any", "clear", "always", "never"]
 CHECKED_RULES = ("unaffected", "all", "clear")
 """Rules whose bits, once shown, must stay true: a VM shown one is refused where the host cannot keep it."""
 _VENDORS = {"intel": ("intel",), "amd": ("amd", "hygon")}
+_FIELDS = {"register", "name", "rule", "bug", "vendor", "note"}
 
 
 @dataclass(frozen=True)
 class PoolBit:
-    """One guest-visible bit and how a pool decides it (one row of pool/bits.toml)."""
+    """One guest-visible bit and how a pool decides it (one row of pool/bits.toml), and its names in QEMU's and
+    libvirt's vocabulary (from `pvmit.x86.feature_names`, the table the libvirt reader uses too)."""
 
     register: Register
     name: str
     rule: Rule
     bug: str
     vendor: str  # "intel" or "amd": the guests that read this register
-    qemu: str
-    libvirt: str
     note: str
+
+    @property
+    def qemu(self) -> str:
+        """QEMU's name for the bit; "" where QEMU has none."""
+        f = feature_names().of_bit(self.register.key, self.name)
+        return f.qemu if f else ""
+
+    @property
+    def libvirt(self) -> str:
+        """The name libvirt's CPU map defines for the bit; "" where it has none yet."""
+        f = feature_names().of_bit(self.register.key, self.name)
+        return f.libvirt if f else ""
 
     @property
     def key(self) -> str:
@@ -53,16 +66,19 @@ class PoolBit:
 
 @lru_cache(maxsize=1)
 def pool_bit_table() -> tuple[PoolBit, ...]:
-    """The table in pool/bits.toml, validated: every register and bit name exists, every rule is known."""
+    """The table in pool/bits.toml, validated: every register and bit name exists, every rule is known, and the
+    bits' QEMU and libvirt names are not repeated there (they live in x86/data/feature_names.toml)."""
     doc = tomllib.loads((resources.files("pvmit.pool") / "bits.toml").read_text(encoding="utf-8"))
     out = []
     for row in doc["bit"]:
+        if extra := sorted(set(row) - _FIELDS):
+            raise ValueError(f"pool/bits.toml: {row.get('name')}: unknown field(s) {', '.join(extra)} (QEMU and "
+                             "libvirt names are in x86/data/feature_names.toml)")
         reg = REGISTERS[row["register"]]
         reg.bit(row["name"])  # KeyError for a bit the layout does not name
         if row["rule"] not in ("unaffected", "all", "any", "clear", "always", "never"):
             raise ValueError(f"pool/bits.toml: {row['name']}: unknown rule {row['rule']!r}")
-        out.append(PoolBit(reg, row["name"], row["rule"], row.get("bug", ""), row["vendor"], row.get("qemu", ""),
-                           row.get("libvirt", ""), row.get("note", "")))
+        out.append(PoolBit(reg, row["name"], row["rule"], row.get("bug", ""), row["vendor"], row.get("note", "")))
     return tuple(out)
 
 

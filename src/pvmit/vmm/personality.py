@@ -203,11 +203,12 @@ def builtin_templates(catalog: Catalog) -> dict[str, Personality]:
     return out
 
 
-def resolve(catalog: Catalog, name: str) -> Personality:
-    """A personality by name: a template file path, a built-in template, or a catalog model."""
+def resolve(catalog: Catalog, name: str, templates: dict[str, Personality] | None = None) -> Personality:
+    """A personality by name: a template file path, a built-in template, or a catalog model. `templates`: the
+    built-in ones, when the caller has them already (the fleet planner resolves many names)."""
     if name.endswith(".toml"):
         return load_template(catalog, name)
-    templates = builtin_templates(catalog)
+    templates = builtin_templates(catalog) if templates is None else templates
     if name.lower() in templates:
         return templates[name.lower()]
     try:
