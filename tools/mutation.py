@@ -9,6 +9,8 @@
     .venv/bin/python tools/mutation.py --report derive      # the last run's score and survivors again
     .venv/bin/python tools/mutation.py --survivors derive   # after adding tests: rerun the survivors only (the
                                                             # rest of src/ is brought up to date first)
+    .venv/bin/python tools/mutation.py --survivors migration --only 'pvmit.migration.source.*'
+                                                            # ... only those whose names match
 
 For each module it copies src/, tests/, docs/ and pyproject.toml into .mutation/MODULE/ (mutmut 3 runs the tests from
 a copy of the tree it mutates, under mutants/), adds the module's [tool.mutmut] section, runs `mutmut run` with
@@ -24,6 +26,7 @@ shows one mutant, `mutmut browse` all of them.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import re
 import shutil
@@ -183,7 +186,11 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
                     print(f"   {path.relative_to(REPO)} changed since the last run: run the module afresh",
                           file=sys.stderr)
                     return False
-        lived = [k for k, s in results(workdir).items() if s not in _KILLED]
+        lived = [k for k, s in results(workdir).items() if s not in _KILLED
+                 and (not args.only or any(fnmatch.fnmatchcase(k, pat) for pat in args.only))]
+        if not lived:
+            print("   no survivor of the last run matches; nothing to rerun", flush=True)
+            return True
         write_config(name, module, workdir)  # the module's tests may have grown
         refresh_unmutated(module, workdir)  # what the module uses (catalog, derive, ...) may have changed
         (workdir / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what: ask again
@@ -228,6 +235,8 @@ def run_module(name: str, module: Module, args: argparse.Namespace, known: list[
         for mutant, function, why in equivalent:
             print(f"   equivalent {mutant} ({function}): {why}")
     for mutant, status, function, diff in unexplained:
+        if args.only and not any(fnmatch.fnmatchcase(mutant, pat) for pat in args.only):
+            continue  # counted above; shown only when asked for
         print(f"\n   {status}: {mutant} (in {function})")
         for ln in diff.splitlines():
             print(f"      {ln}")
@@ -247,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--survivors", action="store_true",
                     help="rerun only the last run's survivors against the current tests (the code must not have "
                          "changed)")
+    ap.add_argument("--only", action="append", metavar="PATTERN",
+                    help="with --survivors: rerun only the survivors whose names match this shell pattern "
+                         "(repeatable), e.g. 'pvmit.migration.source.*'")
     args = ap.parse_args(argv)
+    if args.only and not args.survivors:
+        print("mutation.py: --only goes with --survivors", file=sys.stderr)
+        return 2
     names = args.modules or ["derive", "interface", "plan"]
     bad = [n for n in names if n not in MODULES]
     if bad or args.jobs < 1 or not 0 < args.target <= 1:
