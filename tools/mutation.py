@@ -66,7 +66,8 @@ MODULES: dict[str, Module] = {
                    ("tests/test_fleet_plan.py", "tests/test_fleet_plan_details.py")),
     "migration": Module(("src/pvmit/migration/*",),
                         ("tests/test_migration_stream.py", "tests/test_stream_validation.py",
-                         "tests/test_migration_inprocess.py", "tests/test_migration_settle.py"),
+                         "tests/test_migration_inprocess.py", "tests/test_migration_settle.py",
+                         "tests/test_outgoing.py", "tests/test_receiver.py", "tests/test_stream_fields.py"),
                         "needs /dev/kvm: both sides run in the test process on real KVM VMs (the VMM-process tests "
                         "of tests/test_migration.py cannot see a mutant)"),
 }
