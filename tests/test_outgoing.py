@@ -1,0 +1,459 @@
+"""The source side of a migration (`Outgoing`) against a scripted destination on a real Unix socket: every progress
+line an operator reads, the Outcome, the ledger's record and the exact bytes on the wire, for the success path,
+each refusal, each fault a test can inject and each way a commit can be lost. The source is a real KVM VM in this
+process (mutation testing runs these); the destination is a few lines of protocol that answer as a script says, so
+that every answer the source must handle (odd verdicts, a CACK for another migration, a peer that stalls) is one
+test. The real destination (`Receiver`) is in tests/test_migration_inprocess.py.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pvmit.catalog.loader import Catalog
+from pvmit.interface.state import snapshot
+from pvmit.kvm.system import Kvm
+from pvmit.migration import source as source_module
+from pvmit.migration import vmstate
+from pvmit.migration.ledger import Ledger
+from pvmit.migration.source import FAULT_ENV, Outcome, Outgoing, describe
+from pvmit.migration.stream import CRC, HEADER_FIXED, PAGE, PAGES_HEAD, SECTION_HEAD, encode_json
+from pvmit.net.address import Address
+from pvmit.net.peer import accept
+from pvmit.net.text import shorten
+from pvmit.vmm.vmm import Vmm
+from test_migration_inprocess import USABLE, WHY, source_vmm
+
+pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs a usable /dev/kvm: {WHY}")
+
+M = "0123456789abcdef0123456789abcdef"
+CONTROL = "unix:/dest/control"
+HOST = "destination-host-" + "h" * 100  # longer than the 64 characters the accept line keeps
+PAUSED_AT = 1234.5
+
+
+class Closed(Exception):
+    """The source closed the connection."""
+
+
+@dataclass
+class Dest:
+    """The destination's end of one connection: raw reads (so that corrupt or unknown sections are seen as sent),
+    a copy of the guest memory the stream carries, and what it answered."""
+
+    sock: socket.socket
+    memory: bytearray
+    version: int = 0
+    header: dict[str, Any] = field(default_factory=dict)
+    sections: list[tuple[bytes, bytes, bool]] = field(default_factory=list)  # kind, payload, checksum ok
+    raw: bytearray = field(default_factory=bytearray)  # every byte after the header
+    received: int = 0
+    covered: list[int] = field(default_factory=list)  # page numbers the stream carried, in order
+    zero: int = 0
+    # called with (dest, first, count) once a MEMP section's head is read and before its pages are
+    on_memp: Callable[[Dest, int, int], None] | None = None
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 16))
+            if not chunk:
+                self.raw.extend(buf)
+                raise Closed(bytes(buf))
+            buf.extend(chunk)
+        self.received += n
+        return bytes(buf)
+
+    def read_header(self) -> None:
+        fixed = self.read(HEADER_FIXED.size)
+        _, self.version, _, length = HEADER_FIXED.unpack(fixed)
+        self.header = json.loads(self.read(length + CRC.size)[:length])
+
+    def section(self) -> tuple[bytes, bytes]:
+        head = self.read(SECTION_HEAD.size)
+        self.raw.extend(head)
+        kind, length = SECTION_HEAD.unpack(head)
+        if kind == b"MEMP" and self.on_memp is not None:
+            pages_head = self.read(PAGES_HEAD.size)
+            hook, self.on_memp = self.on_memp, None
+            hook(self, *PAGES_HEAD.unpack(pages_head))
+            body = pages_head + self.read(length - PAGES_HEAD.size)
+        else:
+            body = self.read(length)
+        crc = self.read(CRC.size)
+        self.raw.extend(body + crc)
+        ok = CRC.unpack(crc)[0] == zlib.crc32(body, zlib.crc32(head))
+        self.sections.append((kind, body, ok))
+        if kind in (b"MEMP", b"ZERO"):
+            first, count = PAGES_HEAD.unpack_from(body)
+            self.covered.extend(range(first, first + count))
+            if kind == b"MEMP":
+                self.memory[first * PAGE:(first + count) * PAGE] = body[PAGES_HEAD.size:]
+            else:
+                self.zero += count
+        return kind, body
+
+    def doc(self, kind: bytes) -> Any:
+        got, body = self.section()
+        assert got == kind, (got, kind)
+        return json.loads(body)
+
+    def until_done(self) -> dict[str, Any]:
+        while True:
+            kind, body = self.section()
+            if kind == b"DONE":
+                return dict(json.loads(body))
+
+    def send(self, kind: bytes, doc: Any) -> None:
+        self.sock.sendall(encode_json(kind, doc))
+
+    def kinds(self) -> list[bytes]:
+        return [k for k, _, _ in self.sections]
+
+    def json(self, kind: bytes) -> Any:
+        return next(json.loads(b) for k, b, _ in self.sections if k == kind)
+
+
+@dataclass
+class Run:
+    outcome: Outcome
+    said: list[str]
+    dest: Dest
+    ledger: Ledger
+    asked: list[tuple[str, str, str]]
+    vmm: Vmm
+    outgoing: Outgoing
+    address: Address
+    error: BaseException | None = None
+    doubts: list[str] = field(default_factory=list)
+
+
+Script = Callable[[Dest], None]
+
+
+def accepts(dest: Dest) -> None:
+    dest.read_header()
+    dest.doc(b"HELO")
+    dest.send(b"VRDT", {"accepted": True, "host": HOST})
+
+
+def commits(dest: Dest, cack: Any = None) -> None:
+    """The whole success path: accept, take everything, REDY, CMIT, CACK."""
+    accepts(dest)
+    dest.until_done()
+    dest.send(b"REDY", {"migration": M, "control": CONTROL, "forced": []})
+    assert dest.doc(b"CMIT") == {"migration": M}
+    dest.send(b"CACK", {"migration": M} if cack is None else cack)
+
+
+_VMMS: dict[int, Vmm] = {}
+
+
+@pytest.fixture
+def kvm() -> Iterator[Kvm]:
+    with Kvm() as k:
+        yield k
+
+
+def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: str = "pre-copy",
+          fault: str | None = None, ask: Callable[[str, str, str], str] | None = None,
+          pause: Callable[[Vmm], float] | None = None, progress: Callable[[str], None] | None = None,
+          on_doubt: Callable[[Outgoing, str], None] | None = None, check: bool = False, stall: float = 5.0,
+          deadline: float = 60.0, listen: bool = True, on_memp: Callable[[Dest, int, int], None] | None = None,
+          settle_notice: float = 60.0, vmm: Vmm | None = None) -> Run:
+    vmm = vmm or source_vmm(kvm, catalog)
+    address = Address.parse(f"unix:{tmp_path / f'dst-{secrets.token_hex(3)}.mig'}")
+    listener = address.listen() if listen else None
+    memory = bytearray(vmm.machine.memory.size)
+    dests: list[Dest] = []
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        assert listener is not None
+        conn, addr = listener.accept()
+        peer = accept(conn, addr, None, deadline=time.monotonic() + 10)
+        dest = Dest(peer.sock, memory, on_memp=on_memp)
+        dests.append(dest)
+        try:
+            script(dest)
+            dest.sock.settimeout(10)
+            while True:  # to the end: what the source sends after the script's last step is recorded too
+                dest.section()
+        except Closed:
+            pass
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            peer.sock.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    if listen:
+        t.start()
+    if mode == "pre-copy":
+        vmm.machine.vm.set_dirty_logging(0, True)
+        vmm.machine.vm.dirty_pages(0)
+    vmm.sync_spec_ctrl()
+    header = describe(vmm, "check" if check else mode, M, "0123456789abcdef", "unix:/source/control")
+    ledger = Ledger()
+    ledger.start(M)
+    said: list[str] = []
+    asked: list[tuple[str, str, str]] = []
+    doubts: list[str] = []
+
+    def asking(control: str, migration: str, told: str) -> str:
+        asked.append((control, migration, told))
+        return ask(control, migration, told) if ask else "unknown"
+
+    def pausing() -> float:
+        return pause(vmm) if pause else PAUSED_AT
+
+    def saying(m: str) -> None:
+        said.append(m)
+        if progress:
+            progress(m)
+
+    out = Outgoing(vmm, address, None, header=header, hello=snapshot(vmm.core), ledger=ledger, pause=pausing,
+                   ask=asking, check_only=check, fault=fault, progress=saying, stall=stall, deadline=deadline,
+                   settle_notice=settle_notice)
+    if on_doubt is not None:
+        out.on_doubt = lambda m: (doubts.append(m), on_doubt(out, m))  # type: ignore[func-returns-value]
+    error: BaseException | None = None
+    try:
+        outcome = out.run()
+    except BaseException as e:  # noqa: BLE001 - a simulated os._exit
+        error, outcome = e, out.out
+    if listen:
+        t.join(30)
+        assert not t.is_alive()
+    if listener is not None:
+        listener.close()
+        address.unlink()
+    if errors:
+        raise errors[0]
+    dest = dests[0] if dests else Dest(socket.socket(), memory)
+    return Run(outcome, said, dest, ledger, asked, vmm, out, address, error, doubts)
+
+
+def written_pages(vmm: Vmm) -> list[int]:
+    """Every page of guest memory that was ever written, by the test's own arithmetic."""
+    pages: set[int] = set()
+    for a, b in vmm.machine.memory.data_extents():
+        pages.update(range(a // PAGE, -(-b // PAGE)))
+    return sorted(pages)
+
+
+def connected(run: Run) -> str:
+    return f"connected to {run.address} (peer accepted us)"
+
+
+ACCEPTED = f"destination {shorten(HOST, 64)} accepts the guest before the source pauses"
+
+
+def test_the_accept_line_keeps_64_characters_of_the_host() -> None:
+    assert shorten(HOST, 64) != shorten(HOST, 65) and shorten(HOST, 64) != HOST
+
+
+# --- the success path -----------------------------------------------------------------------------------------------
+def test_a_pre_copy_migration_says_each_step_and_sends_every_written_page(kvm: Kvm, catalog: Catalog,
+                                                                          tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, commits)
+    o, vmm = run.outcome, run.vmm
+    pages = written_pages(vmm)
+    assert run.said == [connected(run), ACCEPTED, f"pre-copy round 1: {len(pages)} pages while the guest runs",
+                        "guest paused on the source", "committed: the guest now runs on the destination"]
+    assert o.migrated and o.accepted and o.mode == "pre-copy" and o.migration == M and o.vm == "0123456789abcdef"
+    assert o.reason == "" and o.settled_by == "CACK" and not o.in_doubt and o.rounds == 1
+    assert o.verdict == {"accepted": True, "host": HOST}
+    assert o.ready == {"migration": M, "control": CONTROL, "forced": []}
+    assert o.paused_at == PAUSED_AT and o.committed_at is not None and 0 < o.total_seconds < 60
+    assert run.dest.covered == pages and o.pages_sent == len(pages) and o.zero_pages == run.dest.zero >= 256
+    assert o.bytes_sent == run.dest.received
+    assert run.ledger.phase(M) == "committed" and run.ledger.how(M) == "REDY received"
+    assert run.asked == []
+    d = run.dest
+    assert d.version == 2 and d.header == describe(vmm, "pre-copy", M, "0123456789abcdef", "unix:/source/control")
+    assert d.kinds()[-5:] == [b"ISTA", b"CPUS", b"DEVS", b"DONE", b"CMIT"]
+    assert d.kinds()[0] == b"HELO" and d.json(b"HELO") == json.loads(json.dumps(snapshot(vmm.core)))
+    assert set(d.kinds()[1:-5]) == {b"MEMP", b"ZERO"} and all(ok for _, _, ok in d.sections)
+    assert d.json(b"ISTA") == json.loads(json.dumps(snapshot(vmm.core)))
+    cpus, now = d.json(b"CPUS"), json.loads(json.dumps(vmstate.capture(vmm.vcpu)))
+    assert cpus["msrs"].pop("0x10") <= now["msrs"].pop("0x10") and cpus == now  # the TSC runs on
+    assert d.json(b"DEVS") == {"serial_partial": vmm.serial.partial}
+    assert d.json(b"DONE") == {"pages": o.pages_sent}
+    view = vmm.machine.memory.view
+    for p in pages:
+        assert d.memory[p * PAGE:(p + 1) * PAGE] == view[p * PAGE:(p + 1) * PAGE], p
+
+
+def run_guest(vmm: Vmm) -> float:
+    """The guest ran until the pause: it dirtied a few pages that the final copy must carry."""
+    vmm.run(max_exits=300, timeout=10)
+    return PAUSED_AT
+
+
+def test_the_pages_dirtied_before_the_pause_go_in_the_final_copy(kvm: Kvm, catalog: Catalog,
+                                                                 tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, commits, pause=run_guest)
+    assert run.outcome.migrated and run.outcome.rounds == 1
+    assert run.outcome.pages_sent == len(run.dest.covered) > len(written_pages(run.vmm))  # some went twice
+    view = run.vmm.machine.memory.view
+    for p in written_pages(run.vmm):
+        assert run.dest.memory[p * PAGE:(p + 1) * PAGE] == view[p * PAGE:(p + 1) * PAGE], p
+
+
+@pytest.mark.parametrize("where", ["round 1", "final"])
+def test_pages_are_copied_while_the_guest_runs_and_sent_from_memory_once_paused(kvm: Kvm, catalog: Catalog,
+                                                                               tmp_path: Path,
+                                                                               where: str) -> None:
+    """The destination changes the last page of the first large MEMP section while the source is still sending it
+    (as the running guest would): a copy taken before sending (pre-copy) carries the old bytes, with a matching
+    checksum; once paused, the pages go straight from guest memory, so the change shows."""
+    changed: list[int] = []
+
+    def change(dest: Dest, first: int, count: int) -> None:
+        if count < 256:  # too small to fill the socket: the source may have sent it all
+            dest.on_memp = change
+            return
+        last = first + count - 1
+        vmm.machine.memory.view[last * PAGE + 100] ^= 0xFF
+        changed.append(last)
+
+    vmm = source_vmm(kvm, catalog)
+    run = drive(kvm, catalog, tmp_path, commits, on_memp=change, vmm=vmm,
+                mode="pre-copy" if where == "round 1" else "stop-and-copy")
+    assert len(changed) == 1
+    p = changed[0]
+    sent = run.dest.memory[p * PAGE + 100]
+    now = run.vmm.machine.memory.view[p * PAGE + 100]
+    checks = [ok for kind, _, ok in run.dest.sections if kind == b"MEMP"]
+    if where == "round 1":
+        assert sent == now ^ 0xFF and all(checks)  # the copy, taken before the change, and its checksum
+    else:  # no copy: the change went out, after the checksum was taken (the destination would refuse it)
+        assert sent == now and checks.count(False) == 1
+
+
+def test_stop_and_copy_sends_every_written_page_once_paused(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, commits, mode="stop-and-copy", pause=run_guest)
+    pages = written_pages(run.vmm)
+    assert run.said == [connected(run), ACCEPTED, "guest paused on the source",
+                        "committed: the guest now runs on the destination"]
+    assert run.outcome.rounds == 0 and run.dest.covered == pages and run.outcome.pages_sent == len(pages)
+    view = run.vmm.machine.memory.view
+    assert all(run.dest.memory[p * PAGE:(p + 1) * PAGE] == view[p * PAGE:(p + 1) * PAGE] for p in pages)
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------------
+LONG = "why " * 150  # longer than the 400 characters a refusal keeps
+REASONS = [f"reason {i}: " + "r" * 450 for i in range(17)]
+
+
+def refuses(kind: bytes, doc: Any) -> Script:
+    def script(dest: Dest) -> None:
+        dest.read_header()
+        dest.doc(b"HELO")
+        dest.send(kind, doc)
+    return script
+
+
+@pytest.mark.parametrize("kind,doc,reason", [
+    (b"NACK", {"accepted": True, "reason": LONG}, "destination refused: " + shorten(LONG, 400)),
+    (b"VRDT", {"accepted": False, "reasons": REASONS, "reason": "not this"},
+     "destination refused: " + "; ".join(shorten(r, 400) for r in REASONS[:16])),
+    (b"VRDT", {"accepted": False, "reasons": ["one", 2]}, "destination refused: one; 2"),
+    (b"VRDT", {"accepted": False, "reasons": [], "reason": "empty list"}, "destination refused: empty list"),
+    (b"VRDT", {"accepted": False, "reasons": "no list", "reason": "a string"}, "destination refused: a string"),
+    (b"VRDT", {"accepted": 1}, "destination refused: " + shorten(str({"accepted": 1}), 400)),
+    (b"VRDT", {"accepted": "yes", "pad": LONG}, "destination refused: " + shorten(str({"accepted": "yes", "pad": LONG}),
+                                                                                  400)),
+], ids=["nack", "reasons", "short-reasons", "empty-reasons", "string-reasons", "not-true", "whole-verdict"])
+def test_a_refusal_before_the_pause_is_said_and_recorded(kvm: Kvm, catalog: Catalog, tmp_path: Path, kind: bytes,
+                                                         doc: Any, reason: str) -> None:
+    assert shorten(LONG, 400) != shorten(LONG, 401)
+    run = drive(kvm, catalog, tmp_path, refuses(kind, doc))
+    o = run.outcome
+    assert run.said == [connected(run), reason]
+    assert o.reason == reason and o.verdict == doc and not o.accepted and not o.migrated and o.paused_at is None
+    assert o.pages_sent == 0 and o.bytes_sent == run.dest.received and run.dest.kinds() == [b"HELO"]
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason and run.asked == []
+
+
+def test_a_verdict_that_is_no_object_fails_the_migration(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, refuses(b"VRDT", [True]))
+    offset = run.dest.received - len(encode_json(b"VRDT", [True]))  # the source received what the dest sent
+    start = len(encode_json(b"HELO", snapshot(run.vmm.core)))
+    assert run.outcome.reason.startswith("migration failed: VRDT section at byte ")
+    assert run.outcome.reason.endswith(": not a JSON object") and run.said[-1] == run.outcome.reason
+    assert offset >= 0 and start > 0
+
+
+def test_check_only_stops_after_the_verdict(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, accepts, check=True)
+    o = run.outcome
+    assert run.said == [connected(run), ACCEPTED] and o.accepted and not o.migrated
+    assert o.reason == "check only: nothing moved" and run.dest.header["mode"] == "check"
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == "check only: nothing moved"
+
+
+def nack_after(doc: Any) -> Script:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"NACK", doc)
+    return script
+
+
+@pytest.mark.parametrize("doc,reason", [
+    ({"reason": LONG, "control": CONTROL}, "destination refused after the pause: " + shorten(LONG, 400)),
+    ({}, "destination refused after the pause: None"),
+], ids=["reason", "none"])
+def test_a_refusal_after_the_pause_resumes_the_guest(kvm: Kvm, catalog: Catalog, tmp_path: Path, doc: Any,
+                                                     reason: str) -> None:
+    run = drive(kvm, catalog, tmp_path, nack_after(doc))
+    o = run.outcome
+    assert run.said[-2:] == ["guest paused on the source", reason] and len(run.said) == 5
+    assert o.reason == reason and o.accepted and not o.migrated and o.paused_at == PAUSED_AT and o.ready == {}
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
+    assert run.asked == []  # nothing prepared there: nobody to tell
+    assert run.dest.kinds()[-1] == b"DONE"
+
+
+# --- the stream cut, stalled or refused ---------------------------------------------------------------------------------
+def test_nothing_listening_fails_before_anything_moves(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    from pvmit.net.peer import connect
+    run = drive(kvm, catalog, tmp_path, accepts, listen=False)
+    with pytest.raises(ConnectionError) as e:
+        connect(run.address, None, timeout=1)
+    reason = f"migration failed: {e.value}"
+    assert run.said == [reason] and run.outcome.reason == reason and run.outcome.bytes_sent == 0
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
+
+
+def silent(dest: Dest) -> None:
+    dest.read_header()
+    dest.doc(b"HELO")
+    dest.sock.settimeout(30)
+    try:
+        dest.sock.recv(1)  # until the source gives up
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("stall,deadline,why", [(0.3, 30.0, "stalled"), (30.0, 0.5, "deadline")])
+def test_a_silent_destination_is_given_up_on(kvm: Kvm, catalog: Catalog, tmp_path: Path, stall: float,
+                                             deadline: float, why: str) -> None:
+    run = drive(kvm, catalog, tmp_path, silent, stall=stall, deadline=deadline)
+    assert why in run.outcome.reason and run.said[-1] == run.outcome.reason and run.outcome.paused_at is None
+    assert run.outcome.reason.startswith("migration failed: ")
