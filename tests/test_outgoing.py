@@ -457,3 +457,209 @@ def test_a_silent_destination_is_given_up_on(kvm: Kvm, catalog: Catalog, tmp_pat
     run = drive(kvm, catalog, tmp_path, silent, stall=stall, deadline=deadline)
     assert why in run.outcome.reason and run.said[-1] == run.outcome.reason and run.outcome.paused_at is None
     assert run.outcome.reason.startswith("migration failed: ")
+
+
+# --- a commit not acknowledged ----------------------------------------------------------------------------------------
+NO_ACK = ("no acknowledgement of the commit ({}): asking the destination's VMM whether it runs the guest")
+SAYS = "committed: the destination's VMM says it runs the guest"
+
+
+@pytest.mark.parametrize("cack,why", [
+    ({"migration": "another"}, "CACK section: it acknowledges another migration"),
+    ({}, "CACK section: it acknowledges another migration"),
+], ids=["another", "none"])
+def test_a_cack_for_another_migration_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_path: Path, cack: Any,
+                                                           why: str) -> None:
+    run = drive(kvm, catalog, tmp_path, lambda d: commits(d, cack), ask=lambda *a: "committed")
+    o = run.outcome
+    assert run.said[-2:] == [NO_ACK.format(why), SAYS] and len(run.said) == 6
+    assert o.migrated and not o.in_doubt and o.settled_by == "the destination's VMM says it runs the guest"
+    assert run.asked == [(CONTROL, M, "committed")] and run.ledger.phase(M) == "committed"
+
+
+def resolve_run(out: Outgoing, message: str) -> None:
+    out.operator = "run"
+    out.wake.set()
+
+
+def test_a_ready_without_a_control_address_leaves_the_guest_in_doubt(kvm: Kvm, catalog: Catalog,
+                                                                      tmp_path: Path) -> None:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M})
+        dest.doc(b"CMIT")  # and then nothing: the connection closes
+
+    run = drive(kvm, catalog, tmp_path, script, ask=lambda *a: "unreachable", on_doubt=resolve_run, stall=0.5,
+                settle_notice=0)
+    o = run.outcome
+    assert run.asked == []  # nobody to ask
+    assert run.doubts == [run.said[-1]] and "VMM at (no control address) cannot be reached" in run.said[-1]
+    assert run.said[-2].startswith("no acknowledgement of the commit (")
+    assert not o.migrated and not o.in_doubt and o.settled_by == "the operator said run"
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == "the operator said run"
+
+
+# --- faults injected on purpose ---------------------------------------------------------------------------------------
+class Exited(BaseException):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULT_ENV, "1")
+
+    def exit_(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(source_module.os, "_exit", exit_)
+
+
+def lenient(dest: Dest) -> None:
+    """Accepts and takes whatever comes, to the end of the stream."""
+    accepts(dest)
+    dest.until_done()
+    dest.send(b"NACK", {"reason": "refused"})
+
+
+def test_a_flipped_memory_bit_goes_out_once(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    run = drive(kvm, catalog, tmp_path, lenient, fault="flip-memory")
+    memp = [(body, ok) for kind, body, ok in run.dest.sections if kind == b"MEMP"]
+    assert [ok for _, ok in memp] == [False] + [True] * (len(memp) - 1)
+    body = memp[0][0]
+    first = PAGES_HEAD.unpack_from(body)[0]
+    view = run.vmm.machine.memory.view
+    sent = body[PAGES_HEAD.size:]
+    assert sent[0] == view[first * PAGE] ^ 0x01 and sent[1:] == view[first * PAGE + 1:first * PAGE + len(sent)]
+    assert run.outcome.reason == "destination refused after the pause: refused"
+
+
+def test_a_flipped_state_bit(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    run = drive(kvm, catalog, tmp_path, lenient, fault="flip-state")
+    state = bytearray(encode_json(b"ISTA", snapshot(run.vmm.core)))
+    state[20] ^= 0x04
+    ista = [(body, ok) for kind, body, ok in run.dest.sections if kind == b"ISTA"]
+    assert ista == [(bytes(state[SECTION_HEAD.size:-CRC.size]), False)]
+
+
+def test_a_report_meanwhile_clears_the_controls_in_the_final_state(kvm: Kvm, catalog: Catalog, tmp_path: Path,
+                                                                   faults: None) -> None:
+    run = drive(kvm, catalog, tmp_path, lenient, fault="report-meanwhile")
+    want = json.loads(json.dumps(snapshot(run.vmm.core)))
+    want["vcpus"][0].update(ctrl=0, reported=True)
+    assert run.dest.json(b"ISTA") == want
+
+
+def test_a_wrong_version(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    run = drive(kvm, catalog, tmp_path, lenient, fault="wrong-version")
+    assert run.dest.version == 99
+
+
+def test_an_unknown_section_after_the_state(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    run = drive(kvm, catalog, tmp_path, lenient, fault="unknown-section")
+    head = b"XTRA" + (2).to_bytes(8, "little")
+    crc = zlib.crc32(b"{}", zlib.crc32(head)).to_bytes(4, "little")
+    assert run.dest.kinds()[-5:] == [b"ISTA", b"XTRA", b"CPUS", b"DEVS", b"DONE"]
+    assert head + b"{}" + crc in run.dest.raw
+    assert all(ok for _, _, ok in run.dest.sections)
+
+
+def test_a_truncated_state(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+
+    run = drive(kvm, catalog, tmp_path, script, fault="truncate")
+    state = encode_json(b"ISTA", snapshot(run.vmm.core))
+    assert run.dest.raw.endswith(state[:len(state) // 2]) and run.dest.kinds()[-1] in (b"MEMP", b"ZERO")
+    reason = "migration failed: stream cut short on purpose (fault injection)"
+    assert run.outcome.reason == reason and run.said[-1] == reason + "; the guest resumes on the source"
+    assert run.said[-2] == "guest paused on the source"
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
+
+
+def test_a_connection_dropped_before_the_commit_tells_the_destination(kvm: Kvm, catalog: Catalog, tmp_path: Path,
+                                                                      faults: None) -> None:
+    told = threading.Event()
+
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M, "control": CONTROL})
+
+    def ask(*args: str) -> str:
+        told.set()
+        return "aborted"
+
+    run = drive(kvm, catalog, tmp_path, script, fault="drop-before-commit", ask=ask)
+    assert told.wait(10)
+    reason = "migration failed: connection dropped before the commit (fault injection)"
+    assert run.outcome.reason == reason and run.said[-1] == reason + "; the guest resumes on the source"
+    assert run.asked == [(CONTROL, M, "aborted")] and run.ledger.how(M) == reason
+    assert run.ledger.phase(M) == "aborted" and b"CMIT" not in run.dest.kinds()
+
+
+def test_a_lost_commit_ack_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None) -> None:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M, "control": CONTROL})
+
+    run = drive(kvm, catalog, tmp_path, script, fault="lose-commit-ack", ask=lambda *a: "committed")
+    assert run.said[-2:] == [NO_ACK.format("connection dropped after the commit (fault injection)"), SAYS]
+    assert run.outcome.migrated and run.asked == [(CONTROL, M, "committed")]
+    assert run.dest.kinds()[-1] == b"CMIT"
+
+
+@pytest.mark.parametrize("fault,last,phase", [
+    ("die-after-pause", "guest paused on the source", "deciding"),
+    ("die-before-commit", "guest paused on the source", "deciding"),
+    ("die-after-commit", "guest paused on the source", "committed"),
+])
+def test_a_source_that_dies(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults: None, fault: str, last: str,
+                            phase: str) -> None:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M, "control": CONTROL})
+
+    run = drive(kvm, catalog, tmp_path, script, fault=fault)
+    assert isinstance(run.error, Exited) and run.error.code == 9
+    assert run.said[-1] == last and run.ledger.phase(M) == phase
+    kinds = run.dest.kinds()
+    assert {"die-after-pause": b"HELO" if run.outcome.pages_sent == 0 else kinds[-1],
+            "die-before-commit": b"DONE", "die-after-commit": b"CMIT"}[fault] == kinds[-1]
+    if fault == "die-after-pause":
+        assert all(k in (b"HELO", b"MEMP", b"ZERO") for k in kinds) and run.outcome.paused_at == PAUSED_AT
+
+
+# --- errors nobody expected -------------------------------------------------------------------------------------------
+class Boom(Exception):
+    pass
+
+
+def raising_on(line: str) -> Callable[[str], None]:
+    said = [False]
+
+    def progress(m: str) -> None:
+        if m == line and not said[0]:
+            said[0] = True
+            raise Boom("x" * 500)
+    return progress
+
+
+def test_an_internal_error_before_the_commit_keeps_the_guest(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, commits, progress=raising_on("guest paused on the source"))
+    reason = f"migration failed: internal error (Boom: {shorten('x' * 500, 300)})"
+    assert shorten("x" * 500, 300) != shorten("x" * 500, 301)
+    assert run.outcome.reason == reason and run.said[-1] == reason and not run.outcome.migrated
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
+
+
+def test_an_internal_error_after_the_commit_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, commits, progress=raising_on("committed: the guest now runs on the destination"),
+                ask=lambda *a: "committed")
+    assert run.outcome.reason == f"internal error after the commit (Boom: {shorten('x' * 500)})"
+    assert run.outcome.migrated and run.said[-1] == SAYS and run.asked == [(CONTROL, M, "committed")]
