@@ -663,3 +663,150 @@ def test_an_internal_error_after_the_commit_is_settled_by_asking(kvm: Kvm, catal
                 ask=lambda *a: "committed")
     assert run.outcome.reason == f"internal error after the commit (Boom: {shorten('x' * 500)})"
     assert run.outcome.migrated and run.said[-1] == SAYS and run.asked == [(CONTROL, M, "committed")]
+
+
+
+# --- _abort and _settle on their own (no VM: they touch only the ledger, `ask` and the Outcome) -------------------------
+class Wake(threading.Event):
+    """Records how long `_settle` would wait between questions, and returns at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(timeout)
+        return True
+
+
+def bare(ask: Callable[..., str], *, notice: float = 60.0) -> tuple[Outgoing, list[str], list[str], Ledger]:
+    said: list[str] = []
+    doubts: list[str] = []
+    led = Ledger()
+    led.start(M)
+    o = Outgoing(None, Address.parse("unix:/dst.mig"), None,  # type: ignore[arg-type]
+                 header={"migration": M, "mode": "pre-copy", "vm_id": "ab"}, hello={}, ledger=led,
+                 pause=time.monotonic, ask=ask, progress=said.append, on_doubt=doubts.append, settle_notice=notice)
+    o.wake = Wake()
+    return o, said, doubts, led
+
+
+def test_a_new_outgoing_starts_with_an_empty_outcome() -> None:
+    o, _, _, _ = bare(lambda *a: "x")
+    assert o.out == Outcome(False, False, "pre-copy", M, "ab") and not o.check_only and o.fault is None
+    o2 = Outgoing(None, Address.parse("unix:/d"), None, header={"migration": M, "mode": "m"},  # type: ignore[arg-type]
+                  hello={}, ledger=Ledger(), pause=time.monotonic, ask=lambda *a: "x")
+    assert o2.out.vm == "" and o2.out.accepted is False
+
+
+def test_an_unknown_fault_and_a_fault_outside_tests_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pvmit.errors import PvmitError
+    from pvmit.migration.source import FAULTS
+    kw: dict[str, Any] = dict(header={"migration": M, "mode": "m"}, hello={}, ledger=Ledger(), pause=time.monotonic,
+                              ask=lambda *a: "x")
+    bad = "nope-" + "n" * 60
+    with pytest.raises(PvmitError) as e:
+        Outgoing(None, Address.parse("unix:/d"), None, fault=bad, **kw)  # type: ignore[arg-type]
+    assert str(e.value) == f"unknown fault {shorten(bad, 40)!r}; known: {', '.join(FAULTS)}"
+    assert shorten(bad, 40) != shorten(bad, 41)
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    with pytest.raises(PvmitError) as e:
+        Outgoing(None, Address.parse("unix:/d"), None, fault="truncate", **kw)  # type: ignore[arg-type]
+    assert str(e.value) == (f"fault injection (truncate) is for tests only: the VMM was not started with "
+                            f"{FAULT_ENV}=1")
+
+
+@pytest.mark.parametrize("ready,told", [({"control": CONTROL}, True), ({"control": ""}, False),
+                                        ({"control": 5}, False), ({}, False)], ids=["control", "empty", "number", "none"])
+def test_abort_tells_a_destination_that_may_hold_the_guest(ready: dict[str, Any], told: bool) -> None:
+    release = threading.Event()
+    calls: list[tuple[Any, ...]] = []
+    threads: list[threading.Thread] = []
+
+    def ask(*args: Any) -> str:
+        threads.append(threading.current_thread())
+        calls.append(args)
+        release.wait(10)
+        return "aborted"
+
+    o, said, _, led = bare(ask)
+    o.out.ready = ready
+    o.out.reason = "the reason"
+    assert o._abort(o.out) is o.out  # returns before the destination answers
+    assert led.phase(M) == "aborted" and led.how(M) == "the reason" and said == []
+    release.set()
+    for t in threading.enumerate():
+        if t.name == "tell-aborted":
+            t.join(10)
+    assert calls == ([(CONTROL, M, "aborted")] if told else [])
+    if told:
+        assert threads[0].name == "tell-aborted" and threads[0].daemon
+
+
+def test_abort_without_a_reason_records_aborted() -> None:
+    o, _, _, led = bare(lambda *a: "x")
+    o._abort(o.out)
+    assert led.phase(M) == "aborted" and led.how(M) == "aborted"
+
+
+def test_settle_asks_while_in_doubt_and_waits_less_while_prepared() -> None:
+    seen: list[Any] = []
+    answers = iter(["prepared", "unreachable", "prepared", "committed"])
+
+    def ask(*args: Any) -> str:
+        seen.append((args, o.out.in_doubt))
+        return next(answers)
+
+    o, said, doubts, led = bare(ask)
+    out = o._settle(o.out, CONTROL)
+    assert seen == [((CONTROL, M, "committed"), True)] * 4
+    assert o.wake.waits == [0.5, 1.0, 0.5] and out.migrated and out.in_doubt is False  # type: ignore[attr-defined]
+    assert said == [SAYS] and doubts == []
+
+
+@pytest.mark.parametrize("control,shown", [("", "(no control address)"),
+                                           ("unix:/" + "c" * 150, shorten("unix:/" + "c" * 150, 100))])
+def test_settle_tells_the_operator_what_to_run(control: str, shown: str) -> None:
+    assert shorten("unix:/" + "c" * 150, 100) != shorten("unix:/" + "c" * 150, 101)
+    o, said, doubts, led = bare(lambda *a: "unreachable", notice=0)
+    waits = o.wake.waits  # type: ignore[attr-defined]
+
+    def wait(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        if len(waits) == 2:
+            o.operator = "discard"
+        return True
+
+    o.wake.wait = wait  # type: ignore[method-assign]
+    out = o._settle(o.out, control)
+    text = (f"IN DOUBT: migration {M} to unix:/dst.mig: committed, but the destination's VMM at {shown} cannot be "
+            "reached; the guest is paused here. If the destination runs it (`pvmit ctl DEST status`), run "
+            "`pvmit ctl SOURCE resolve discard`; if it does not, `pvmit ctl SOURCE resolve run`. Asking again "
+            "meanwhile.")
+    assert said == [text] and doubts == [text] and out.reason == text and waits == [1.0, 1.0]
+    assert out.migrated and out.in_doubt is False and out.settled_by == "the operator said discard"
+    assert led.phase(M) == "deciding"  # the operator says the destination runs it: nothing to undo here
+
+
+
+@pytest.mark.parametrize("answer,why", [
+    ("unknown", "the destination's VMM knows nothing of it (its process is gone)"),
+    ("gone", "nothing listens at the destination's control socket (its VMM is gone)"),
+    ("aborted", "the destination's operator discarded its copy"),
+])
+def test_settle_resumes_when_no_living_destination_has_the_guest(answer: str, why: str) -> None:
+    o, said, _, led = bare(lambda *a: answer)
+    out = o._settle(o.out, CONTROL)
+    reason = f"the commit did not reach a living destination: {why}"
+    assert out.in_doubt is False and not out.migrated and out.settled_by == why and out.reason == reason
+    assert said == [reason + "; the guest resumes on the source"]
+    assert led.phase(M) == "aborted" and led.how(M) == why
+
+
+def test_settle_takes_the_operators_run() -> None:
+    o, said, _, led = bare(lambda *a: "unreachable")
+    o.operator = "run"
+    out = o._settle(o.out, CONTROL)
+    assert out.in_doubt is False and out.migrated is False and out.settled_by == "the operator said run"
+    assert led.phase(M) == "aborted" and led.how(M) == "the operator said run" and said == []
