@@ -34,6 +34,7 @@ from pvmit.migration.stream import CRC, HEADER_FIXED, PAGE, PAGES_HEAD, SECTION_
 from pvmit.net.address import Address
 from pvmit.net.peer import accept
 from pvmit.net.text import shorten
+from pvmit.net.tls import Credentials, make_test_ca
 from pvmit.vmm.vmm import Vmm
 from test_migration_inprocess import USABLE, WHY, source_vmm
 
@@ -168,14 +169,21 @@ def kvm() -> Iterator[Kvm]:
         yield k
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: str = "pre-copy",
           fault: str | None = None, ask: Callable[[str, str, str], str] | None = None,
           pause: Callable[[Vmm], float] | None = None, progress: Callable[[str], None] | None = None,
           on_doubt: Callable[[Outgoing, str], None] | None = None, check: bool = False, stall: float = 5.0,
           deadline: float = 60.0, listen: bool = True, on_memp: Callable[[Dest, int, int], None] | None = None,
-          settle_notice: float = 60.0, vmm: Vmm | None = None) -> Run:
+          settle_notice: float = 60.0, vmm: Vmm | None = None, tls: tuple[Credentials, Credentials] | None = None) -> Run:
     vmm = vmm or source_vmm(kvm, catalog)
-    address = Address.parse(f"unix:{tmp_path / f'dst-{secrets.token_hex(3)}.mig'}")
+    address = Address.parse(f"tcp:127.0.0.1:{free_port()}" if tls else
+                            f"unix:{tmp_path / f'dst-{secrets.token_hex(3)}.mig'}")
     listener = address.listen() if listen else None
     memory = bytearray(vmm.machine.memory.size)
     dests: list[Dest] = []
@@ -184,7 +192,7 @@ def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: s
     def serve() -> None:
         assert listener is not None
         conn, addr = listener.accept()
-        peer = accept(conn, addr, None, deadline=time.monotonic() + 10)
+        peer = accept(conn, addr, tls[0] if tls else None, deadline=time.monotonic() + 10)
         dest = Dest(peer.sock, memory, on_memp=on_memp)
         dests.append(dest)
         try:
@@ -225,7 +233,7 @@ def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: s
         if progress:
             progress(m)
 
-    out = Outgoing(vmm, address, None, header=header, hello=snapshot(vmm.core), ledger=ledger, pause=pausing,
+    out = Outgoing(vmm, address, tls[1] if tls else None, header=header, hello=snapshot(vmm.core), ledger=ledger, pause=pausing,
                    ask=asking, check_only=check, fault=fault, progress=saying, stall=stall, deadline=deadline,
                    settle_notice=settle_notice)
     if on_doubt is not None:
@@ -235,12 +243,15 @@ def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: s
         outcome = out.run()
     except BaseException as e:  # noqa: BLE001 - a simulated os._exit
         error, outcome = e, out.out
+    if not (fault or "").startswith("die-"):
+        assert error is None, error
     if listen:
         t.join(30)
         assert not t.is_alive()
     if listener is not None:
         listener.close()
-        address.unlink()
+        if not tls:
+            address.unlink()
     if errors:
         raise errors[0]
     dest = dests[0] if dests else Dest(socket.socket(), memory)
@@ -353,6 +364,13 @@ def test_stop_and_copy_sends_every_written_page_once_paused(kvm: Kvm, catalog: C
     assert run.outcome.rounds == 0 and run.dest.covered == pages and run.outcome.pages_sent == len(pages)
     view = run.vmm.machine.memory.view
     assert all(run.dest.memory[p * PAGE:(p + 1) * PAGE] == view[p * PAGE:(p + 1) * PAGE] for p in pages)
+
+
+def test_over_tls_the_connect_line_says_so(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    make_test_ca(tmp_path / "pki", ["127.0.0.1"])
+    creds = (Credentials.load(tmp_path / "pki", roles=("server",)), Credentials.load(tmp_path / "pki", roles=("client",)))
+    run = drive(kvm, catalog, tmp_path, accepts, check=True, tls=creds)
+    assert run.said[0] == f"connected to {run.address} (TLS, peer accepted us)" and run.address.is_tcp
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------------
