@@ -280,7 +280,11 @@ def test_the_accept_line_keeps_64_characters_of_the_host() -> None:
 # --- the success path -----------------------------------------------------------------------------------------------
 def test_a_pre_copy_migration_says_each_step_and_sends_every_written_page(kvm: Kvm, catalog: Catalog,
                                                                           tmp_path: Path) -> None:
-    run = drive(kvm, catalog, tmp_path, commits)
+    vmm = source_vmm(kvm, catalog)
+    odd = (5 << 20) // PAGE  # a page whose only set bit is a sign bit: all zero read as floats, not as integers
+    vmm.machine.memory.view[odd * PAGE + 7] = 0x80
+    vmm.machine.memory.view[(4 << 20) + (512 << 10)] = 1  # splits the written MiB of zeros in two runs
+    run = drive(kvm, catalog, tmp_path, commits, vmm=vmm)
     o, vmm = run.outcome, run.vmm
     pages = written_pages(vmm)
     assert run.said == [connected(run), ACCEPTED, f"pre-copy round 1: {len(pages)} pages while the guest runs",
@@ -290,11 +294,16 @@ def test_a_pre_copy_migration_says_each_step_and_sends_every_written_page(kvm: K
     assert o.verdict == {"accepted": True, "host": HOST}
     assert o.ready == {"migration": M, "control": CONTROL, "forced": []}
     assert o.paused_at == PAUSED_AT and o.committed_at is not None and 0 < o.total_seconds < 60
-    assert run.dest.covered == pages and o.pages_sent == len(pages) and o.zero_pages == run.dest.zero >= 256
+    assert run.dest.covered == pages and o.pages_sent == len(pages) and o.zero_pages == run.dest.zero >= 255
     assert o.bytes_sent == run.dest.received
     assert run.ledger.phase(M) == "committed" and run.ledger.how(M) == "REDY received"
     assert run.asked == []
     d = run.dest
+    assert d.header["source_control"] == "unix:/source/control" and d.header["vm"]["cpuid"] == vmm.guest_cpuid()
+    assert d.header["source_host"] == {"name": vmm.host.name, "facts": vmm.host.facts.to_json(),
+                                       "stand_in": vmm.host.stand_in}
+    assert d.memory[odd * PAGE + 7] == 0x80 and odd in d.covered
+    assert sum(1 for k in d.kinds() if k == b"ZERO") >= 2
     assert d.version == 2 and d.header == describe(vmm, "pre-copy", M, "0123456789abcdef", "unix:/source/control")
     assert d.kinds()[-5:] == [b"ISTA", b"CPUS", b"DEVS", b"DONE", b"CMIT"]
     assert d.kinds()[0] == b"HELO" and d.json(b"HELO") == json.loads(json.dumps(snapshot(vmm.core)))
@@ -765,7 +774,24 @@ def test_abort_tells_a_destination_that_may_hold_the_guest(ready: dict[str, Any]
 def test_abort_without_a_reason_records_aborted() -> None:
     o, _, _, led = bare(lambda *a: "x")
     o._abort(o.out)
-    assert led.phase(M) == "aborted" and led.how(M) == "aborted"
+    assert led.phase(M) == "aborted" and led.how(M) == "aborted" and led.role(M) == "source"
+    led.decide(M, "committed", "REDY received")
+    assert led.role(M) == "source" and led.answer(M, None) == {"role": "source", "state": "committed"}
+
+
+def test_a_fault_outside_tests_is_refused_with_its_name_shortened(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pvmit.errors import PvmitError
+    from pvmit.migration.source import allow_fault
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    name = "f" * 60
+    with pytest.raises(PvmitError) as e:
+        allow_fault(name)
+    assert str(e.value) == (f"fault injection ({shorten(name, 40)}) is for tests only: the VMM was not started "
+                            f"with {FAULT_ENV}=1")
+    assert shorten(name, 40) != shorten(name, 41)
+    allow_fault(None)
+    monkeypatch.setenv(FAULT_ENV, "1")
+    allow_fault(name)
 
 
 def test_settle_asks_while_in_doubt_and_waits_less_while_prepared() -> None:
