@@ -382,6 +382,57 @@ def test_over_tls_the_connect_line_says_so(kvm: Kvm, catalog: Catalog, tmp_path:
     assert run.said[0] == f"connected to {run.address} (TLS, peer accepted us)" and run.address.is_tcp
 
 
+SWEEPER = """
+entry:
+    mov rbx, 0x600000
+    mov rcx, rdi
+sweep:
+    mov byte ptr [rbx], 1
+    add rbx, 4096
+    dec rcx
+    jnz sweep
+    mov dx, 0x3f8
+    mov al, 0x2e
+    out dx, al
+    jmp entry
+"""
+
+
+def sweeper(kvm: Kvm, catalog: Catalog, pages: int) -> Vmm:
+    """A guest that writes to `pages` pages, then one character to the serial port, for ever."""
+    from pvmit.asm import assemble
+    from pvmit.interface.forms import Form, InterfaceConfig
+    from pvmit.interface.policy import OperatorSettings, supported_requests
+    from pvmit.vmm.hosts import stand_in
+    from pvmit.vmm.personality import resolve
+    from test_migration_inprocess import MEMORY, real_host
+    host = stand_in(catalog, "icelake-sp", real_host(catalog))
+    config = InterfaceConfig(Form.INTEL, supported_requests([host.facts]))
+    vmm = Vmm(kvm, resolve(catalog, "icelake-server-v2"), host, config, OperatorSettings(), memory_size=MEMORY)
+    vmm.load(assemble(SWEEPER, 0x10000), 0x10000, (pages,))
+    return vmm
+
+
+@pytest.mark.parametrize("pages,sweeps,rounds", [(61, 1, 1), (62, 1, 2), (70, 99, 6)],
+                         ids=["converged", "one-more", "never"])
+def test_pre_copy_goes_on_while_more_than_64_pages_are_dirty_for_at_most_6_rounds(
+        kvm: Kvm, catalog: Catalog, tmp_path: Path, pages: int, sweeps: int, rounds: int) -> None:
+    """(The 61-page sweep dirties exactly 64 pages: the limit, still converged.)"""
+    vmm = sweeper(kvm, catalog, pages)
+    done = [0]
+
+    def progress(m: str) -> None:  # the guest runs during a round: one sweep per round, `sweeps` rounds
+        if m.startswith("pre-copy round") and done[0] < sweeps:
+            done[0] += 1
+            vmm.run(poll=lambda: True, max_exits=10, timeout=10)
+
+    run = drive(kvm, catalog, tmp_path, commits, vmm=vmm, progress=progress)
+    lines = [m for m in run.said if m.startswith("pre-copy round")]
+    assert run.outcome.rounds == rounds == len(lines) and run.outcome.migrated, lines
+    if pages == 62:  # its first sweep also sets accessed/dirty bits in 3 page-table pages: 65 pages, one too many
+        assert lines[1] == "pre-copy round 2: 65 pages while the guest runs"
+
+
 # --- refusals ---------------------------------------------------------------------------------------------------------
 LONG = "why " * 150  # longer than the 400 characters a refusal keeps
 REASONS = [f"reason {i}: " + "r" * 450 for i in range(17)]
