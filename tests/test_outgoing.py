@@ -555,6 +555,29 @@ def test_a_cack_for_another_migration_is_settled_by_asking(kvm: Kvm, catalog: Ca
     assert run.asked == [(CONTROL, M, "committed")] and run.ledger.phase(M) == "committed"
 
 
+def test_a_cack_trickling_in_past_the_stall_limit_is_not_waited_for(kvm: Kvm, catalog: Catalog,
+                                                                     tmp_path: Path) -> None:
+    """After CMIT the source waits `stall` seconds in all for CACK, not `stall` per byte."""
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M, "control": CONTROL})
+        dest.doc(b"CMIT")
+        cack = encode_json(b"CACK", {"migration": M})
+        try:
+            dest.sock.sendall(cack[:4])
+            for i in range(4, 10):  # a byte every 0.25 s: never idle for 0.6 s, but 1.5 s in all
+                time.sleep(0.25)
+                dest.sock.sendall(cack[i:i + 1])
+            dest.sock.sendall(cack[10:])
+        except OSError:  # the source gave up and closed
+            pass
+
+    run = drive(kvm, catalog, tmp_path, script, stall=0.6, ask=lambda *a: "committed")
+    assert run.said[-2].startswith("no acknowledgement of the commit (") and "deadline" in run.said[-2], run.said
+    assert run.said[-1] == SAYS and run.outcome.settled_by == "the destination's VMM says it runs the guest"
+
+
 def resolve_run(out: Outgoing, message: str) -> None:
     out.operator = "run"
     out.wake.set()
@@ -624,7 +647,9 @@ def test_a_flipped_state_bit(kvm: Kvm, catalog: Catalog, tmp_path: Path, faults:
 
 def test_a_report_meanwhile_clears_the_controls_in_the_final_state(kvm: Kvm, catalog: Catalog, tmp_path: Path,
                                                                    faults: None) -> None:
-    run = drive(kvm, catalog, tmp_path, lenient, fault="report-meanwhile")
+    vmm = sweeper(kvm, catalog, 1)  # a guest that never reported anything
+    assert not snapshot(vmm.core)["vcpus"][0]["reported"]
+    run = drive(kvm, catalog, tmp_path, lenient, fault="report-meanwhile", vmm=vmm)
     want = json.loads(json.dumps(snapshot(run.vmm.core)))
     want["vcpus"][0].update(ctrl=0, reported=True)
     assert run.dest.json(b"ISTA") == want
