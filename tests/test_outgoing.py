@@ -284,9 +284,10 @@ def test_a_pre_copy_migration_says_each_step_and_sends_every_written_page(kvm: K
     odd = (5 << 20) // PAGE  # a page whose only set bit is a sign bit: all zero read as floats, not as integers
     vmm.machine.memory.view[odd * PAGE + 7] = 0x80
     vmm.machine.memory.view[(4 << 20) + (512 << 10)] = 1  # splits the written MiB of zeros in two runs
+    pages = written_pages(vmm)  # before: reading a page of shared memory gives it a backing page
     run = drive(kvm, catalog, tmp_path, commits, vmm=vmm)
-    o, vmm = run.outcome, run.vmm
-    pages = written_pages(vmm)
+    o = run.outcome
+    assert written_pages(vmm) == pages
     assert run.said == [connected(run), ACCEPTED, f"pre-copy round 1: {len(pages)} pages while the guest runs",
                         "guest paused on the source", "committed: the guest now runs on the destination"]
     assert o.migrated and o.accepted and o.mode == "pre-copy" and o.migration == M and o.vm == "0123456789abcdef"
@@ -366,8 +367,11 @@ def test_pages_are_copied_while_the_guest_runs_and_sent_from_memory_once_paused(
 
 
 def test_stop_and_copy_sends_every_written_page_once_paused(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
-    run = drive(kvm, catalog, tmp_path, commits, mode="stop-and-copy", pause=run_guest)
-    pages = written_pages(run.vmm)
+    vmm = source_vmm(kvm, catalog)
+    run_guest(vmm)
+    pages = written_pages(vmm)
+    run = drive(kvm, catalog, tmp_path, commits, mode="stop-and-copy", vmm=vmm)
+    assert written_pages(vmm) == pages
     assert run.said == [connected(run), ACCEPTED, "guest paused on the source",
                         "committed: the guest now runs on the destination"]
     assert run.outcome.rounds == 0 and run.dest.covered == pages and run.outcome.pages_sent == len(pages)
@@ -475,6 +479,11 @@ def test_a_verdict_that_is_no_object_fails_the_migration(kvm: Kvm, catalog: Cata
     assert run.outcome.reason.startswith("migration failed: VRDT section at byte ")
     assert run.outcome.reason.endswith(": not a JSON object") and run.said[-1] == run.outcome.reason
     assert offset >= 0 and start > 0
+
+
+def test_a_verdict_without_a_host_name(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    run = drive(kvm, catalog, tmp_path, refuses(b"VRDT", {"accepted": True}), check=True)
+    assert run.said[-1] == "destination ? accepts the guest before the source pauses"
 
 
 def test_check_only_stops_after_the_verdict(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
