@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -20,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from test_migration_inprocess import USABLE, WHY, source_vmm
 
 from pvmit.catalog.loader import Catalog
 from pvmit.interface.state import snapshot
@@ -36,7 +35,6 @@ from pvmit.net.peer import accept
 from pvmit.net.text import shorten
 from pvmit.net.tls import Credentials, make_test_ca
 from pvmit.vmm.vmm import Vmm
-from test_migration_inprocess import USABLE, WHY, source_vmm
 
 pytestmark = pytest.mark.skipif(not USABLE, reason=f"needs a usable /dev/kvm: {WHY}")
 
@@ -180,7 +178,8 @@ def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: s
           pause: Callable[[Vmm], float] | None = None, progress: Callable[[str], None] | None = None,
           on_doubt: Callable[[Outgoing, str], None] | None = None, check: bool = False, stall: float = 5.0,
           deadline: float = 60.0, listen: bool = True, on_memp: Callable[[Dest, int, int], None] | None = None,
-          settle_notice: float = 60.0, vmm: Vmm | None = None, tls: tuple[Credentials, Credentials] | None = None) -> Run:
+          settle_notice: float = 60.0, vmm: Vmm | None = None,
+          tls: tuple[Credentials, Credentials] | None = None) -> Run:
     vmm = vmm or source_vmm(kvm, catalog)
     address = Address.parse(f"tcp:127.0.0.1:{free_port()}" if tls else
                             f"unix:{tmp_path / f'dst-{secrets.token_hex(3)}.mig'}")
@@ -233,7 +232,8 @@ def drive(kvm: Kvm, catalog: Catalog, tmp_path: Path, script: Script, *, mode: s
         if progress:
             progress(m)
 
-    out = Outgoing(vmm, address, tls[1] if tls else None, header=header, hello=snapshot(vmm.core), ledger=ledger, pause=pausing,
+    out = Outgoing(vmm, address, tls[1] if tls else None, header=header, hello=snapshot(vmm.core), ledger=ledger,
+                   pause=pausing,
                    ask=asking, check_only=check, fault=fault, progress=saying, stall=stall, deadline=deadline,
                    settle_notice=settle_notice)
     if on_doubt is not None:
@@ -381,7 +381,8 @@ def test_stop_and_copy_sends_every_written_page_once_paused(kvm: Kvm, catalog: C
 
 def test_over_tls_the_connect_line_says_so(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
     make_test_ca(tmp_path / "pki", ["127.0.0.1"])
-    creds = (Credentials.load(tmp_path / "pki", roles=("server",)), Credentials.load(tmp_path / "pki", roles=("client",)))
+    creds = (Credentials.load(tmp_path / "pki", roles=("server",)),
+             Credentials.load(tmp_path / "pki", roles=("client",)))
     run = drive(kvm, catalog, tmp_path, accepts, check=True, tls=creds)
     assert run.said[0] == f"connected to {run.address} (TLS, peer accepted us)" and run.address.is_tcp
 
@@ -404,12 +405,13 @@ sweep:
 
 def sweeper(kvm: Kvm, catalog: Catalog, pages: int) -> Vmm:
     """A guest that writes to `pages` pages, then one character to the serial port, for ever."""
+    from test_migration_inprocess import MEMORY, real_host
+
     from pvmit.asm import assemble
     from pvmit.interface.forms import Form, InterfaceConfig
     from pvmit.interface.policy import OperatorSettings, supported_requests
     from pvmit.vmm.hosts import stand_in
     from pvmit.vmm.personality import resolve
-    from test_migration_inprocess import MEMORY, real_host
     host = stand_in(catalog, "icelake-sp", real_host(catalog))
     config = InterfaceConfig(Form.INTEL, supported_requests([host.facts]))
     vmm = Vmm(kvm, resolve(catalog, "icelake-server-v2"), host, config, OperatorSettings(), memory_size=MEMORY)
@@ -517,7 +519,7 @@ def test_a_refusal_after_the_pause_resumes_the_guest(kvm: Kvm, catalog: Catalog,
     assert run.dest.kinds()[-1] == b"DONE"
 
 
-# --- the stream cut, stalled or refused ---------------------------------------------------------------------------------
+# --- the stream cut, stalled or refused -----------------------------------------------------------------------------
 def test_nothing_listening_fails_before_anything_moves(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
     from pvmit.net.peer import connect
     run = drive(kvm, catalog, tmp_path, accepts, listen=False)
@@ -771,14 +773,15 @@ def test_an_internal_error_before_the_commit_keeps_the_guest(kvm: Kvm, catalog: 
 
 
 def test_an_internal_error_after_the_commit_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
-    run = drive(kvm, catalog, tmp_path, commits, progress=raising_on("committed: the guest now runs on the destination"),
+    run = drive(kvm, catalog, tmp_path, commits,
+                progress=raising_on("committed: the guest now runs on the destination"),
                 ask=lambda *a: "committed")
     assert run.outcome.reason == f"internal error after the commit (Boom: {shorten('x' * 500)})"
     assert run.outcome.migrated and run.said[-1] == SAYS and run.asked == [(CONTROL, M, "committed")]
 
 
 
-# --- _abort and _settle on their own (no VM: they touch only the ledger, `ask` and the Outcome) -------------------------
+# --- _abort and _settle on their own (no VM: they touch only the ledger, `ask` and the Outcome) ---------------------
 class Wake(threading.Event):
     """Records how long `_settle` would wait between questions, and returns at once."""
 
@@ -830,7 +833,8 @@ def test_an_unknown_fault_and_a_fault_outside_tests_are_refused(monkeypatch: pyt
 
 
 @pytest.mark.parametrize("ready,told", [({"control": CONTROL}, True), ({"control": ""}, False),
-                                        ({"control": 5}, False), ({}, False)], ids=["control", "empty", "number", "none"])
+                                        ({"control": 5}, False), ({}, False)],
+                         ids=["control", "empty", "number", "none"])
 def test_abort_tells_a_destination_that_may_hold_the_guest(ready: dict[str, Any], told: bool) -> None:
     release = threading.Event()
     calls: list[tuple[Any, ...]] = []
