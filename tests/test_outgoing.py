@@ -943,3 +943,24 @@ def test_settle_takes_the_operators_run() -> None:
     out = o._settle(o.out, CONTROL)
     assert out.in_doubt is False and out.migrated is False and out.settled_by == "the operator said run"
     assert led.phase(M) == "aborted" and led.how(M) == "the operator said run" and said == []
+
+
+def test_settle_tells_the_operator_only_once_the_notice_time_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    o, said, doubts, _ = bare(lambda *a: "unreachable", notice=5)
+    now = [100.0]
+    monkeypatch.setattr(source_module.time, "monotonic", lambda: now[0])
+    waits = o.wake.waits  # type: ignore[attr-defined]
+
+    def wait(timeout: float | None = None) -> bool:  # the clock reads exactly the notice time, then past it
+        waits.append(timeout)
+        now[0] += 5.0 if len(waits) == 1 else 0.001
+        if len(waits) == 3:
+            o.operator = "run"
+        return True
+
+    told_at: list[int] = []
+    o.on_doubt = lambda m: told_at.append(len(waits))
+    o.wake.wait = wait  # type: ignore[method-assign]
+    o._settle(o.out, CONTROL)
+    monkeypatch.undo()
+    assert told_at == [2] and len(said) == 1  # at 5.001 s past the first question, not at exactly 5 s
