@@ -964,3 +964,16 @@ def test_settle_tells_the_operator_only_once_the_notice_time_has_passed(monkeypa
     o._settle(o.out, CONTROL)
     monkeypatch.undo()
     assert told_at == [2] and len(said) == 1  # at 5.001 s past the first question, not at exactly 5 s
+
+
+def test_the_ledger_keeps_the_most_recent_256_and_knows_nothing_of_the_others() -> None:
+    from pvmit.migration.ledger import KEEP
+    led = Ledger()
+    assert led.phase("never") == "unknown" and led.how("never") == "" and led.role("never") == ""
+    for i in range(KEEP):
+        led.decide(f"m{i}", "aborted", f"how {i}")
+    assert led.phase("m0") == "aborted" and led.how("m0") == "how 0"  # exactly KEEP: none dropped
+    led.decide("m0", "committed", "again")  # the newest now
+    led.decide("new", "committed", "REDY received")  # one more than KEEP: the oldest (m1) goes
+    assert led.phase("m1") == "unknown" and led.how("m1") == ""
+    assert led.phase("m0") == "committed" and led.phase("new") == "committed" and led.phase("m2") == "aborted"
