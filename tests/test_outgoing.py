@@ -564,6 +564,7 @@ def test_a_cack_for_another_migration_is_settled_by_asking(kvm: Kvm, catalog: Ca
     assert run.said[-2:] == [NO_ACK.format(why), SAYS] and len(run.said) == 6
     assert o.migrated and not o.in_doubt and o.settled_by == "the destination's VMM says it runs the guest"
     assert run.asked == [(CONTROL, M, "committed")] and run.ledger.phase(M) == "committed"
+    assert o.reason == ""  # settled in the ordinary way, not as an internal error
 
 
 def test_a_cack_trickling_in_past_the_stall_limit_is_not_waited_for(kvm: Kvm, catalog: Catalog,
@@ -725,6 +726,7 @@ def test_a_lost_commit_ack_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_
     assert run.said[-2:] == [NO_ACK.format("connection dropped after the commit (fault injection)"), SAYS]
     assert run.outcome.migrated and run.asked == [(CONTROL, M, "committed")]
     assert run.dest.kinds()[-1] == b"CMIT"
+    assert run.outcome.reason == ""
 
 
 @pytest.mark.parametrize("fault,last,phase", [
@@ -977,3 +979,16 @@ def test_the_ledger_keeps_the_most_recent_256_and_knows_nothing_of_the_others() 
     led.decide("new", "committed", "REDY received")  # one more than KEEP: the oldest (m1) goes
     assert led.phase("m1") == "unknown" and led.how("m1") == ""
     assert led.phase("m0") == "committed" and led.phase("new") == "committed" and led.phase("m2") == "aborted"
+
+
+def test_a_long_connection_error_is_shortened_to_400_characters(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
+    text = "lost " * 120
+
+    def pause(vmm: Vmm) -> float:
+        raise ConnectionError(text)
+
+    run = drive(kvm, catalog, tmp_path, lenient, pause=pause)
+    assert shorten(text, 400) != shorten(text, 401) and shorten(text, 400) != shorten(text)
+    reason = f"migration failed: {shorten(text, 400)}"
+    assert run.outcome.reason == reason and run.said[-1] == reason  # never paused: nothing to resume
+    assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
