@@ -993,3 +993,18 @@ def test_a_long_connection_error_is_shortened_to_400_characters(kvm: Kvm, catalo
     reason = f"migration failed: {shorten(text, 400)}"
     assert run.outcome.reason == reason and run.said[-1] == reason  # never paused: nothing to resume
     assert run.ledger.phase(M) == "aborted" and run.ledger.how(M) == reason
+
+
+def test_an_internal_error_after_a_commit_without_a_control_address_asks_no_one(kvm: Kvm, catalog: Catalog,
+                                                                                 tmp_path: Path) -> None:
+    def script(dest: Dest) -> None:
+        accepts(dest)
+        dest.until_done()
+        dest.send(b"REDY", {"migration": M})
+        dest.doc(b"CMIT")
+        dest.send(b"CACK", {"migration": M})
+
+    run = drive(kvm, catalog, tmp_path, script, on_doubt=resolve_run, settle_notice=0,
+                progress=raising_on("committed: the guest now runs on the destination"))
+    assert run.asked == [] and "VMM at (no control address) cannot be reached" in run.said[-1]
+    assert run.outcome.settled_by == "the operator said run" and run.ledger.phase(M) == "aborted"
