@@ -778,7 +778,7 @@ def test_an_internal_error_before_the_commit_keeps_the_guest(kvm: Kvm, catalog: 
 def test_an_internal_error_after_the_commit_is_settled_by_asking(kvm: Kvm, catalog: Catalog, tmp_path: Path) -> None:
     run = drive(kvm, catalog, tmp_path, commits,
                 progress=raising_on("committed: the guest now runs on the destination"),
-                ask=lambda *a: "committed")
+                ask=lambda *a: "committed", on_doubt=resolve_run, settle_notice=0)  # a wrong address ends at once
     assert run.outcome.reason == f"internal error after the commit (Boom: {shorten('x' * 500)})"
     assert run.outcome.migrated and run.said[-1] == SAYS and run.asked == [(CONTROL, M, "committed")]
 
