@@ -8,6 +8,8 @@ sent back is read after `run()` returns. Deadlines are short; nothing here waits
 
 from __future__ import annotations
 
+import gc
+import re
 import socket
 import threading
 import time
@@ -262,3 +264,264 @@ def test_operator_settings_here_go_over_the_carried_ones(kvm: Kvm, catalog: Cata
           would="SSBD, RRSBA_DIS_S", applies=2)
     assert got.arrival.vmm is not None and got.arrival.vmm.core.vcpus[0].spec.mask == 0x44
     got.arrival.vmm.close()
+
+
+# --- refusals: the reason sent back, said, and kept; nothing runs here ----------------------------------------------
+def refused(got: Got, reason: str, *, built: bool) -> None:
+    a = got.arrival
+    assert got.sent[-1] == ("NACK", {"reason": reason})
+    assert a.reason == f"refused: {reason}" and got.progress[-1] == a.reason
+    assert a.vmm is None and got.receiver.vmm is None and a.committed_at is None
+    assert got.receiver.held is None
+    # what the VMM said of the guest it built comes out marked as never started
+    assert bool(got.lines) is built
+    assert all(line.startswith("vmm: ") and line.endswith(" (incoming guest not started)") for line in got.lines)
+
+
+def test_a_first_section_that_is_no_header_is_refused(kvm: Kvm, catalog: Catalog) -> None:
+    _, hello = valid(catalog)
+    got = receive(kvm, catalog, encode_json(b"HELO", hello), expect_header=False)
+    assert got.kinds() == ["NACK"] and got.progress == ["refused: expected a stream header"]
+    refused(got, "expected a stream header", built=False)
+
+
+HELLO_CASES = [
+    (lambda h: [h], "HELO section: not a JSON object"),
+    (lambda h: put(h, "config.supported", 0),  # the same personality: the configuration alone differs
+     "HELO section: its interface configuration or CPU personality differs from the header's"),
+    (lambda h: put(h, "personality.family", 7),
+     "HELO section: its interface configuration or CPU personality differs from the header's"),
+    (lambda h: {k: v for k, v in h.items() if k != "config"}, "HELO section: 'config'"),
+]
+
+
+@pytest.mark.parametrize("change,reason", HELLO_CASES, ids=["list", "config", "personality", "no-config"])
+def test_a_hello_that_is_not_the_headers_vm_is_refused(kvm: Kvm, catalog: Catalog, change: Any,
+                                                       reason: str) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, encode_header(header) + encode_json(b"HELO", change(hello)))
+    assert got.kinds() == ["NACK"] and got.progress[0] == incoming(header)
+    refused(got, f"{reason}; nothing runs here", built=False)
+
+
+def test_what_this_vmm_cannot_take_is_refused_with_the_reason(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(put(header, "vm.vcpus", 2), hello))
+    assert got.progress == ["refused: this VMM runs one vCPU per guest; the stream describes 2"]
+    refused(got, "this VMM runs one vCPU per guest; the stream describes 2", built=False)
+
+
+def test_a_source_gone_before_the_pause_leaves_nothing(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, encode_header(header) + encode_json(b"HELO", hello))
+    reason = "the source went away before committing: not starting a half-received guest"
+    assert got.kinds() == ["VRDT"] and got.arrival.reason == reason and got.progress[-1] == reason
+    assert got.arrival.vmm is None and got.receiver.vmm is None and got.lines
+    assert all(line.endswith(" (incoming guest not started)") for line in got.lines)
+
+
+def after_hello(header: dict[str, Any], hello: Any) -> int:
+    return len(encode_header(header) + encode_json(b"HELO", hello))
+
+
+def test_zero_runs_up_to_the_end_of_memory_and_not_past_it(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(header, hello, encode_zero(TOTAL - 2, 3), cpus=cpus_of(kvm, catalog)))
+    refused(got, f"ZERO section at byte {after_hello(header, hello)} reaches beyond guest memory", built=True)
+    assert got.kinds() == ["VRDT", "NACK"]
+
+
+def bad_vcpu_state(kvm: Kvm, catalog: Catalog) -> dict[str, Any]:
+    """MTRR registers with reserved bits set: KVM refuses them (the rest is a real state)."""
+    cpus = cpus_of(kvm, catalog)
+    return {**cpus, "msrs": {**cpus["msrs"], "0x200": 1 << 63, "0x2ff": 1 << 20}}
+
+
+AFTER_THE_PAUSE = [
+    (dict(ista=False), "stream ended without the interface state or the vCPU state"),
+    (dict(cpus=False), "stream ended without the interface state or the vCPU state"),
+    (dict(done={"pages": -1}), "DONE section: pages = -1 is out of range 0..1099511627776; nothing runs here"),
+    (dict(done={"pages": (1 << 40) + 1}),
+     "DONE section: pages = 1099511627777 is out of range 0..1099511627776; nothing runs here"),
+    (dict(done={"pages": 1 << 40}), "DONE says 1099511627776 pages were sent, 0 arrived"),
+    (dict(done={"pages": "5"}), "DONE section: pages must be an integer, not a string ('5'); nothing runs here"),
+    (dict(devs={"serial": ""}), "DEVS section: field serial_partial is missing; nothing runs here"),
+    (dict(cpus=[]), "CPUS section: not a JSON object; nothing runs here"),
+    (dict(cpus="bad"), "this KVM would not take part of the vCPU state: MSR 0x2ff, MSR 0x200"),
+]
+
+
+@pytest.mark.parametrize("parts,reason", AFTER_THE_PAUSE, ids=[
+    "no-state", "no-cpus", "done-negative", "done-past", "done-most", "done-string", "devs", "cpus-list", "msrs"])
+def test_each_refusal_after_the_pause_names_what_was_wrong(kvm: Kvm, catalog: Catalog, parts: dict[str, Any],
+                                                           reason: str) -> None:
+    header, hello = valid(catalog)
+    parts = {"cpus": cpus_of(kvm, catalog), **parts}
+    if parts["cpus"] == "bad":
+        parts["cpus"] = bad_vcpu_state(kvm, catalog)
+    got = receive(kvm, catalog, stream(header, hello, **parts))
+    assert got.kinds() == ["VRDT", "NACK"]
+    refused(got, reason, built=True)
+    assert got.ledger.phase(header["migration"]) == "unknown"  # never prepared: nothing to settle
+
+
+def test_a_wrong_page_count_is_refused(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(header, hello, encode_pages(1, bytes(PAGE)), encode_zero(9, 4),
+                                       cpus=cpus_of(kvm, catalog), done={"pages": 4}))
+    refused(got, "DONE says 4 pages were sent, 5 arrived", built=True)
+
+
+# --- a guest that would see another CPU, a host that cannot take it --------------------------------------------------
+def test_cpuid_differences_are_named_register_by_register() -> None:
+    long = "k" * 33
+    assert _cpuid_differences({"0x0.0.ebx": 1, "a": 2, "b": 0x10}, {"0x0.0.ebx": 1, "a": 0x2a, "c": 1}) == [
+        "CPUID a: 0x2 on the source, 0x2a here", "CPUID b: missing here"]
+    assert _cpuid_differences({long: 1, "k" * 40: 2}, {long: 3}) == [
+        f"CPUID {'k' * 32}... (33 characters): 0x1 on the source, 0x3 here",
+        f"CPUID {'k' * 32}... (40 characters): missing here"]
+    assert _cpuid_differences({"x": 1}, {"x": 1}) == [] and _cpuid_differences({}, {"x": 1}) == []
+
+
+def guest_cpuid(kvm: Kvm, catalog: Catalog) -> dict[str, int]:
+    header, _ = valid(catalog)
+    vmm = Vmm(kvm, resolve(catalog, "icelake-server-v2"), dest_host(catalog), _config(header), memory_size=MEMORY)
+    try:
+        return vmm.guest_cpuid()
+    finally:
+        vmm.close()
+
+
+def test_a_guest_that_would_see_another_cpu_is_refused_before_the_pause(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    here = guest_cpuid(kvm, catalog)
+    source = {k: v ^ 1 for k, v in list(here.items())[:8]} | {"0x99.0.eax": 5}  # nine differences
+    got = receive(kvm, catalog, stream(put(header, "vm.cpuid", source), hello))
+    shown = "; ".join(f"CPUID {k}: {v:#x} on the source, {here[k]:#x} here" for k, v in list(source.items())[:8])
+    reason = f"the guest would see a different CPU here: {shown}"  # the first eight only
+    verdict = got.doc("VRDT")
+    assert got.kinds() == ["VRDT"] and verdict["accepted"] is False and verdict["reasons"] == [reason]
+    assert verdict == {**got.arrival.verdict, "host": SPR}
+    assert got.arrival.reason == f"refused before the source paused: {reason}"
+    assert got.progress == [incoming(header), got.arrival.reason]
+    assert got.arrival.vmm is None and got.receiver.vmm is None and got.lines
+    assert all(line.endswith(" (incoming guest not started)") for line in got.lines)
+
+
+def test_a_host_that_cannot_keep_the_promises_refuses_with_every_reason(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(header, hello), model="cascadelake-sp")
+    verdict = got.doc("VRDT")
+    assert got.kinds() == ["VRDT"] and verdict["accepted"] is False and len(verdict["reasons"]) == 3
+    assert verdict == {**got.arrival.verdict, "host": "Cascade Lake-SP (cascadelake-sp, stand-in)"}
+    assert got.arrival.reason == "refused before the source paused: " + "; ".join(verdict["reasons"])
+    assert got.progress == [incoming(header), got.arrival.reason] and got.lines == []
+
+
+# --- what the operator reads of the peer ------------------------------------------------------------------------------
+def test_names_in_the_progress_line_are_cut_at_64_characters(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    for n in (64, 65):
+        h = put(put(put(header, "vm.personality.name", "p" * n), "source_host.name", "s" * n), "vm.memory_size",
+                10 << 20)
+        got = receive(kvm, catalog, encode_header(h) + encode_json(b"HELO", [1]))
+        p, s = ("p" * 64 + "... (65 characters)", "s" * 64 + "... (65 characters)") if n == 65 else ("p" * 64,
+                                                                                                    "s" * 64)
+        assert got.progress[0] == (f"incoming guest {p} (vm {h['vm_id']}) from {s} (pre-copy, 10 MiB, migration "
+                                   f"{h['migration'][:8]})")
+
+
+@pytest.mark.parametrize("error,reason", [
+    (OSError("e" * 401), "e" * 400 + "... (401 characters); nothing runs here"),
+    (OSError("e" * 400), "e" * 400 + "; nothing runs here"),
+    (RuntimeError("r" * 301), "internal error while receiving (RuntimeError: " + "r" * 300
+     + "... (301 characters)); nothing runs here"),
+    (RuntimeError("r" * 300), "internal error while receiving (RuntimeError: " + "r" * 300 + "); nothing runs here"),
+], ids=["os-401", "os-400", "internal-301", "internal-300"])
+def test_an_unexpected_error_becomes_a_refusal_with_its_text(kvm: Kvm, catalog: Catalog, error: Exception,
+                                                              reason: str) -> None:
+    header, hello = valid(catalog)
+    said: list[str] = []
+
+    def progress(text: str) -> None:
+        said.append(text)
+        if len(said) == 1:
+            raise error
+
+    got = receive(kvm, catalog, stream(header, hello), progress=progress)
+    assert got.sent == [("NACK", {"reason": reason})] and said == [incoming(header), f"refused: {reason}"]
+    assert got.arrival.reason == f"refused: {reason}" and got.arrival.vmm is None
+
+
+# --- deadlines ---------------------------------------------------------------------------------------------------------
+def deadline_passed(what: str) -> str:
+    return rf"refused: the migration's deadline passed( while ({what}|sending))?; nothing runs here"
+
+
+def test_a_silent_peer_is_cut_off_at_the_deadline_before_hello(kvm: Kvm, catalog: Catalog) -> None:
+    got = receive(kvm, catalog, b"", close=False, deadline=0.3, idle=20)
+    assert re.fullmatch(deadline_passed("receiving the stream header"), got.arrival.reason), got.arrival.reason
+    assert got.progress == [got.arrival.reason] and got.arrival.vmm is None
+
+
+def test_a_peer_silent_after_hello_is_cut_off_at_the_deadline(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, encode_header(header) + encode_json(b"HELO", hello), close=False, deadline=1.5,
+                  idle=20)
+    assert re.fullmatch(deadline_passed("receiving the next section"), got.arrival.reason), got.arrival.reason
+    assert got.progress[-1] == got.arrival.reason and got.arrival.vmm is None and got.receiver.vmm is None
+
+
+# --- the commit ----------------------------------------------------------------------------------------------------------
+ENDED = "the connection ended after REDY without the commit ({}): asking the source's VMM how it decided"
+
+
+@pytest.mark.parametrize("cmit,why", [
+    (False, "the peer closed the connection"),
+    ({}, "CMIT section: field migration is missing"),
+    ({"migration": "0" * 32}, "CMIT section: it commits another migration, not {m}"),
+], ids=["none", "empty", "another"])
+def test_without_a_commit_on_the_stream_the_sources_vmm_is_asked(kvm: Kvm, catalog: Catalog, cmit: Any,
+                                                                 why: str) -> None:
+    header, hello = valid(catalog)
+    m = header["migration"]
+    asked: list[tuple[str, str]] = []
+
+    def ask(control: str, migration: str) -> str:
+        asked.append((control, migration))
+        return "committed"
+
+    got = receive(kvm, catalog, stream(header, hello, cpus=cpus_of(kvm, catalog), cmit=cmit), ask=ask)
+    settled = "the source's VMM says it committed"
+    assert got.kinds() == ["VRDT", "REDY"] and asked == [("unix:/nonexistent/src.ctl", m)]
+    assert got.progress[2:] == [ENDED.format(why.format(m=m)),
+                                f"committed ({settled}); forcing RRSBA_DIS_S before the guest runs here"]
+    assert got.arrival.vmm is not None and got.arrival.settled_by == settled and got.ledger.how(m) == settled
+    got.arrival.vmm.close()
+
+
+def test_a_commit_that_never_comes_is_given_up_at_the_commit_wait(kvm: Kvm, catalog: Catalog) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(header, hello, cpus=cpus_of(kvm, catalog), cmit=False), close=False,
+                  idle=20, commit_wait=0.3)
+    ended = got.progress[2]
+    assert re.fullmatch(ENDED.replace("(", r"\(").replace(")", r"\)").format(
+        "the migration's deadline passed( while receiving the next section)?"), ended), ended
+    assert got.arrival.vmm is not None and got.arrival.settled_by == "the source's VMM says it committed"
+    got.arrival.vmm.close()
+
+
+# --- a test's faults: where the destination dies ---------------------------------------------------------------------
+@pytest.mark.usefixtures("exits")
+@pytest.mark.parametrize("fault,sent,pages,phase", [
+    ("die-after-pages", ["VRDT"], 1, "unknown"), ("die-after-state", ["VRDT"], 1, "unknown"),
+    ("die-after-ready", ["VRDT", "REDY"], 1, "prepared"),
+])
+def test_a_fault_kills_the_destination_where_it_says(kvm: Kvm, catalog: Catalog, fault: str, sent: list[str],
+                                                     pages: int, phase: str) -> None:
+    header, hello = valid(catalog)
+    got = receive(kvm, catalog, stream(header, hello, encode_pages(1, bytes(PAGE)), encode_pages(2, bytes(PAGE)),
+                                       cpus=cpus_of(kvm, catalog), done={"pages": 2}), fault=fault)
+    assert got.died == 9 and got.kinds() == sent and got.receiver.pages == (2 if fault != "die-after-pages" else 1)
+    assert got.ledger.phase(header["migration"]) == phase and got.arrival.vmm is None
+    assert gc.isenabled()
