@@ -9,6 +9,7 @@ sent back is read after `run()` returns. Deadlines are short; nothing here waits
 from __future__ import annotations
 
 import gc
+import os
 import re
 import socket
 import threading
@@ -23,10 +24,10 @@ from test_stream_validation import put, valid
 from pvmit.catalog.loader import Catalog
 from pvmit.interface.policy import PartialSettings
 from pvmit.kvm.system import Kvm, kvm_available
-from pvmit.migration import destination, vmstate
-from pvmit.migration.destination import Arrival, Receiver, _cpuid_differences, _same_vm
+from pvmit.migration import vmstate
+from pvmit.migration.destination import Arrival, Receiver, _cpuid_differences
 from pvmit.migration.ledger import Ledger
-from pvmit.migration.stream import PAGE, StreamError, encode_header, encode_json, encode_pages, encode_zero
+from pvmit.migration.stream import PAGE, encode_header, encode_json, encode_pages, encode_zero
 from pvmit.migration.transport import Channel, PeerClosed
 from pvmit.vmm.hosts import stand_in
 from pvmit.vmm.personality import resolve
@@ -76,7 +77,7 @@ class Died(BaseException):
 def exits(monkeypatch: pytest.MonkeyPatch) -> None:
     def _exit(code: int) -> None:
         raise Died(code)
-    monkeypatch.setattr(destination.os, "_exit", _exit)
+    monkeypatch.setattr(os, "_exit", _exit)  # what destination.py calls as os._exit
 
 
 _CPUS: dict[int, dict[str, Any]] = {}
@@ -169,7 +170,7 @@ def receive(kvm: Kvm, catalog: Catalog, data: bytes, *, settings: PartialSetting
 
 
 
-# --- a whole stream, taken -------------------------------------------------------------------------------------------
+# --- a whole stream, taken --------------------------------------------------------------------------------------------
 SPR = "Sapphire Rapids (sapphirerapids, stand-in)"
 FORCED = ["RRSBA_DIS_S"]
 CHANGES = [{"vcpu": 0, "added": ["RRSBA_DIS_S"], "released": []}]
@@ -262,11 +263,15 @@ def test_operator_settings_here_go_over_the_carried_ones(kvm: Kvm, catalog: Cata
     forced = ["SSBD", "RRSBA_DIS_S"]
     taken(got, header, t0, forced=forced, changes=[{"vcpu": 0, "added": forced, "released": []}],
           would="SSBD, RRSBA_DIS_S", applies=2)
-    assert got.arrival.vmm is not None and got.arrival.vmm.core.vcpus[0].spec.mask == 0x44
-    got.arrival.vmm.close()
+    vmm = got.arrival.vmm
+    assert vmm is not None and vmm.core.vcpus[0].spec.mask == 0x44
+    # the VM was built with these settings: what it forced from the start already had SSBD
+    forcing = [e.split(":")[0] for e in vmm.events if e.startswith("forced")]
+    assert forcing == ["forced IA32_SPEC_CTRL SSBD+RRSBA_DIS_S"] * 2
+    vmm.close()
 
 
-# --- refusals: the reason sent back, said, and kept; nothing runs here ----------------------------------------------
+# --- refusals: the reason sent back, said, and kept; nothing runs here ------------------------------------------------
 def refused(got: Got, reason: str, *, built: bool) -> None:
     a = got.arrival
     assert got.sent[-1] == ("NACK", {"reason": reason})
@@ -372,7 +377,7 @@ def test_a_wrong_page_count_is_refused(kvm: Kvm, catalog: Catalog) -> None:
     refused(got, "DONE says 4 pages were sent, 5 arrived", built=True)
 
 
-# --- a guest that would see another CPU, a host that cannot take it --------------------------------------------------
+# --- a guest that would see another CPU, a host that cannot take it ---------------------------------------------------
 def test_cpuid_differences_are_named_register_by_register() -> None:
     long = "k" * 33
     assert _cpuid_differences({"0x0.0.ebx": 1, "a": 2, "b": 0x10}, {"0x0.0.ebx": 1, "a": 0x2a, "c": 1}) == [
@@ -453,7 +458,7 @@ def test_an_unexpected_error_becomes_a_refusal_with_its_text(kvm: Kvm, catalog: 
     assert got.arrival.reason == f"refused: {reason}" and got.arrival.vmm is None
 
 
-# --- deadlines ---------------------------------------------------------------------------------------------------------
+# --- deadlines --------------------------------------------------------------------------------------------------------
 def deadline_passed(what: str) -> str:
     return rf"refused: the migration's deadline passed( while ({what}|sending))?; nothing runs here"
 
@@ -472,7 +477,7 @@ def test_a_peer_silent_after_hello_is_cut_off_at_the_deadline(kvm: Kvm, catalog:
     assert got.progress[-1] == got.arrival.reason and got.arrival.vmm is None and got.receiver.vmm is None
 
 
-# --- the commit ----------------------------------------------------------------------------------------------------------
+# --- the commit -------------------------------------------------------------------------------------------------------
 ENDED = "the connection ended after REDY without the commit ({}): asking the source's VMM how it decided"
 
 
@@ -511,7 +516,7 @@ def test_a_commit_that_never_comes_is_given_up_at_the_commit_wait(kvm: Kvm, cata
     got.arrival.vmm.close()
 
 
-# --- a test's faults: where the destination dies ---------------------------------------------------------------------
+# --- a test's faults: where the destination dies ----------------------------------------------------------------------
 @pytest.mark.usefixtures("exits")
 @pytest.mark.parametrize("fault,sent,pages,phase", [
     ("die-after-pages", ["VRDT"], 1, "unknown"), ("die-after-state", ["VRDT"], 1, "unknown"),
