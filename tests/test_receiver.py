@@ -22,7 +22,10 @@ import pytest
 from test_stream_validation import put, valid
 
 from pvmit.catalog.loader import Catalog
+from pvmit.interface.core import VmInterface
+from pvmit.interface.forms import Form, InterfaceConfig
 from pvmit.interface.policy import PartialSettings
+from pvmit.interface.state import snapshot
 from pvmit.kvm.system import Kvm, kvm_available
 from pvmit.migration import vmstate
 from pvmit.migration.destination import Arrival, Receiver, _cpuid_differences
@@ -95,7 +98,6 @@ def cpus_of(kvm: Kvm, catalog: Catalog) -> dict[str, Any]:
 
 
 def _config(header: dict[str, Any]) -> Any:
-    from pvmit.interface.forms import InterfaceConfig
     return InterfaceConfig.from_json(header["vm"]["config"])
 
 
@@ -530,3 +532,24 @@ def test_a_fault_kills_the_destination_where_it_says(kvm: Kvm, catalog: Catalog,
     assert got.died == 9 and got.kinds() == sent and got.receiver.pages == (2 if fault != "die-after-pages" else 1)
     assert got.ledger.phase(header["migration"]) == phase and got.arrival.vmm is None
     assert gc.isenabled()
+
+
+def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, catalog: Catalog) -> None:
+    """A Skylake guest that had reported relying on nothing is accepted on a Skylake host; paused, it has not
+    reported, so its boot personality's retpoline is assumed, which that host cannot make safe: refused."""
+    header, _ = valid(catalog)
+    personality = resolve(catalog, "qemu-tcg-skylake-server")
+    config = InterfaceConfig(Form.INTEL, 0)
+    hello = snapshot(VmInterface(config, catalog.get("skylake-client").facts, personality.facts))
+    header = put(put(header, "vm.personality", personality.to_json()), "vm.config", config.to_json())
+    reported = put(hello, "vcpus", [{"ctrl": 0, "reported": True, "spec_ctrl": 0, "forced_mask": 0,
+                                     "forced_value": 0}])
+    got = receive(kvm, catalog, stream(header, reported, ista=hello, cpus=cpus_of(kvm, catalog)),
+                  model="skylake-client")
+    verdict = got.arrival.verdict
+    assert got.doc("VRDT")["accepted"] is True and verdict["accepted"] is False
+    assert len(verdict["reasons"]) == 1 and verdict["reasons"][0].startswith(
+        "vCPU 0: retpoline is ineffective here (RET may predict from the BTB on RSB underflow (Retbleed)")
+    assert got.kinds() == ["VRDT", "NACK"]
+    refused(got, "after the pause: " + verdict["reasons"][0], built=True)
+    assert got.ledger.phase(header["migration"]) == "unknown"
