@@ -553,3 +553,19 @@ def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, cat
     assert got.kinds() == ["VRDT", "NACK"]
     refused(got, "after the pause: " + verdict["reasons"][0], built=True)
     assert got.ledger.phase(header["migration"]) == "unknown"
+
+
+def test_the_durations_in_ready_are_milliseconds(kvm: Kvm, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that moves a quarter of a second per reading: each measured step took exactly that long."""
+    header, hello = valid(catalog)
+    data = stream(header, hello, cpus=cpus_of(kvm, catalog))
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) / 4)
+    got = receive(kvm, catalog, data)
+    monkeypatch.undo()
+    a = got.arrival
+    assert (a.interface_seconds, a.apply_seconds) == (0.25, 0.25)
+    ready = got.doc("REDY")
+    assert (ready["interface_check_ms"], ready["apply_ms"]) == (250.0, 250.0)
+    assert a.vmm is not None
+    a.vmm.close()
