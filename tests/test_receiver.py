@@ -28,7 +28,7 @@ from pvmit.interface.policy import PartialSettings
 from pvmit.interface.state import snapshot
 from pvmit.kvm.system import Kvm, kvm_available
 from pvmit.migration import vmstate
-from pvmit.migration.destination import Arrival, Receiver, _cpuid_differences
+from pvmit.migration.destination import Arrival, Incoming, Receiver, _cpuid_differences
 from pvmit.migration.ledger import Ledger
 from pvmit.migration.stream import PAGE, encode_header, encode_json, encode_pages, encode_zero
 from pvmit.migration.transport import Channel, PeerClosed
@@ -569,3 +569,59 @@ def test_the_durations_in_ready_are_milliseconds(kvm: Kvm, catalog: Catalog, mon
     assert (ready["interface_check_ms"], ready["apply_ms"]) == (250.0, 250.0)
     assert a.vmm is not None
     a.vmm.close()
+
+
+# --- settling with the source's VMM (REDY sent, no CMIT): what it says, how often it asks ----------------------------
+M = "0123456789abcdef0123456789abcdef"
+
+
+def settle(monkeypatch: pytest.MonkeyPatch, answers: list[str], *, notice: float, source: str = "Ice Lake",
+           control: str = "unix:/src.ctl") -> tuple[bool, list[str], list[float], list[str], Receiver]:
+    """_settle with scripted answers; in the pause after the last one the operator says run. The pauses between
+    questions are recorded, not slept."""
+    said: list[str] = []
+    slept: list[float] = []
+    asked: list[str] = []
+    led = Ledger()
+    led.prepared(M)
+
+    def ask(c: str, m: str) -> str:
+        asked.append(c)
+        return answers[len(asked) - 1]
+
+    def pause(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == len(answers):
+            led.commit(M, "the operator said run")
+
+    r = Receiver(None, None, None, None, ledger=led, control="unix:/dst.ctl", ask=ask,  # type: ignore[arg-type]
+                 progress=said.append, settle_notice=notice)
+    inc = Incoming(None, None, 0, source, {}, M, "ab", control)  # type: ignore[arg-type]
+    monkeypatch.setattr(time, "sleep", pause)
+    result = r._settle(inc)
+    monkeypatch.undo()
+    return result, said, slept, asked, r
+
+
+def test_settling_asks_again_sooner_while_the_source_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, said, slept, asked, r = settle(monkeypatch, ["deciding", "unreachable"], notice=60.0)
+    assert result is True and r.arrival.settled_by == "the operator said run"
+    assert asked == ["unix:/src.ctl"] * 2 and slept == [0.5, 1.0] and said == []  # no notice before 60 s
+
+
+def test_settling_in_doubt_tells_the_operator_exactly_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, said, slept, asked, _ = settle(monkeypatch, ["unreachable", "unreachable"], notice=0.0, source="s" * 65,
+                                           control="c" * 101)
+    assert result is True and slept == [1.0, 1.0]
+    assert said == [
+        f"IN DOUBT: migration {M} from {'s' * 64}... (65 characters): the source's VMM at {'c' * 100}... (101 "
+        "characters) cannot be reached; the guest is held here, not running. If the source no longer runs it "
+        "(`pvmit ctl SOURCE status`), run `pvmit ctl unix:/dst.ctl resolve run`; if it does, `pvmit ctl "
+        "unix:/dst.ctl resolve discard`. Asking again meanwhile."]
+
+
+def test_settling_without_the_sources_address_asks_no_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    result, said, slept, asked, _ = settle(monkeypatch, ["-"], notice=0.0, control="")
+    assert result is True and asked == [] and slept == [1.0]  # as for an unreachable VMM
+    assert said[0].startswith(f"IN DOUBT: migration {M} from Ice Lake: the source's VMM at (unknown address) cannot "
+                              "be reached; the guest is held here, not running.")
