@@ -1,0 +1,201 @@
+"""The stream header's checks, field by field and bound by bound, with whole messages (issue 15: mutation survivors
+of destination.parse_header / _config / _parse, and of stream, fields, transport and vmstate).
+
+Every integer field is tried exactly at each bound (taken) and one past it (refused with the message that names the
+field and the range), every string at its longest (taken) and one character longer (refused), each with the exact
+text an operator reads. Pure: no VMM process, so a mutant of the code under test is what runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from pvmit.catalog.loader import Catalog
+from pvmit.interface.pooldesc import Implementation
+from pvmit.migration import destination
+from pvmit.migration.destination import Incoming, Refused, parse_header
+from pvmit.migration.stream import StreamError
+from pvmit.net.text import shorten
+from test_stream_validation import put, valid
+
+DELETE = object()
+OK = "ok"
+H = "migration stream header"
+CFG = f"{H}: vm.config: {H} vm.config"  # _config's own checks, inside _parse's naming of vm.config
+ENTRY = Implementation("intel", 6, 0x6A, 4, 6).to_json()
+CTRLS = "a" + "\x01" * 31  # 32 characters that escape to 4 each: shows how far a message shortens them
+
+
+def edited(header: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    if value is not DELETE:
+        return put(header, path, value)
+    header = copy.deepcopy(header)
+    *parents, last = path.split(".")
+    target = header
+    for p in parents:
+        target = target[p]
+    del target[last]
+    return header
+
+
+def outcome(header: dict[str, Any]) -> str:
+    """OK, 'refused: ...' (Refused) or the StreamError's whole text."""
+    try:
+        parse_header(header)
+    except Refused as e:
+        return f"refused: {e}"
+    except StreamError as e:
+        return str(e)
+    return OK
+
+
+def oor(name: str, value: int, lo: int, hi: int, where: str = H) -> str:
+    return f"{where}: {name} = {value} is out of range {lo}..{hi}"
+
+
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+NOT_MODE = "is not pre-copy, stop-and-copy or check"
+NOT_FORM = "is not one of intel, kvm, neutral"
+MEMORY = "bytes is not a multiple of 2 MiB up to 1 GiB"
+
+CASES: list[tuple[str, Any, str]] = [
+    # strings: at max_len, one past, wrong type, missing
+    ("pvmit", "x" * 64, OK),
+    ("pvmit", "x" * 65, f"{H}: pvmit is longer than 64 characters"),
+    ("pvmit", DELETE, f"{H}: field pvmit is missing"),
+    ("mode", "check", OK),
+    ("mode", "stop-and-copy", OK),
+    ("mode", "m" * 32, f"{H}: mode {'m' * 32!r} {NOT_MODE}"),
+    ("mode", "m" * 33, f"{H}: mode is longer than 32 characters"),
+    ("mode", CTRLS, f"{H}: mode {shorten(CTRLS, 32)!r} {NOT_MODE}"),
+    ("page_size", 4095, oor("page_size", 4095, 4096, 4096)),
+    ("page_size", 4097, oor("page_size", 4097, 4096, 4096)),
+    ("migration", "a" * 31, f"{H}: migration must be 32 lowercase hex digits"),
+    ("migration", "A" * 32, f"{H}: migration must be 32 lowercase hex digits"),
+    ("migration", "a" * 33, f"{H}: migration is longer than 32 characters"),
+    ("vm_id", "", f"{H}: vm_id must be lowercase hex digits"),
+    ("vm_id", "XYZ", f"{H}: vm_id must be lowercase hex digits"),
+    ("vm_id", "a" * 32, OK),
+    ("vm_id", "a" * 33, f"{H}: vm_id is longer than 32 characters"),
+    ("source_control", "s" * 600, OK),
+    ("source_control", "s" * 601, f"{H}: source_control is longer than 600 characters"),
+    ("source_control", 5, f"{H}: source_control must be a string, not 5"),
+    ("source_control", DELETE, OK),
+    ("source_host.name", "n" * 256, OK),
+    ("source_host.name", "n" * 257, f"{H}: source_host.name is longer than 256 characters"),
+    ("source_host.facts", {}, f"{H}: source_host.facts: CPU facts: vendor None is not one of intel, amd, hygon"),
+    ("vm.personality", {}, f"{H}: vm.personality: CPU facts: expected a JSON object"),
+    # vm.config (_config)
+    ("vm.config", {}, f"{CFG}: field form is missing"),
+    ("vm.config.form", "kvm", OK),
+    ("vm.config.form", "f" * 16, f"{CFG}: form {'f' * 16!r} {NOT_FORM}"),
+    ("vm.config.form", "f" * 17, f"{CFG}: form is longer than 16 characters"),
+    ("vm.config.form", 3, f"{CFG}: form must be a string, not 3"),
+    ("vm.config.form", CTRLS[:16], f"{CFG}: form {shorten(CTRLS[:16], 20)!r} {NOT_FORM}"),
+    ("vm.config.supported", 0, OK),
+    ("vm.config.supported", -1, oor("supported", -1, 0, U64, CFG)),
+    ("vm.config.supported", U64, f"{H}: vm.config: supported bits {U64:#x}: only bits 0 and 1 are defined"),
+    ("vm.config.supported", U64 + 1, oor("supported", U64 + 1, 0, U64, CFG)),
+    ("vm.config.supported", DELETE, f"{CFG}: field supported is missing"),
+    ("vm.config.neutral_base", -1, oor("neutral_base", -1, 0, U32, CFG)),
+    ("vm.config.neutral_base", 0,
+     f"{H}: vm.config: neutral_base 0x0 is not a 0x100-aligned base in 0x40000000-0x4000ff00"),
+    ("vm.config.neutral_base", U32,
+     f"{H}: vm.config: neutral_base 0xffffffff is not a 0x100-aligned base in 0x40000000-0x4000ff00"),
+    ("vm.config.neutral_base", U32 + 1, oor("neutral_base", U32 + 1, 0, U32, CFG)),
+    ("vm.config.neutral_base", True, f"{CFG}: neutral_base must be an integer, not true"),
+    ("vm.config.neutral_base", "x", f"{CFG}: neutral_base must be an integer, not a string ('x')"),
+    ("vm.config.neutral_base", 0x40000100, OK),
+    ("vm.config.neutral_msr", -1, oor("neutral_msr", -1, 0, U32, CFG)),
+    ("vm.config.neutral_msr", 0,
+     f"{H}: vm.config: neutral_msr 0x0: outside 0x40000000-0x5fffffff, the block kept for hypervisor registers"),
+    ("vm.config.neutral_msr", U32, f"{H}: vm.config: neutral_msr 0xffffffff: outside 0x40000000-0x5fffffff, "
+                                   "the block kept for hypervisor registers"),
+    ("vm.config.neutral_msr", U32 + 1, oor("neutral_msr", U32 + 1, 0, U32, CFG)),
+    ("vm.config.neutral_msr", True, f"{CFG}: neutral_msr must be an integer, not true"),
+    ("vm.config.neutral_msr", "x", f"{CFG}: neutral_msr must be an integer, not a string ('x')"),
+    ("vm.config.neutral_pool_msr", -1, oor("neutral_pool_msr", -1, 0, U32, CFG)),
+    ("vm.config.neutral_pool_msr", 0, OK),
+    ("vm.config.neutral_pool_msr", U32, OK),
+    ("vm.config.neutral_pool_msr", U32 + 1, oor("neutral_pool_msr", U32 + 1, 0, U32, CFG)),
+    ("vm.config.neutral_pool_msr", True, f"{CFG}: neutral_pool_msr must be an integer, not true"),
+    ("vm.config.bhb_long", 1, f"{CFG}: bhb_long must be true or false, not 1"),
+    ("vm.config.bhb_long", True, OK),
+    ("vm.config.bhb_long", None, OK),
+    ("vm.config.pool", None, OK),
+    ("vm.config.pool", [], f"{CFG}: pool has 0 entries, a description has 1 to 32"),
+    ("vm.config.pool", [ENTRY], OK),
+    ("vm.config.pool", [ENTRY] * 32, OK),
+    ("vm.config.pool", [ENTRY] * 33, f"{CFG}: pool has 33 entries, a description has 1 to 32"),
+    ("vm.config.pool", {}, f"{CFG}: pool must be a list, not a JSON object"),
+    ("vm.config.pool", [ENTRY, 5], f"{CFG}: pool[1] must be an object, not 5"),
+    ("vm.config.pool", [{}], f"{H}: vm.config: a pool entry has no 'family'"),
+    # vm: memory and vCPUs (a refusal of what this VMM cannot run, a StreamError for what no VMM could)
+    ("vm.memory_size", -1, oor("vm.memory_size", -1, 0, 1 << 62)),
+    ("vm.memory_size", 0, f"refused: guest memory of 0 {MEMORY}"),
+    ("vm.memory_size", 2 << 20, OK),
+    ("vm.memory_size", 1 << 30, OK),
+    ("vm.memory_size", (1 << 30) + (2 << 20), f"refused: guest memory of {(1 << 30) + (2 << 20)} {MEMORY}"),
+    ("vm.memory_size", 1 << 62, f"refused: guest memory of {1 << 62} {MEMORY}"),
+    ("vm.memory_size", (1 << 62) + 1, oor("vm.memory_size", (1 << 62) + 1, 0, 1 << 62)),
+    ("vm.memory_size", DELETE, f"{H}: field vm.memory_size is missing"),
+    ("vm.vcpus", -1, oor("vm.vcpus", -1, 0, 1 << 16)),
+    ("vm.vcpus", 0, "refused: this VMM runs one vCPU per guest; the stream describes 0"),
+    ("vm.vcpus", 1 << 16, f"refused: this VMM runs one vCPU per guest; the stream describes {1 << 16}"),
+    ("vm.vcpus", (1 << 16) + 1, oor("vm.vcpus", (1 << 16) + 1, 0, 1 << 16)),
+    # vm.cpuid
+    ("vm.cpuid", DELETE, OK),
+    ("vm.cpuid", [], f"{H}: vm.cpuid must be an object, not a JSON list"),
+    ("vm.cpuid", {f"k{i}": i for i in range(256)}, OK),
+    ("vm.cpuid", {f"k{i}": i for i in range(257)}, f"{H}: vm.cpuid has more than 256 registers"),
+    ("vm.cpuid", {"k" * 32: 0}, OK),
+    ("vm.cpuid", {"k" * 33: 0}, f"{H}: vm.cpuid key is longer than 32 characters"),
+    ("vm.cpuid", {5: 0}, f"{H}: vm.cpuid key must be a string, not 5"),
+    ("vm.cpuid", {"a": -1}, oor("vm.cpuid[a]", -1, 0, U32)),
+    ("vm.cpuid", {"a": 0}, OK),
+    ("vm.cpuid", {"a": U32}, OK),
+    ("vm.cpuid", {"a": U32 + 1}, oor("vm.cpuid[a]", U32 + 1, 0, U32)),
+    ("vm.cpuid", {"a": "x"}, f"{H}: vm.cpuid[a] must be an integer, not a string ('x')"),
+    ("vm.cpuid", {CTRLS: -1}, oor(f"vm.cpuid[{shorten(CTRLS, 32)}]", -1, 0, U32)),
+]
+
+
+@pytest.mark.parametrize("path,value,expected", CASES, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(CASES)])
+def test_each_header_field_at_and_past_its_bounds(catalog: Catalog, path: str, value: Any, expected: str) -> None:
+    header, _ = valid(catalog)
+    assert outcome(edited(header, path, value)) == expected
+
+
+def test_shortened_values_in_messages_keep_their_limits() -> None:
+    """The limits of `shorten` in the messages are part of what the tables above pin: spelled out here."""
+    assert shorten(CTRLS, 32) == "a" + "\\x01" * 7 + "... (32 characters)"
+    assert shorten(CTRLS[:16], 20) == "a" + "\\x01" * 4 + "... (16 characters)"
+
+
+def test_a_valid_header_gives_what_it_says(catalog: Catalog) -> None:
+    header, _ = valid(catalog)
+    header = put(header, "vm.cpuid", {"0x7.0.edx": 5})
+    incoming = parse_header(header)
+    assert isinstance(incoming, Incoming)
+    assert (incoming.memory, incoming.source, incoming.cpuid, incoming.migration, incoming.vm_id,
+            incoming.source_control) == (8 << 20, "crafted", {"0x7.0.edx": 5}, header["migration"],
+                                         header["vm_id"], "unix:/nonexistent/src.ctl")
+    assert incoming.config.to_json() == header["vm"]["config"]
+    assert incoming.personality.to_json() == header["vm"]["personality"]
+    bare = edited(edited(header, "source_control", DELETE), "vm.cpuid", DELETE)
+    assert (parse_header(bare).source_control, parse_header(bare).cpuid) == ("", {})
+
+
+def test_parse_names_a_missing_key_and_passes_other_errors_through() -> None:
+    def lookup(doc: Any) -> Any:
+        return doc["vendor"]
+
+    with pytest.raises(StreamError) as e:
+        destination._parse("source_host.facts", lookup, {})
+    assert str(e.value) == f"{H}: source_host.facts: missing field 'vendor'"
+    with pytest.raises(StreamError) as e:
+        destination._parse("vm.memory", int, "eight")
+    assert str(e.value) == f"{H}: vm.memory: invalid literal for int() with base 10: 'eight'"
