@@ -8,17 +8,25 @@ text an operator reads. Pure: no VMM process, so a mutant of the code under test
 
 from __future__ import annotations
 
+import base64
 import copy
+import ctypes as C
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from pvmit.catalog.loader import Catalog
 from pvmit.interface.pooldesc import Implementation
+from pvmit.kvm import abi
+from pvmit.kvm.system import Kvm, kvm_available
+from pvmit.migration import vmstate
 from pvmit.migration import destination
 from pvmit.migration.destination import Incoming, Refused, parse_header
 from pvmit.migration.stream import StreamError
 from pvmit.net.text import shorten
+from pvmit.vmm.vmm import Vmm
+from test_migration_inprocess import source_vmm
 from test_stream_validation import put, valid
 
 DELETE = object()
@@ -199,3 +207,91 @@ def test_parse_names_a_missing_key_and_passes_other_errors_through() -> None:
     with pytest.raises(StreamError) as e:
         destination._parse("vm.memory", int, "eight")
     assert str(e.value) == f"{H}: vm.memory: invalid literal for int() with base 10: 'eight'"
+
+
+# --- vmstate.restore: every field of a CPUS section, on a real vCPU --------------------------------------------------
+USABLE, WHY = kvm_available()
+CPUS = "CPUS section"
+BOGUS_MSR, BOGUS_MSR2 = "0x12345678", "0x12345679"  # no MSR there: KVM refuses to set them
+
+
+@pytest.fixture(scope="module")
+def paused(catalog: Catalog) -> Iterator[tuple[Vmm, dict[str, Any]]]:
+    if not USABLE:
+        pytest.skip(f"needs a usable /dev/kvm: {WHY}")
+    with Kvm() as kvm:
+        vmm = source_vmm(kvm, catalog)
+        yield vmm, vmstate.capture(vmm.vcpu)
+
+
+def _with(state: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    return edited(state, path, value)
+
+
+def _blob(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+LONG_KEY = "y" * 41
+VMSTATE_CASES: list[tuple[str, Any, Any]] = [
+    ("regs", DELETE, f"{CPUS}: field regs is missing"),
+    ("regs", [], f"{CPUS}: regs must be an object, not a JSON list"),
+    ("regs.rax", -1, oor("regs.rax", -1, 0, U64, CPUS)),
+    ("regs.rax", U64, []),
+    ("regs.rax", U64 + 1, oor("regs.rax", U64 + 1, 0, U64, CPUS)),
+    ("regs.rip", DELETE, f"{CPUS}: field regs.rip is missing"),
+    ("msrs", DELETE, []),
+    ("msrs", [], f"{CPUS}: msrs must be an object, not a JSON list"),
+    ("msrs", {f"0x{i:x}": 0 for i in range(len(vmstate.CARRIED_MSRS) + 1)},
+     f"{CPUS}: {len(vmstate.CARRIED_MSRS) + 1} MSRs, more than the {len(vmstate.CARRIED_MSRS)} a pvmit VMM carries"),
+    ("msrs", {"0x10": -1}, oor("msrs[0x10]", -1, 0, U64, CPUS)),
+    ("msrs", {"0x10": "x"}, f"{CPUS}: msrs[0x10] must be an integer, not a string ('x')"),
+    ("msrs", {"0x10": U64 + 1}, oor("msrs[0x10]", U64 + 1, 0, U64, CPUS)),
+    ("msrs", {"0x10": U64}, []),
+    ("msrs", {"0x": 0}, f"{CPUS}: MSR index '0x' is not 0x followed by up to 8 hex digits"),
+    ("msrs", {"0x1": 0}, ["MSR 0x1"]),
+    ("msrs", {"0xAB": 0}, ["MSR 0xab"]),
+    ("msrs", {BOGUS_MSR: 0}, [f"MSR {BOGUS_MSR}"]),
+    ("msrs", {BOGUS_MSR + "0": 0}, f"{CPUS}: MSR index '{BOGUS_MSR}0' is not 0x followed by up to 8 hex digits"),
+    ("msrs", {"10": 0}, f"{CPUS}: MSR index '10' is not 0x followed by up to 8 hex digits"),
+    ("msrs", {"0xZ1": 0}, f"{CPUS}: MSR index '0xZ1' is not 0x followed by up to 8 hex digits"),
+    ("msrs", {"0xX1": 0}, f"{CPUS}: MSR index '0xX1' is not 0x followed by up to 8 hex digits"),
+    ("msrs", {LONG_KEY: 0}, f"{CPUS}: MSR index {shorten(LONG_KEY, 40)!r} is not 0x followed by up to 8 hex digits"),
+    ("msrs", {BOGUS_MSR: 0, BOGUS_MSR2: 0, "0x10": 5}, [f"MSR {BOGUS_MSR}", f"MSR {BOGUS_MSR2}"]),
+    ("sregs", "!!", f"{CPUS}: sregs is not base64"),
+    ("fpu", "AAAA", f"{CPUS}: fpu has 3 bytes, expected {C.sizeof(abi.KvmFpu)}"),
+    ("events", "!!", f"{CPUS}: events is not base64"),
+    ("events", DELETE, f"{CPUS}: events must be a base64 string of {C.sizeof(abi.KvmVcpuEvents)} bytes"),
+    ("xsave", "!!", f"{CPUS}: xsave is not base64"),
+    ("xcrs", DELETE, []),
+    ("mp_state", _blob(b"\x63\0\0\0"), ["mp_state (KVM_SET_MP_STATE failed: EINVAL (Invalid argument))"]),
+    (LONG_KEY, 1, f"{CPUS}: unknown field {shorten(LONG_KEY, 40)!r}"),
+]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("path,value,expected", VMSTATE_CASES,
+                         ids=[f"{p[:12]}-{i}" for i, (p, _, _) in enumerate(VMSTATE_CASES)])
+def test_each_vcpu_state_field_is_checked_and_what_kvm_refuses_is_named(
+        paused: tuple[Vmm, dict[str, Any]], path: str, value: Any, expected: Any) -> None:
+    vmm, state = paused
+    try:
+        got: Any = vmstate.restore(vmm.vcpu, _with(state, path, value))
+    except StreamError as e:
+        got = str(e)
+    assert got == expected
+    assert vmstate.restore(vmm.vcpu, state) == []  # the next case starts from the captured state
+
+
+@pytest.mark.kvm
+def test_vcpu_state_that_is_not_an_object_is_refused(paused: tuple[Vmm, dict[str, Any]]) -> None:
+    with pytest.raises(StreamError) as e:
+        vmstate.restore(paused[0].vcpu, [])
+    assert str(e.value) == f"{CPUS}: not a JSON object"
+
+
+@pytest.mark.kvm
+def test_capture_carries_every_msr_this_kvm_has(paused: tuple[Vmm, dict[str, Any]]) -> None:
+    vmm, state = paused
+    have = {f"{i:#x}" for i in vmstate.CARRIED_MSRS if vmm.vcpu.get_msrs([i])}
+    assert set(state["msrs"]) == have
