@@ -11,23 +11,27 @@ from __future__ import annotations
 import base64
 import copy
 import ctypes as C
+import socket
+import threading
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_migration_inprocess import source_vmm
+from test_stream_validation import put, valid
 
 from pvmit.catalog.loader import Catalog
 from pvmit.interface.pooldesc import Implementation
 from pvmit.kvm import abi
 from pvmit.kvm.system import Kvm, kvm_available
-from pvmit.migration import vmstate
-from pvmit.migration import destination
+from pvmit.migration import destination, stream, transport, vmstate
 from pvmit.migration.destination import Incoming, Refused, parse_header
-from pvmit.migration.stream import StreamError
+from pvmit.migration.fields import need, optional
+from pvmit.migration.stream import PAGE, Header, Section, StreamDecoder, StreamError, encode_header
+from pvmit.migration.transport import Channel, StreamTimeout
 from pvmit.net.text import shorten
 from pvmit.vmm.vmm import Vmm
-from test_migration_inprocess import source_vmm
-from test_stream_validation import put, valid
 
 DELETE = object()
 OK = "ok"
@@ -295,3 +299,137 @@ def test_capture_carries_every_msr_this_kvm_has(paused: tuple[Vmm, dict[str, Any
     vmm, state = paused
     have = {f"{i:#x}" for i in vmstate.CARRIED_MSRS if vmm.vcpu.get_msrs([i])}
     assert set(state["msrs"]) == have
+
+
+# --- fields: the messages of the typed access ------------------------------------------------------------------------
+class _Listish(list[Any]):
+    """A list by type, under another name: still described as a JSON list."""
+
+
+@pytest.mark.parametrize("call,expected", [
+    (lambda: need(5, "a.b", int), f"{H}: the document must be an object, not 5"),
+    (lambda: need({"a": 5}, "a.b", int), f"{H}: a must be an object, not 5"),
+    (lambda: need({"a": 5}, "a", str), f"{H}: a must be a string, not 5"),
+    (lambda: need({"a": _Listish()}, "a", int), f"{H}: a must be an integer, not a JSON list"),
+    (lambda: need({"a": 10 ** 45}, "a", int, hi=0),
+     f"{H}: a = {shorten(str(10 ** 45), 40)} is out of range -inf..0"),
+    (lambda: optional({"a": "x"}, "a", int, 0, where="W"), "W: a must be an integer, not a string ('x')"),
+])
+def test_field_messages(call: Any, expected: str) -> None:
+    with pytest.raises(StreamError) as e:
+        call()
+    assert str(e.value) == expected
+    assert shorten(str(10 ** 45), 40) == "1" + "0" * 39 + "... (46 characters)"
+
+
+# --- stream: framing checks, whole messages --------------------------------------------------------------------------
+def _stream_error(call: Any) -> str:
+    with pytest.raises(StreamError) as e:
+        call()
+    return str(e.value)
+
+
+def test_pages_frame_takes_only_whole_pages() -> None:
+    with pytest.raises(ValueError) as e:
+        stream.pages_frame(0, bytes(PAGE + 1))
+    assert str(e.value) == "page data must be whole pages"
+
+
+def test_zero_section_of_the_wrong_size() -> None:
+    assert _stream_error(lambda: stream.decode_zero(Section(b"ZERO", b"\0" * 11, 77))) == (
+        "ZERO section at byte 77: 11 bytes, expected 12")
+
+
+def _fixed(magic: bytes = stream.MAGIC, version: int = stream.VERSION, flags: int = 0, length: int = 0) -> bytes:
+    return stream.HEADER_FIXED.pack(magic, version, flags, length)
+
+
+def test_fixed_header_checks() -> None:
+    assert stream.check_header_fixed(_fixed(length=stream.MAX_HEADER)) == stream.MAX_HEADER
+    assert _stream_error(lambda: stream.check_header_fixed(_fixed(length=stream.MAX_HEADER + 1))) == (
+        f"migration stream header of {stream.MAX_HEADER + 1} bytes is larger than the limit {stream.MAX_HEADER}")
+    assert _stream_error(lambda: stream.check_header_fixed(_fixed(magic=b"PVMITMIX"))) == (
+        "not a pvmit migration stream (bad magic)")
+    assert _stream_error(lambda: stream.check_header_fixed(_fixed(flags=1))) == (
+        "migration stream header flags 0x0001: this pvmit defines none (a newer source asking for something it "
+        "cannot do)")
+    assert _stream_error(lambda: stream.check_header_fixed(_fixed(version=1))) == (
+        "migration stream version 1 is not supported (this pvmit speaks 2)")
+
+
+def _signed(body: bytes) -> bytes:
+    head = _fixed(length=len(body)) + body
+    return head + stream.CRC.pack(zlib.crc32(head))
+
+
+def test_whole_header_checks() -> None:
+    good = encode_header({"a": 1})
+    header = stream.parse_header(good)
+    assert (header.version, header.flags, header.info) == (stream.VERSION, 0, {"a": 1})
+    assert _stream_error(lambda: stream.parse_header(good + b"x")) == (
+        "migration stream header: length does not match")
+    assert _stream_error(lambda: stream.parse_header(good[:-1] + bytes([good[-1] ^ 1]))) == (
+        "migration stream header: checksum mismatch (corrupted)")
+    assert _stream_error(lambda: stream.parse_header(_signed(b"[1]"))) == (
+        "migration stream header: not a JSON object")
+    assert _stream_error(lambda: stream.parse_header(_signed(b"{"))).startswith(
+        "migration stream header: not valid JSON: ")
+
+
+def test_decoder_checks_a_fixed_header_or_section_head_as_soon_as_it_is_whole() -> None:
+    d = StreamDecoder()
+    d.feed(_fixed(version=9))  # exactly the fixed part: checked now, not after more bytes
+    assert _stream_error(d.next_event) == "migration stream version 9 is not supported (this pvmit speaks 2)"
+    d = StreamDecoder()
+    d.feed(encode_header({}))
+    assert isinstance(d.next_event(), Header)
+    d.feed(stream.SECTION_HEAD.pack(b"XXXX", 0))  # exactly a section head, of a kind nobody sends
+    assert _stream_error(d.next_event) == f"unknown section kind b'XXXX' at byte {len(encode_header({}))}"
+
+
+# --- transport: a Channel over a socket pair -------------------------------------------------------------------------
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_deadline_has_passed_at_its_very_instant(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        chan = Channel(a, expect_header=False, idle=7, deadline=100.0)
+        monkeypatch.setattr(transport, "time", _Clock(100.0))
+        assert str(chan._timeout("sending")) == "the migration's deadline passed while sending"
+        monkeypatch.setattr(transport, "time", _Clock(99.5))
+        assert str(chan._timeout("sending")) == "the peer stalled: nothing for 7 s while sending"
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_a_peer_that_takes_nothing_stalls_a_send_by_name(parts: int) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        chan = Channel(a, expect_header=False, idle=0.05)
+        with pytest.raises(StreamTimeout) as e:
+            chan.send(*[bytes(1 << 20)] * parts)
+        assert str(e.value) == "the peer stalled: nothing for 0.05 s while sending"
+
+
+def test_a_vectored_send_arrives_whole_and_in_order() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        parts = [bytes([i]) * (50000 + i) for i in range(4)]
+        chan = Channel(a, expect_header=False)
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < sum(map(len, parts)):
+                got.extend(b.recv(1 << 16))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        chan.send(*parts)
+        reader.join(30)
+        assert bytes(got) == b"".join(parts) and chan.sent == len(got)
