@@ -15,6 +15,7 @@ import socket
 import threading
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from pvmit.migration.fields import need, optional
 from pvmit.migration.stream import PAGE, Header, Section, StreamDecoder, StreamError, encode_header
 from pvmit.migration.transport import Channel, StreamTimeout
 from pvmit.net.text import shorten
+from pvmit.net.tls import Credentials, make_test_ca
 from pvmit.vmm.vmm import Vmm
 
 DELETE = object()
@@ -433,3 +435,29 @@ def test_a_vectored_send_arrives_whole_and_in_order() -> None:
         chan.send(*parts)
         reader.join(30)
         assert bytes(got) == b"".join(parts) and chan.sent == len(got)
+
+
+def test_a_send_of_several_parts_over_tls_is_written_part_by_part(tmp_path: Path) -> None:
+    """SSLSocket has no sendmsg: a channel over TLS writes each part in turn, and they arrive whole and in order."""
+    make_test_ca(tmp_path, ["127.0.0.1"])
+    creds = Credentials.load(tmp_path)
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(30)
+        b.settimeout(30)
+        served: dict[str, Any] = {}
+        server = threading.Thread(target=lambda: served.update(
+            sock=creds.server_context().wrap_socket(b, server_side=True)))
+        server.start()
+        client = creds.client_context().wrap_socket(a, server_hostname="127.0.0.1")
+        server.join(30)
+        parts = [b"head", memoryview(bytes(range(256)) * 16), b"tail"]
+        chan = Channel(client, expect_header=False)
+        chan.send(*parts)
+        want = b"".join(bytes(p) for p in parts)
+        got = bytearray()
+        while len(got) < len(want):
+            got.extend(served["sock"].recv(1 << 16))
+        assert bytes(got) == want and chan.sent == len(want)
+        client.close()
+        served["sock"].close()
