@@ -29,8 +29,8 @@ from pvmit.kvm.system import Kvm, kvm_available
 from pvmit.migration import destination, stream, transport, vmstate
 from pvmit.migration.destination import Incoming, Refused, parse_header
 from pvmit.migration.fields import need, optional
-from pvmit.migration.stream import PAGE, Header, Section, StreamDecoder, StreamError, encode_header
-from pvmit.migration.transport import Channel, StreamTimeout
+from pvmit.migration.stream import PAGE, Header, Section, StreamDecoder, StreamError, encode_header, encode_json
+from pvmit.migration.transport import Channel, Pages, PeerClosed, StreamTimeout
 from pvmit.net.text import shorten
 from pvmit.net.tls import Credentials, make_test_ca
 from pvmit.vmm.vmm import Vmm
@@ -461,3 +461,76 @@ def test_a_send_of_several_parts_over_tls_is_written_part_by_part(tmp_path: Path
         assert bytes(got) == want and chan.sent == len(want)
         client.close()
         served["sock"].close()
+
+
+def _received(data: bytes, *, header: bool = False, into: memoryview | None = None, idle: float = 5) -> Any:
+    """What a Channel makes of `data` sent whole and then closed: the events it gave, then the error that ended it."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+        chan = Channel(a, expect_header=header, idle=idle)
+        got: list[Any] = []
+        try:
+            while True:
+                got.append(chan.receive(into))
+        except (StreamError, PeerClosed, StreamTimeout) as e:
+            return got, f"{type(e).__name__}: {e}"
+
+
+def test_what_a_channel_receives_and_where_it_stops() -> None:
+    head = encode_header({"a": 1})
+    helo = encode_json(b"HELO", {"b": 2})
+    events, end = _received(head + helo + helo, header=True)
+    assert [(type(e).__name__, getattr(e, "offset", None)) for e in events] == [
+        ("Header", None), ("Section", len(head)), ("Section", len(head) + len(helo))]
+    assert end == "PeerClosed: the peer closed the connection"
+    assert _received(b"")[1] == "PeerClosed: the peer closed the connection"
+    assert _received(b"", header=True)[1] == (
+        "StreamError: truncated stream: the peer closed inside the stream header at byte 0")
+    assert _received(head[:20], header=True)[1] == (
+        "StreamError: truncated stream: the peer closed inside the stream header at byte 20")
+    assert _received(b"PVMITMIX" + head[8:], header=True)[1] == (
+        "StreamError: not a pvmit migration stream (bad magic) (at byte 0)")
+    assert _received(head + helo[:15], header=True)[1] == (
+        f"StreamError: truncated stream: the peer closed inside the HELO section at byte {len(head)} "
+        f"at byte {len(head) + 15}")
+    assert _received(head + stream.SECTION_HEAD.pack(b"XXXX", 0), header=True)[1] == (
+        f"StreamError: unknown section kind b'XXXX' at byte {len(head)}")
+
+
+def test_memory_pages_straight_into_guest_memory() -> None:
+    memory = memoryview(bytearray(11 * PAGE))
+    empty = stream.SECTION_HEAD.pack(b"MEMP", stream.PAGES_HEAD.size) + stream.PAGES_HEAD.pack(3, 0)
+    empty += stream.CRC.pack(zlib.crc32(empty))
+    events, _ = _received(empty, into=memory)
+    assert events == [Pages(3, 0, 0)]
+    events, _ = _received(stream.encode_pages(9, b"\x07" * 2 * PAGE), into=memory)
+    assert events == [Pages(9, 2, 0)] and bytes(memory[9 * PAGE:]) == b"\x07" * 2 * PAGE
+    assert _received(stream.encode_pages(10, bytes(2 * PAGE)), into=memory)[1] == (
+        "StreamError: MEMP section at byte 0 writes beyond guest memory (pages 10..11, guest has 11)")
+    assert _received(stream.encode_pages(0, bytes(PAGE))[:17], into=memory)[1] == (
+        "StreamError: truncated stream: the peer closed inside the MEMP section at byte 0 at byte 17")
+
+
+def test_a_silent_peer_stalls_a_receive_by_name() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        chan = Channel(a, expect_header=False, idle=0.05)
+        with pytest.raises(StreamTimeout) as e:
+            chan.receive()
+        assert str(e.value) == "the peer stalled: nothing for 0.05 s while receiving the next section"
+
+
+def test_expect_names_what_it_wanted_and_what_came() -> None:
+    head = encode_header({})
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(head + encode_json(b"HELO", {}))
+        chan = Channel(a, expect_header=True)
+        with pytest.raises(StreamError) as e:
+            chan.expect(b"HELO")
+        assert str(e.value) == "unexpected second stream header"
+        with pytest.raises(StreamError) as e:
+            chan.expect(b"REDY", b"NACK")
+        assert str(e.value) == f"expected REDY or NACK, got HELO at byte {len(head)}"
