@@ -451,7 +451,7 @@ def test_a_send_of_several_parts_over_tls_is_written_part_by_part(tmp_path: Path
         server.start()
         client = creds.client_context().wrap_socket(a, server_hostname="127.0.0.1")
         server.join(30)
-        parts = [b"head", memoryview(bytes(range(256)) * 16), b"tail"]
+        parts: list[bytes | memoryview] = [b"head", memoryview(bytes(range(256)) * 16), b"tail"]
         chan = Channel(client, expect_header=False)
         chan.send(*parts)
         want = b"".join(bytes(p) for p in parts)
