@@ -534,3 +534,7 @@ def test_expect_names_what_it_wanted_and_what_came() -> None:
         with pytest.raises(StreamError) as e:
             chan.expect(b"REDY", b"NACK")
         assert str(e.value) == f"expected REDY or NACK, got HELO at byte {len(head)}"
+
+
+def test_a_section_that_is_not_json_is_named_by_kind_and_place() -> None:
+    assert _stream_error(Section(b"HELO", b"{", 5).json).startswith("HELO section at byte 5: not valid JSON: ")
