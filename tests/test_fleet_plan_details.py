@@ -171,6 +171,52 @@ def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path
     assert judge.decisions == 1 and calls == {"promises": 1, "shown": 1}
 
 
+def test_judge_asks_each_part_of_a_move_once(catalog: Catalog, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of the Judge's memories on its own: moves that differ in what one part sees still share the others."""
+    import dataclasses
+    fleet = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS)).fleet
+    calls: dict[str, int] = {"promises": 0, "shown": 0}
+    real_promises, real_shown = plan_mod.broken_promises, plan_mod.shown_bit_violations
+
+    def promises(*a: Any) -> Any:
+        calls["promises"] += 1
+        return real_promises(*a)
+
+    def shown(*a: Any) -> Any:
+        calls["shown"] += 1
+        return real_shown(*a)
+
+    monkeypatch.setattr(plan_mod, "broken_promises", promises)
+    monkeypatch.setattr(plan_mod, "shown_bit_violations", shown)
+    judge = Judge()
+    vc, hc = fleet.vm_classes[0], fleet.host_classes[0]
+    first = judge(vc, hc)
+    assert judge(vc, hc) is first  # one Move per distinct input, kept
+    other_enum = dataclasses.replace(vc, supported=vc.supported ^ 1)  # promises differ; decision and bits do not
+    assert judge(other_enum, hc) is judge(other_enum, hc)
+    assert judge.decisions == 1 and calls == {"promises": 2, "shown": 1}
+    other_report = dataclasses.replace(vc, reported=frozenset())  # the decision differs; promises and bits do not
+    judge(other_report, hc)
+    assert judge.decisions == 2 and calls == {"promises": 2, "shown": 1}
+
+
+def test_bincount_counts_past_its_slices() -> None:
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 3, size=(1 << 21) + 12345, dtype=np.int8)
+    assert plan_mod.bincount(a, 3).tolist() == np.bincount(a, minlength=3).tolist()
+    assert plan_mod.bincount(a, 2).tolist() == np.bincount(a, minlength=3)[:2].tolist()
+    assert plan_mod.bincount(a[:0], 3).tolist() == [0, 0, 0]
+
+
+def test_the_plan_keeps_its_matrices_small(catalog: Catalog, tmp_path: Path) -> None:
+    """One byte per class pair and per VM verdict (100k x 10k classes must fit), four per count."""
+    p = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS))
+    assert p.verdict.dtype == np.int8 and p.vm_here.dtype == np.int8
+    assert p.vm_counts.dtype == np.int32 and p.movable.dtype == np.int32
+    assert p.vm_counts.shape[0] > 1 and p.vm_counts.flags.f_contiguous  # a verdict's column is one block to write
+
+
 def decision(forced: tuple[Forced, ...] = (), exposures: tuple[Exposure, ...] = (), notes: tuple[str, ...] = (),
              warnings: tuple[str, ...] = ("w",), assumed: tuple[str, ...] = ("a.B",)) -> Decision:
     return Decision(frozenset({Mitigation.RETPOLINE}), True, forced, exposures, notes, warnings, assumed)

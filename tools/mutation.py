@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--survivors", action="store_true",
                     help="rerun only the last run's survivors against the current tests (the code must not have "
                          "changed)")
+    ap.add_argument("--equivalents", action="store_true",
+                    help="print tools/mutation-equivalents.toml as the Markdown list in docs/testing.md, run nothing")
     ap.add_argument("--only", action="append", metavar="PATTERN",
                     help="with --survivors: rerun only the survivors whose names match this shell pattern "
                          "(repeatable), e.g. 'pvmit.migration.source.*'")
@@ -270,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutation.py: unknown module {', '.join(bad)} (known: {', '.join(MODULES)})" if bad
               else "mutation.py: --jobs must be at least 1 and --target in (0, 1]", file=sys.stderr)
         return 2
+    if args.equivalents:  # the list docs/testing.md carries, from the one file that holds it
+        for n, entries in equivalents().items():
+            print(f"\n{n} ({len(entries)}):\n")
+            for e in entries:
+                mutant = e["mutant"].replace("\n", " / ")
+                print(f"- `{e['function']}`: `{mutant}`: {e['why']}")
+        return 0
     if args.list:
         for n, m in MODULES.items():
             print(f"{n}: mutates {' '.join(m.mutate)}; runs {' '.join(m.tests)} -k {DESELECT!r}")
