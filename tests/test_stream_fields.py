@@ -538,3 +538,40 @@ def test_expect_names_what_it_wanted_and_what_came() -> None:
 
 def test_a_section_that_is_not_json_is_named_by_kind_and_place() -> None:
     assert _stream_error(Section(b"HELO", b"{", 5).json).startswith("HELO section at byte 5: not valid JSON: ")
+
+
+def test_strict_json_limits_and_messages() -> None:
+    most = b"7" * stream.Unusable.MAX_DIGITS  # the longest integer Python converts is still an integer
+    assert stream.loads(b'{"n": ' + most + b"}", "t")["n"] == int(most)
+    assert isinstance(stream.loads(b'{"n": ' + most + b"7}", "t")["n"], stream.Unusable)
+    assert _stream_error(lambda: stream.loads(b"{", "t")) == (
+        "t: not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
+    assert _stream_error(lambda: stream.loads(b"[" * 100000, "t")) == "t: JSON nested too deeply"
+
+
+def test_what_is_encoded_is_compact_and_kinds_are_known() -> None:
+    header = encode_header({"a": 1, "b": [1, 2]})
+    assert header[stream.HEADER_FIXED.size:-stream.CRC.size] == b'{"a":1,"b":[1,2]}'
+    assert encode_json(b"DONE", {"a": [1, 2]})[stream.SECTION_HEAD.size:-stream.CRC.size] == b'{"a":[1,2]}'
+    with pytest.raises(ValueError) as e:
+        stream.encode_section(b"XXXX", b"")
+    assert str(e.value) == "unknown section kind b'XXXX'"
+
+
+def test_a_section_may_be_exactly_as_long_as_the_limit() -> None:
+    stream.check_section_head(b"MEMP", stream.MAX_SECTION, 9)
+    assert _stream_error(lambda: stream.check_section_head(b"MEMP", stream.MAX_SECTION + 1, 9)) == (
+        f"MEMP section at byte 9: {stream.MAX_SECTION + 1} bytes is over the limit {stream.MAX_SECTION}")
+
+
+def test_no_operation_starts_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        chan = Channel(a, expect_header=False, idle=7, deadline=100.0)
+        monkeypatch.setattr(transport, "time", _Clock(100.0))
+        with pytest.raises(StreamTimeout) as e:
+            chan.send(b"x")
+        assert str(e.value) == "the migration's deadline passed"
+        monkeypatch.setattr(transport, "time", _Clock(99.0))
+        chan.send(b"x")
+        assert a.gettimeout() == 1.0 and b.recv(1) == b"x"
