@@ -509,8 +509,9 @@ def test_memory_pages_straight_into_guest_memory() -> None:
     assert events == [Pages(9, 2, 0)] and bytes(memory[9 * PAGE:]) == b"\x07" * 2 * PAGE
     assert _received(stream.encode_pages(10, bytes(2 * PAGE)), into=memory)[1] == (
         "StreamError: MEMP section at byte 0 writes beyond guest memory (pages 10..11, guest has 11)")
-    assert _received(stream.encode_pages(0, bytes(PAGE))[:17], into=memory)[1] == (
-        "StreamError: truncated stream: the peer closed inside the MEMP section at byte 0 at byte 17")
+    for cut in (17, 24 + 100, 24 + PAGE + 2):  # in its pages head, in its pages, in its checksum
+        assert _received(stream.encode_pages(0, bytes(PAGE))[:cut], into=memory)[1] == (
+            f"StreamError: truncated stream: the peer closed inside the MEMP section at byte 0 at byte {cut}")
 
 
 def test_a_silent_peer_stalls_a_receive_by_name() -> None:
