@@ -555,6 +555,37 @@ def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, cat
     assert got.ledger.phase(header["migration"]) == "unknown"
 
 
+def test_a_refusal_after_the_pause_gives_every_reason(kvm: Kvm, catalog: Catalog,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A final state with more than one reason is refused with all of them, in order, joined by '; ' (one vCPU's
+    state gives one reason here; the join is checked on the real refusal given a second reason)."""
+    import dataclasses
+
+    from pvmit.migration import destination
+    real = destination.finish
+
+    def finish(prepared: Any, state: Any) -> Any:
+        final, core = real(prepared, state)
+        if final.accepted:  # the decisions before the pause stand
+            return final, core
+        return dataclasses.replace(final, reasons=(*final.reasons, "a second reason")), None
+
+    monkeypatch.setattr(destination, "finish", finish)
+    header, _ = valid(catalog)  # the set-up of test_a_guest_that_no_longer_reports_is_refused_after_the_pause
+    personality = resolve(catalog, "qemu-tcg-skylake-server")
+    config = InterfaceConfig(Form.INTEL, 0)
+    hello = snapshot(VmInterface(config, catalog.get("skylake-client").facts, personality.facts))
+    header = put(put(header, "vm.personality", personality.to_json()), "vm.config", config.to_json())
+    reported = put(hello, "vcpus", [{"ctrl": 0, "reported": True, "spec_ctrl": 0, "forced_mask": 0,
+                                     "forced_value": 0}])
+    got = receive(kvm, catalog, stream(header, reported, ista=hello, cpus=cpus_of(kvm, catalog)),
+                  model="skylake-client")
+    assert got.kinds() == ["VRDT", "NACK"]
+    first = got.arrival.verdict["reasons"][0]
+    assert first.startswith("vCPU 0: retpoline is ineffective here")
+    refused(got, f"after the pause: {first}; a second reason", built=True)
+
+
 def test_the_durations_in_ready_are_milliseconds(kvm: Kvm, catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
     """A clock that moves a quarter of a second per reading: each measured step took exactly that long."""
     header, hello = valid(catalog)

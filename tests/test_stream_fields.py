@@ -303,6 +303,19 @@ def test_capture_carries_every_msr_this_kvm_has(paused: tuple[Vmm, dict[str, Any
     assert set(state["msrs"]) == have
 
 
+@pytest.mark.kvm
+def test_capture_skips_an_msr_this_kvm_lacks_and_goes_on(paused: tuple[Vmm, dict[str, Any]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM_GET_MSRS stops at an MSR it does not know: capture leaves that one out and asks again from the next."""
+    vmm, state = paused
+    carried = list(vmstate.CARRIED_MSRS)
+    lacking = [carried[2], int(BOGUS_MSR, 16), carried[3]]  # one this KVM has before and after the unknown one
+    monkeypatch.setattr(vmstate, "CARRIED_MSRS", (*carried[:2], *lacking, *carried[4:]))
+    assert not vmm.vcpu.get_msrs([int(BOGUS_MSR, 16)])
+    assert vmstate.capture(vmm.vcpu)["msrs"].keys() == state["msrs"].keys()
+    assert f"{carried[3]:#x}" in state["msrs"]
+
+
 # --- fields: the messages of the typed access ------------------------------------------------------------------------
 class _Listish(list[Any]):
     """A list by type, under another name: still described as a JSON list."""
