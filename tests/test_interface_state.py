@@ -115,6 +115,22 @@ def test_a_refused_final_state_builds_nothing(f) -> None:  # type: ignore[no-unt
     assert verdict.reasons[0].startswith("the VM was promised retpoline support (MITIGATION_ENUM bit 1)")
 
 
+def test_a_final_state_is_checked_whole_before_it_is_decided(f) -> None:  # type: ignore[no-untyped-def]
+    """On a host that refuses the VM, a final state with a vCPU too many (or a bit its personality lacks) is still
+    refused for what is wrong with it, not with a verdict that names a vCPU the VM does not have."""
+    promised = helo(f, personality="cascadelake-sp", host="cascadelake-sp", supported=2, vcpus=1, reports=(None,))
+    prepared = prepare(promised, f("cascadelake-sp"))
+    assert not verdict_for(prepared, promised).accepted
+    more = copy.deepcopy(promised)
+    more["vcpus"].append(copy.deepcopy(more["vcpus"][0]))
+    with pytest.raises(InputError, match=r"^interface state: 2 vCPUs, but the VM was described with 1$"):
+        finish(prepared, more)
+    bad = copy.deepcopy(promised)
+    bad["vcpus"][0]["spec_ctrl"] = R_DIS  # Cascade Lake shows no RRSBA_CTRL
+    with pytest.raises(InputError, match=r"^interface state: vcpus\[0\].spec_ctrl 0x40 has bits the guest's "):
+        finish(prepared, bad)
+
+
 # --- vCPUs refusing on their own ------------------------------------------------------------------------------
 
 def test_an_unreported_vcpu_refuses_a_vm_on_its_own(f) -> None:  # type: ignore[no-untyped-def]

@@ -230,17 +230,18 @@ def finish(prepared: Prepared, state: dict[str, Any]) -> tuple[Verdict, VmInterf
     if (state.get("config"), state.get("personality"), state.get("settings")) != prepared.vm_fields:
         raise InputError("interface state: the VM's configuration changed after the destination's check")
     vcpus = _parse_vcpus(state, prepared.config)
-    verdict = _verdict(prepared, vcpus)
-    if not verdict.accepted:
-        return verdict, None
     vm = prepared.vm
+    # the whole state is checked before anything is decided on it: a refusal must not name a vCPU the VM lacks
     if len(vcpus) != len(vm.vcpus):
         raise InputError(f"interface state: {len(vcpus)} vCPUs, but the VM was described with {len(vm.vcpus)}")
     for i, v in enumerate(vcpus):
-        target = vm.vcpus[i]
-        if v["spec_ctrl"] & ~target.spec.writable:
+        if v["spec_ctrl"] & ~vm.vcpus[i].spec.writable:
             raise InputError(f"interface state: vcpus[{i}].spec_ctrl {v['spec_ctrl']:#x} has bits the guest's "
                              "personality does not enumerate")
+    verdict = _verdict(prepared, vcpus)
+    if not verdict.accepted:
+        return verdict, None
+    for target, v in zip(vm.vcpus, vcpus, strict=True):
         target.ctrl, target.reported, target.spec.guest = v["ctrl"], bool(v["reported"]), v["spec_ctrl"]
     vm.redecide_all()  # every vCPU with its restored report, before the guest runs again
     return verdict, vm
