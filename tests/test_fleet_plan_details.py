@@ -150,30 +150,8 @@ def test_the_bhi_policy_reaches_every_judgement(catalog: Catalog, tmp_path: Path
 
 def test_judge_remembers_each_distinct_question(catalog: Catalog, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    fleet = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS)).fleet
-    calls: dict[str, int] = {"promises": 0, "shown": 0}
-    real_promises, real_shown = plan_mod.broken_promises, plan_mod.shown_bit_violations
-
-    def promises(*a: Any) -> Any:
-        calls["promises"] += 1
-        return real_promises(*a)
-
-    def shown(*a: Any) -> Any:
-        calls["shown"] += 1
-        return real_shown(*a)
-
-    monkeypatch.setattr(plan_mod, "broken_promises", promises)
-    monkeypatch.setattr(plan_mod, "shown_bit_violations", shown)
-    judge = Judge()
-    vc, hc = fleet.vm_classes[0], fleet.host_classes[0]
-    first = judge(vc, hc)
-    assert judge(vc, hc) == first and judge(vc, hc) == first
-    assert judge.decisions == 1 and calls == {"promises": 1, "shown": 1}
-
-
-def test_judge_asks_each_part_of_a_move_once(catalog: Catalog, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each of the Judge's memories on its own: moves that differ in what one part sees still share the others."""
+    """One Move per distinct input, kept; and each of the Judge's memories on its own: moves that differ in what
+    one part sees still share the others."""
     import dataclasses
     fleet = plan_of(catalog, write_json(tmp_path / "inv.json", HOSTS, VMS)).fleet
     calls: dict[str, int] = {"promises": 0, "shown": 0}
@@ -192,7 +170,8 @@ def test_judge_asks_each_part_of_a_move_once(catalog: Catalog, tmp_path: Path,
     judge = Judge()
     vc, hc = fleet.vm_classes[0], fleet.host_classes[0]
     first = judge(vc, hc)
-    assert judge(vc, hc) is first  # one Move per distinct input, kept
+    assert judge(vc, hc) == first and judge(vc, hc) is first
+    assert judge.decisions == 1 and calls == {"promises": 1, "shown": 1}
     other_enum = dataclasses.replace(vc, supported=vc.supported ^ 1)  # promises differ; decision and bits do not
     assert judge(other_enum, hc) is judge(other_enum, hc)
     assert judge.decisions == 1 and calls == {"promises": 2, "shown": 1}
