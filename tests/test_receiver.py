@@ -534,9 +534,9 @@ def test_a_fault_kills_the_destination_where_it_says(kvm: Kvm, catalog: Catalog,
     assert gc.isenabled()
 
 
-def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, catalog: Catalog) -> None:
-    """A Skylake guest that had reported relying on nothing is accepted on a Skylake host; paused, it has not
-    reported, so its boot personality's retpoline is assumed, which that host cannot make safe: refused."""
+def no_longer_reporting(kvm: Kvm, catalog: Catalog) -> tuple[dict[str, Any], Got]:
+    """A Skylake guest whose HELO reported relying on nothing and whose state after the pause has not reported,
+    received by a Skylake host."""
     header, _ = valid(catalog)
     personality = resolve(catalog, "qemu-tcg-skylake-server")
     config = InterfaceConfig(Form.INTEL, 0)
@@ -544,8 +544,14 @@ def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, cat
     header = put(put(header, "vm.personality", personality.to_json()), "vm.config", config.to_json())
     reported = put(hello, "vcpus", [{"ctrl": 0, "reported": True, "spec_ctrl": 0, "forced_mask": 0,
                                      "forced_value": 0}])
-    got = receive(kvm, catalog, stream(header, reported, ista=hello, cpus=cpus_of(kvm, catalog)),
-                  model="skylake-client")
+    return header, receive(kvm, catalog, stream(header, reported, ista=hello, cpus=cpus_of(kvm, catalog)),
+                           model="skylake-client")
+
+
+def test_a_guest_that_no_longer_reports_is_refused_after_the_pause(kvm: Kvm, catalog: Catalog) -> None:
+    """A Skylake guest that had reported relying on nothing is accepted on a Skylake host; paused, it has not
+    reported, so its boot personality's retpoline is assumed, which that host cannot make safe: refused."""
+    header, got = no_longer_reporting(kvm, catalog)
     verdict = got.arrival.verdict
     assert got.doc("VRDT")["accepted"] is True and verdict["accepted"] is False
     assert len(verdict["reasons"]) == 1 and verdict["reasons"][0].startswith(
@@ -571,15 +577,7 @@ def test_a_refusal_after_the_pause_gives_every_reason(kvm: Kvm, catalog: Catalog
         return dataclasses.replace(final, reasons=(*final.reasons, "a second reason")), None
 
     monkeypatch.setattr(destination, "finish", finish)
-    header, _ = valid(catalog)  # the set-up of test_a_guest_that_no_longer_reports_is_refused_after_the_pause
-    personality = resolve(catalog, "qemu-tcg-skylake-server")
-    config = InterfaceConfig(Form.INTEL, 0)
-    hello = snapshot(VmInterface(config, catalog.get("skylake-client").facts, personality.facts))
-    header = put(put(header, "vm.personality", personality.to_json()), "vm.config", config.to_json())
-    reported = put(hello, "vcpus", [{"ctrl": 0, "reported": True, "spec_ctrl": 0, "forced_mask": 0,
-                                     "forced_value": 0}])
-    got = receive(kvm, catalog, stream(header, reported, ista=hello, cpus=cpus_of(kvm, catalog)),
-                  model="skylake-client")
+    _, got = no_longer_reporting(kvm, catalog)
     assert got.kinds() == ["VRDT", "NACK"]
     first = got.arrival.verdict["reasons"][0]
     assert first.startswith("vCPU 0: retpoline is ineffective here")
