@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_exit import Exited, raise_instead
 from test_migration_inprocess import USABLE, WHY, source_vmm
 
 from pvmit.catalog.loader import Catalog
@@ -614,20 +615,10 @@ def test_a_ready_without_a_control_address_leaves_the_guest_in_doubt(kvm: Kvm, c
 
 
 # --- faults injected on purpose ---------------------------------------------------------------------------------------
-class Exited(BaseException):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 @pytest.fixture
 def faults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "1")
-
-    def exit_(code: int) -> None:
-        raise Exited(code)
-
-    monkeypatch.setattr(source_module.os, "_exit", exit_)
+    raise_instead(monkeypatch)  # source.py's os._exit
 
 
 def lenient(dest: Dest) -> None:

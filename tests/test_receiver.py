@@ -9,7 +9,6 @@ sent back is read after `run()` returns. Deadlines are short; nothing here waits
 from __future__ import annotations
 
 import gc
-import os
 import re
 import socket
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from fault_exit import Exited, raise_instead
 from test_stream_validation import put, valid
 
 from pvmit.catalog.loader import Catalog
@@ -68,19 +68,9 @@ class Got:
         return next(d for k, d in self.sent if k == kind)
 
 
-class Died(BaseException):
-    """What os._exit does in these tests: the Receiver stops there (a BaseException: no handler of its takes it)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 @pytest.fixture
 def exits(monkeypatch: pytest.MonkeyPatch) -> None:
-    def _exit(code: int) -> None:
-        raise Died(code)
-    monkeypatch.setattr(os, "_exit", _exit)  # what destination.py calls as os._exit
+    raise_instead(monkeypatch)  # destination.py's os._exit: the Receiver stops there
 
 
 _CPUS: dict[int, dict[str, Any]] = {}
@@ -152,7 +142,7 @@ def receive(kvm: Kvm, catalog: Catalog, data: bytes, *, settings: PartialSetting
     died = None
     try:
         arrival = r.run()
-    except Died as e:  # a fault's os._exit, caught here (see `exits`)
+    except Exited as e:  # a fault's os._exit, caught here (see `exits`)
         died, arrival = e.code, r.arrival
     finally:
         b.shutdown(socket.SHUT_WR)
